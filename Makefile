@@ -1,0 +1,32 @@
+# The two commands a newcomer needs:
+#   make demo   - set up .venv and run the whole pipeline on a small generated dataset (no servers needed)
+#   make test   - set up .venv and run the test suite (starts its own SeaweedFS / MLflow / Prefect on 127.0.0.1)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dino demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/shard_throughput.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

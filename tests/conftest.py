@@ -1,0 +1,69 @@
+"""Shared fixtures: real servers on 127.0.0.1 (SeaweedFS for S3, MLflow), started once per session and stopped by
+PID; isolated Prefect and MLflow settings; paths to the shared test data."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from infra.services import start_mlflow, start_seaweedfs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+# Isolate Prefect and MLflow before any test imports them: no analytics, no telemetry, a temp home.
+_SESSION_HOME = Path(os.environ.setdefault("DINO_TEST_HOME", f"/tmp/dino-tests-{os.getpid()}"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_LOGGING_LEVEL"] = os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (imagenette-128, imagenet-sample, davis-mini); CI has it beside the clone."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 with credentials required, for the whole test session."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweedfs, monkeypatch):
+    """Point boto3 (through the standard AWS variables) at the SeaweedFS server for one test."""
+    for k, v in seaweedfs.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return seaweedfs
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh, empty bucket on the SeaweedFS server; returns its ``s3://`` URI."""
+    from dino_model.storage import S3Store
+
+    uri = f"s3://test-{secrets.token_hex(4)}"
+    S3Store(uri).ensure_bucket()
+    return uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, local proxied artifacts)."""
+    server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
