@@ -8,6 +8,7 @@
 * :mod:`.davis_propagation` / :mod:`.davis_metrics` — DAVIS-2017 semi-supervised label propagation and J&F.
 """
 
+from .features import backbone_features, extract_features, feature_kind, read_features
 from .knn import knn_classify
 
-__all__ = ["knn_classify"]
+__all__ = ["backbone_features", "extract_features", "feature_kind", "knn_classify", "read_features"]

@@ -1,0 +1,306 @@
+"""Batched feature extraction from a frozen backbone to a Parquet dataset, and reading it back.
+
+Layout under ``out_uri`` (a local folder, ``file://`` or ``s3://bucket/prefix``, written through
+:mod:`dino_model.storage`, each file atomically)::
+
+    <out_uri>/<split>/part-00000.parquet
+    <out_uri>/<split>/part-00001.parquet  ...
+
+Schema: ``key`` string, ``label`` int64 (-1 = unlabelled), ``split`` string, ``features``
+``fixed_size_list<float32>[D]``. Every file carries the same key-value metadata under ``dino_model.features``
+(JSON): the caller's ``metadata`` (model name/version/URI...), the preprocessing description, the feature kind,
+the inference precision, the dimension and the split. Re-extracting a split replaces its files (stale parts of a
+previous, longer extraction are deleted once the new ones are written).
+
+Features are the [CLS] token after the final norm (``backbone(x)``, the k-NN protocol) by default, or the
+linear-probe features: the [CLS] tokens of the last ``n_last_blocks`` blocks (each through the final norm)
+concatenated, plus optionally the average of the last block's patch tokens (:func:`backbone_features`).
+Inference runs in fp32 like the reference; ``precision="bf16"`` runs under bfloat16 autocast (stored values are
+float32 either way).
+
+    >>> res = extract_features(backbone, batches, "s3://bucket/feats/run1", "train", {"model_version": "3"})
+    >>> keys, labels, feats, meta = read_features("s3://bucket/feats/run1", split="train")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from dino_model.storage import ObjectStore, open_store
+
+from .transforms import EvalTransform, ImageBatch, as_image_list, normalize
+
+#: Key of the JSON metadata in each Parquet file's schema metadata.
+METADATA_KEY = b"dino_model.features"
+FORMAT_VERSION = 1
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+PRECISIONS = ("fp32", "bf16")
+
+
+def feature_kind(n_last_blocks: int = 1, avgpool: bool = False) -> str:
+    """A stable name for the feature kind: ``cls``, ``cls_last4``, ``cls+avgpool``, ``cls_last4+avgpool``."""
+    if n_last_blocks < 1:
+        raise ValueError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
+    name = "cls" if n_last_blocks == 1 else f"cls_last{n_last_blocks}"
+    return name + ("+avgpool" if avgpool else "")
+
+
+def backbone_features(backbone: torch.nn.Module, x: torch.Tensor, n_last_blocks: int = 1, avgpool: bool = False):
+    """Features of a normalised image batch ``x``: ``[B, D * (n_last_blocks + avgpool)]``.
+
+    ``n_last_blocks=1, avgpool=False`` is ``backbone(x)`` (the [CLS] token after the final norm; works for
+    ResNets too). Otherwise the ViT's ``get_intermediate_layers``: the [CLS] tokens of the last n blocks (each
+    through the final norm), in block order, followed — if ``avgpool`` — by the mean of the last block's patch
+    tokens. (The reference interleaves [CLS] and avgpool for n = 1 and crashes for n > 1; for a linear classifier
+    trained from scratch the order of the dimensions makes no difference.)"""
+    if n_last_blocks == 1 and not avgpool:
+        return backbone(x)
+    if not hasattr(backbone, "get_intermediate_layers"):
+        raise ValueError(f"{type(backbone).__name__} has no get_intermediate_layers: only n_last_blocks=1 works")
+    outs = backbone.get_intermediate_layers(x, n_last_blocks)
+    feats = [o[:, 0] for o in outs]
+    if avgpool:
+        feats.append(outs[-1][:, 1:].mean(dim=1))
+    return torch.cat(feats, dim=-1)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def prepare_batch(images: ImageBatch, transform: EvalTransform | None) -> torch.Tensor:
+    """Images in the eval convention (uint8 / float [0, 1]) -> normalised float batch."""
+    if transform is not None:
+        return transform(images)
+    return normalize(torch.stack(as_image_list(images)))
+
+
+@dataclass
+class FeatureWriteResult:
+    """What :func:`extract_features` wrote."""
+
+    #: URI of the dataset root (holds one folder per split).
+    uri: str
+    split: str
+    num_rows: int
+    dim: int
+    #: URIs of the part files written for this split.
+    files: list[str] = field(default_factory=list)
+    #: The metadata stored in every file.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _table(keys: list[str], labels: np.ndarray, split: str, feats: np.ndarray, meta: bytes) -> pa.Table:
+    dim = feats.shape[1]
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=pa.float32()), dim)
+    schema = pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("label", pa.int64(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("features", pa.list_(pa.float32(), dim), nullable=False),
+        ],
+        metadata={METADATA_KEY: meta},
+    )
+    return pa.Table.from_arrays(
+        [pa.array(keys, pa.string()), pa.array(labels, pa.int64()), pa.array([split] * len(keys), pa.string()), vec],
+        schema=schema,
+    )
+
+
+def _write_part(store: ObjectStore, key: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.put_bytes(key, buf.getvalue())
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: torch.nn.Module,
+    batches: Iterable[tuple[Sequence[str], ImageBatch, Any]],
+    out_uri: str,
+    split: str,
+    metadata: dict[str, Any] | None = None,
+    *,
+    transform: EvalTransform | None = EvalTransform(),
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    rows_per_file: int = 100_000,
+    progress: bool = True,
+    total: int | None = None,
+) -> FeatureWriteResult:
+    """Run ``backbone`` (put in eval mode) over ``batches`` and write ``<out_uri>/<split>/part-*.parquet``.
+
+    ``batches`` yields ``(keys, images, labels)``: sample keys (unique strings), images in the eval convention
+    (uint8 or float [0, 1], ``[B, 3, H, W]`` or a list of ``[3, H, W]``) and integer labels (-1 = none).
+    ``transform`` resizes/crops (default: resize 256 bicubic + centre crop 224); ``None`` only normalises.
+    ``metadata`` (JSON-serialisable; e.g. model name, version, URI) is stored in every file with the
+    preprocessing, feature kind and precision. ``total`` (number of images) sizes the progress bar.
+    Raises :class:`ValueError` for a bad split name, mismatched key/image/label counts, duplicate keys, or an
+    empty input (nothing is written then).
+    """
+    if not _SPLIT_RE.match(split or ""):
+        raise ValueError(f"split must match {_SPLIT_RE.pattern} (it names a folder), got {split!r}")
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+    kind = feature_kind(n_last_blocks, avgpool)
+    user_meta = dict(metadata or {})
+    try:
+        json.dumps(user_meta)
+    except TypeError as e:
+        raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
+    device = torch.device(device) if device is not None else _module_device(backbone)
+    autocast = _autocast(device, precision)  # validates precision before any work
+    store = open_store(out_uri)
+    split_store = store.child(split)
+    backbone.eval()
+
+    meta: dict[str, Any] = {
+        **user_meta,
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "feature_kind": kind,
+        "preprocessing": transform.describe() if transform is not None else "normalize=imagenet (no resize/crop)",
+        "precision": precision,
+    }
+    seen: set[str] = set()
+    pending_keys: list[str] = []
+    pending_labels: list[np.ndarray] = []
+    pending_feats: list[np.ndarray] = []
+    written: list[str] = []
+    n_rows = 0
+    dim = -1
+
+    def flush(final: bool) -> None:
+        nonlocal pending_keys, pending_labels, pending_feats
+        while pending_keys and (final or len(pending_keys) >= rows_per_file):
+            feats = np.concatenate(pending_feats)
+            labels = np.concatenate(pending_labels)
+            take = min(rows_per_file, len(pending_keys))
+            meta_bytes = json.dumps({**meta, "dim": dim}, sort_keys=True).encode()
+            name = f"part-{len(written):05d}.parquet"
+            _write_part(split_store, name, _table(pending_keys[:take], labels[:take], split, feats[:take], meta_bytes))
+            written.append(name)
+            pending_keys = pending_keys[take:]
+            pending_labels = [labels[take:]]
+            pending_feats = [feats[take:]]
+
+    bar = tqdm(total=total, disable=not progress, unit="img", desc=f"features[{split}]")
+    try:
+        for keys, images, labels in batches:
+            keys = [str(k) for k in keys]
+            labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+            labels = labels.reshape(-1)
+            n_img = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+            if not (len(keys) == n_img == len(labels)):
+                raise ValueError(f"batch has {len(keys)} keys, {n_img} images and {len(labels)} labels")
+            for k in keys:
+                if k in seen:
+                    raise ValueError(f"duplicate sample key {k!r} in split {split!r}")
+                seen.add(k)
+            x = prepare_batch(images, transform).to(device)
+            with autocast:
+                f = backbone_features(backbone, x, n_last_blocks, avgpool)
+            f = f.float().cpu().numpy()
+            if dim < 0:
+                dim = f.shape[1]
+            pending_keys.extend(keys)
+            pending_labels.append(labels)
+            pending_feats.append(f)
+            n_rows += len(keys)
+            bar.update(len(keys))
+            flush(final=False)
+        if n_rows == 0:
+            raise ValueError(f"no samples to extract for split {split!r}: the evaluation set is empty")
+        flush(final=True)
+    finally:
+        bar.close()
+    # drop parts of an earlier extraction of this split that the new one did not overwrite
+    for obj in list(split_store.list("part-")):
+        if _PART_RE.match(obj.key) and obj.key not in written:
+            split_store.delete(obj.key)
+    meta["dim"] = dim
+    return FeatureWriteResult(
+        uri=store.uri, split=split, num_rows=n_rows, dim=dim, files=[split_store.url(n) for n in written], metadata=meta
+    )
+
+
+def list_feature_files(uri: str, split: str | None = None) -> list[tuple[str, str]]:
+    """``(split, key)`` of every part file under ``uri`` (optionally one split), in order."""
+    store = open_store(uri)
+    out = []
+    for obj in store.list(f"{split}/" if split else ""):
+        parts = obj.key.split("/")
+        if len(parts) == 2 and _PART_RE.match(parts[1]):
+            out.append((parts[0], obj.key))
+    return out
+
+
+def read_features(
+    uri: str, split: str | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read a dataset written by :func:`extract_features`: ``(keys, labels int64 [N], features float32 [N, D],
+    metadata)``. ``split=None`` reads every split (in split-name order; ``metadata["splits"]`` lists them).
+    Raises :class:`FileNotFoundError` when nothing is there and :class:`ValueError` when files disagree on the
+    dimension or feature kind."""
+    if split is not None and not _SPLIT_RE.match(split):
+        raise ValueError(f"split must match {_SPLIT_RE.pattern}, got {split!r}")
+    store = open_store(uri)
+    files = list_feature_files(uri, split)
+    if not files:
+        where = f"{store.uri}/{split}" if split else store.uri
+        raise FileNotFoundError(f"no feature files (part-*.parquet) under {where}")
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
+    meta: dict[str, Any] | None = None
+    splits: list[str] = []
+    for split_name, key in files:
+        table = pq.read_table(pa.BufferReader(store.get_bytes(key)))
+        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{store.url(key)} has no {METADATA_KEY.decode()} metadata: not a feature file")
+        m = json.loads(raw)
+        if meta is None:
+            meta = m
+        elif (m.get("dim"), m.get("feature_kind")) != (meta.get("dim"), meta.get("feature_kind")):
+            raise ValueError(
+                f"{store.url(key)} holds {m.get('feature_kind')} features of dim {m.get('dim')}, "
+                f"other files {meta.get('feature_kind')} of dim {meta.get('dim')}"
+            )
+        if split_name not in splits:
+            splits.append(split_name)
+        vec = table.column("features").combine_chunks()
+        dim = vec.type.list_size
+        keys.extend(table.column("key").to_pylist())
+        labels.append(table.column("label").to_numpy())
+        feats.append(vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim))
+    assert meta is not None
+    meta = dict(meta)
+    meta["splits"] = splits
+    if split is None and len(splits) > 1:
+        meta.pop("split", None)
+    return keys, np.concatenate(labels).astype(np.int64), np.concatenate(feats), meta
