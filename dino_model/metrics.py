@@ -1,0 +1,229 @@
+"""Where training metrics go: pluggable loggers, and machine-readable progress lines for a parent process.
+
+**Loggers.** Anything with ``log(step, metrics)`` and ``close()`` is a :class:`MetricsLogger`. Loggers are named by
+*specs* — ``"name"`` or ``"name:argument"`` — and built from a registry, so code outside this library (the
+pretrain flow's MLflow logger) plugs in without the trainer knowing about it::
+
+    register_logger("mlflow", lambda arg: MyMlflowLogger(run_id=arg))   # factory(argument or None)
+    logger = build_loggers(["console", "jsonl:/tmp/metrics.jsonl", "mlflow:RUN_ID"])
+    logger.log(10, {"loss": 9.1, "lr": 1e-4})
+    logger.close()
+
+Built in: ``console`` (human-readable lines on stdout) and ``jsonl:PATH`` (one JSON object per call, appended, so a
+resumed run continues the same file). Only rank 0 builds loggers; other ranks get an empty :class:`MultiLogger`.
+A factory may also be given as ``"package.module:callable"`` in a spec (``"py:package.module:callable"``), which
+lets a launcher add a logger to a ``torchrun`` child without editing this file.
+
+**Progress lines.** With ``logging.progress`` on, rank 0 prints one line per event on stdout::
+
+    DINO_PROGRESS {"event": "step", "step": 120, "total_steps": 9000, "epoch": 1, ...}
+
+The JSON object always has ``event`` (``start``, ``step``, ``checkpoint``, ``epoch``, ``end``, ``error``) and
+``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None`` for other lines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO, runtime_checkable
+
+__all__ = [
+    "MetricsLogger",
+    "ConsoleLogger",
+    "JsonlLogger",
+    "MultiLogger",
+    "register_logger",
+    "registered_loggers",
+    "build_loggers",
+    "PROGRESS_PREFIX",
+    "progress_line",
+    "emit_progress",
+    "parse_progress_line",
+]
+
+#: Prefix of machine-readable progress lines on the trainer's stdout.
+PROGRESS_PREFIX = "DINO_PROGRESS "
+
+
+@runtime_checkable
+class MetricsLogger(Protocol):
+    """Receives step metrics (plain floats, keyed by name) from rank 0."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Record ``metrics`` at global ``step``."""
+
+    def close(self) -> None:
+        """Flush and release resources; called once at the end of training (also on failure)."""
+
+
+class ConsoleLogger:
+    """Human-readable lines on a text stream (stdout by default): ``step 120/9000 | loss 9.8213 | lr 1.2e-04 ...``."""
+
+    #: Metrics shown first, in this order; any others follow alphabetically.
+    ORDER = ("epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s")
+
+    def __init__(self, stream: TextIO | None = None, total_steps: int | None = None):
+        self.stream = stream
+        self.total_steps = total_steps
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        keys = [k for k in self.ORDER if k in metrics] + sorted(k for k in metrics if k not in self.ORDER)
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        parts = [f"step {step}{total}"] + [f"{k} {_fmt(metrics[k])}" for k in keys]
+        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        (self.stream or sys.stdout).flush()
+
+
+class JsonlLogger:
+    """Appends ``{"step": N, "time": T, **metrics}`` as one JSON line per call to a local file."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not path:
+            raise ValueError("jsonl logger needs a file path: 'jsonl:/path/metrics.jsonl'")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _json_number(v) for k, v in metrics.items()})
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+class MultiLogger:
+    """Fans each call out to several loggers; itself a :class:`MetricsLogger`. Empty = logs nothing."""
+
+    def __init__(self, loggers: Iterable[MetricsLogger] = ()):
+        self.loggers = list(loggers)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for lg in self.loggers:
+            lg.log(step, metrics)
+
+    def close(self) -> None:
+        errors = []
+        for lg in self.loggers:
+            try:
+                lg.close()
+            except Exception as e:  # noqa: BLE001 - close every logger, then report the first failure
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __len__(self) -> int:
+        return len(self.loggers)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# registry
+# ------------------------------------------------------------------------------------------------------------------
+
+LoggerFactory = Callable[[str | None], MetricsLogger]
+
+_REGISTRY: dict[str, LoggerFactory] = {}
+
+
+def register_logger(name: str, factory: LoggerFactory) -> None:
+    """Make ``name`` (or ``name:argument``) usable in ``logging.loggers``; ``factory(argument_or_None)`` builds it.
+    Registering an existing name replaces it."""
+    if not name or ":" in name:
+        raise ValueError(f"logger name must be non-empty and contain no ':', got {name!r}")
+    _REGISTRY[name] = factory
+
+
+def registered_loggers() -> list[str]:
+    """Names currently in the registry."""
+    return sorted(_REGISTRY)
+
+
+def build_logger(spec: str) -> MetricsLogger:
+    """One logger from its spec: ``name``, ``name:argument`` or ``py:package.module:callable[:argument]``."""
+    name, _, arg = spec.partition(":")
+    if name == "py":
+        # "py:pkg.mod:factory" or "py:pkg.mod:factory:argument": import the factory from a module.
+        module_name, _, rest = arg.partition(":")
+        attr, _, arg = rest.partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"logger spec {spec!r} must look like 'py:package.module:factory[:argument]'")
+        factory = getattr(importlib.import_module(module_name), attr)
+        return factory(arg or None)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown metrics logger {name!r} in spec {spec!r}; registered: {registered_loggers()}")
+    return _REGISTRY[name](arg or None)
+
+
+def build_loggers(specs: Iterable[str]) -> MultiLogger:
+    """All loggers named by ``specs``, combined into one :class:`MultiLogger`."""
+    return MultiLogger(build_logger(s) for s in specs)
+
+
+register_logger("console", lambda arg: ConsoleLogger())
+register_logger("jsonl", lambda arg: JsonlLogger(arg or ""))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# progress lines
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def progress_line(event: str, **fields: Any) -> str:
+    """``DINO_PROGRESS {"event": ..., "time": ..., **fields}`` (non-finite floats become ``null``)."""
+    record = {"event": event, "time": round(time.time(), 3)}
+    record.update({k: _json_value(v) for k, v in fields.items()})
+    return PROGRESS_PREFIX + json.dumps(record, allow_nan=False)
+
+
+def emit_progress(event: str, stream: TextIO | None = None, **fields: Any) -> None:
+    """Print a progress line on stdout (or ``stream``) and flush, so a parent reading the pipe sees it at once."""
+    print(progress_line(event, **fields), file=stream or sys.stdout, flush=True)
+
+
+def parse_progress_line(line: str) -> dict[str, Any] | None:
+    """The dict carried by a progress line, or ``None`` if ``line`` is not one (e.g. a console log line)."""
+    line = line.strip()
+    if not line.startswith(PROGRESS_PREFIX.strip()):
+        return None
+    try:
+        record = json.loads(line[len(PROGRESS_PREFIX.strip()) :])
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "event" in record else None
+
+
+def _json_number(v: Any) -> Any:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):  # 0-d tensors / numpy scalars
+        return _json_value(v.item())
+    return v
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.3e}"
+    return f"{v:.4f}"

@@ -1,0 +1,133 @@
+"""Training configuration: defaults, presets, files, overrides, validation messages and the dict round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dino_model.config import PRESETS, ConfigError, DinoConfig, load_config, parse_override
+
+
+def test_defaults_are_the_reference_recipe():
+    c = DinoConfig().validate()
+    assert (c.model.arch, c.model.patch_size, c.model.out_dim, c.model.norm_last_layer) == ("vit_small", 16, 65536, True)
+    assert (c.crops.global_size, c.crops.local_size, c.crops.n_local) == (224, 96, 8)
+    assert c.crops.global_scale == (0.4, 1.0) and c.crops.local_scale == (0.05, 0.4)
+    assert (c.loss.warmup_teacher_temp, c.loss.teacher_temp, c.loss.warmup_teacher_temp_epochs) == (0.04, 0.04, 0)
+    assert (c.loss.student_temp, c.loss.center_momentum) == (0.1, 0.9)
+    o = c.optim
+    assert (o.optimizer, o.lr, o.min_lr, o.warmup_epochs) == ("adamw", 5e-4, 1e-6, 10)
+    assert (o.weight_decay, o.weight_decay_end, o.momentum_teacher, o.clip_grad) == (0.04, 0.4, 0.996, 3.0)
+    assert (o.clip_mode, o.freeze_last_layer) == ("per_param", 1)
+    assert (c.train.epochs, c.data.batch_size_per_gpu, c.model.drop_path_rate) == (100, 64, 0.1)
+
+
+def test_presets():
+    boost = load_config(preset="boost")
+    assert (boost.train.epochs, boost.loss.teacher_temp, boost.loss.warmup_teacher_temp_epochs) == (300, 0.07, 30)
+    assert boost.model.norm_last_layer is False
+    mc = load_config(preset="multicrop10")
+    assert mc.crops.n_local == 10 and mc.crops.global_scale == (0.25, 1.0) and mc.crops.local_scale == (0.05, 0.25)
+    small = load_config(preset="small")
+    assert (small.crops.global_size, small.crops.local_size) == (128, 64)
+    rn = load_config(preset="resnet50")
+    assert rn.model.arch == "resnet50" and rn.model.sync_bn and rn.optim.optimizer == "sgd"
+    assert rn.optim.weight_decay == rn.optim.weight_decay_end == 1e-4
+    assert rn.crops.global_scale == (0.14, 1.0) and rn.crops.local_scale == (0.05, 0.14)
+    chained = load_config(preset="boost,small")
+    assert chained.train.epochs == 300 and chained.crops.global_size == 128
+    assert load_config(preset="reference") == DinoConfig()
+    assert set(PRESETS) == {"reference", "boost", "multicrop10", "small", "resnet50"}
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(preset="huge")
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "preset: small\n"
+        "model: {arch: vit_tiny, out_dim: 128}\n"
+        "optim:\n  lr: 1e-3\n  warmup_epochs: 1\n"
+        "train: {epochs: 2}\n"
+    )
+    c = load_config(f, overrides=["optim.lr=2e-3", "crops.local_scale=[0.1, 0.3]", "data.epoch_length=null"])
+    assert c.model.arch == "vit_tiny" and c.model.out_dim == 128
+    assert c.crops.global_size == 128  # from the file's preset
+    assert c.optim.lr == 2e-3  # override beats file ("1e-3" without a dot is a YAML string: still a float here)
+    assert c.crops.local_scale == (0.1, 0.3)
+    j = tmp_path / "run.json"
+    j.write_text(json.dumps({"train": {"seed": 7}}))
+    assert load_config(j).train.seed == 7
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=abc", "optim.lr"),
+        ("model.arch=vit_huge", "model.arch"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("crops.global_scale=[0.6, 0.4]", "crops.global_scale"),
+        ("crops.local_scale=[0.1]", "crops.local_scale"),
+        ("optim.clip_mode=norm", "optim.clip_mode"),
+        ("train.precision=fp8", "train.precision"),
+        ("loss.center_momentum=1.5", "loss.center_momentum"),
+        ("model.norm_last_layer=maybe", "model.norm_last_layer"),
+        ("optim.warmup_epochs=200", "optim.warmup_epochs"),
+        ("data.resampled=true", "data.epoch_length"),
+        ("optim.lrr=1", "optim.lrr"),
+        ("nosection.x=1", "nosection"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert field in str(e.value)
+
+
+def test_bad_file_and_override_syntax(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_dict_round_trip_is_plain_and_exact():
+    c = load_config(preset="multicrop10", overrides=["logging.loggers=[console, 'jsonl:/tmp/x.jsonl']"])
+    d = c.to_dict()
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, list):
+            return all(plain(v) for v in x)
+        return isinstance(x, (str, int, float, bool, type(None)))
+
+    assert plain(d)
+    assert DinoConfig.from_dict(d) == c
+    assert json.loads(json.dumps(d)) == d
+    # plain enough for torch's weights_only loader (it is saved in every checkpoint)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"config": d}, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["config"] == d
+
+
+def test_from_dict_validates():
+    d = DinoConfig().to_dict()
+    d["data"]["batch_size_per_gpu"] = 0
+    with pytest.raises(ConfigError, match="data.batch_size_per_gpu"):
+        DinoConfig.from_dict(d)
