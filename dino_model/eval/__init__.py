@@ -10,5 +10,7 @@
 
 from .features import backbone_features, extract_features, feature_kind, read_features
 from .knn import knn_classify
+from .linear_probe import LinearProbeConfig, LinearProbeResult, linear_probe, linear_probe_on_features
 
-__all__ = ["backbone_features", "extract_features", "feature_kind", "knn_classify", "read_features"]
+__all__ = ["backbone_features", "extract_features", "feature_kind", "knn_classify", "read_features",
+           "LinearProbeConfig", "LinearProbeResult", "linear_probe", "linear_probe_on_features"]
