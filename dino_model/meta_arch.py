@@ -151,7 +151,7 @@ class DINO(nn.Module):
             "teacher_kl_to_uniform": stats["kl_to_uniform"],
             "teacher_kl_to_center": stats["kl_to_center"],
             "kl_teacher_student": loss - stats["entropy"],
-            "teacher_temp": torch.tensor(temp, dtype=torch.float32),
+            "teacher_temp": torch.tensor(temp, dtype=torch.float32, device=loss.device),
         }
 
     @torch.no_grad()

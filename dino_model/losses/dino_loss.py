@@ -131,8 +131,8 @@ class DINOLoss(nn.Module):
                            dominating dimension); high values mean the teacher distinguishes images.
         Uses the current `center`, so call it before `update_center` to describe the loss's targets.
         """
-        q = self.teacher_probs(teacher_output, temp)
         log_q = F.log_softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
+        q = log_q.exp()
         entropy = -(q * log_q).sum(dim=-1).mean()
         q_bar = q.mean(dim=0)
         entropy_bar = -(q_bar * torch.log(q_bar.clamp_min(torch.finfo(q_bar.dtype).tiny))).sum()
