@@ -215,3 +215,15 @@ def test_multicrop_wrapper_equals_per_crop_forward_with_two_backbone_calls(tiny8
         per_crop = torch.cat([head(tiny8(c)) for c in crops])
     assert out.shape == (10, 16)
     assert torch.allclose(out, per_crop, atol=1e-5)
+
+
+def test_state_dict_loads_into_timm_vit_with_identical_output():
+    import timm
+
+    torch.manual_seed(0)
+    ours = build_backbone("vit_tiny", patch_size=16, img_size=224).eval()
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)
