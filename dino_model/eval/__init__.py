@@ -8,9 +8,32 @@
 * :mod:`.davis_propagation` / :mod:`.davis_metrics` — DAVIS-2017 semi-supervised label propagation and J&F.
 """
 
+from .attention_maps import analyze_image, attention_masks, davis_attention_scores, jaccard_scores, render_png
+from .davis_metrics import DavisScores, evaluate_sequence, summarize
+from .davis_propagation import PropagationConfig, evaluate_davis, propagate_sequence
 from .features import backbone_features, extract_features, feature_kind, read_features
 from .knn import knn_classify
 from .linear_probe import LinearProbeConfig, LinearProbeResult, linear_probe, linear_probe_on_features
 
-__all__ = ["backbone_features", "extract_features", "feature_kind", "knn_classify", "read_features",
-           "LinearProbeConfig", "LinearProbeResult", "linear_probe", "linear_probe_on_features"]
+__all__ = [
+    "DavisScores",
+    "LinearProbeConfig",
+    "LinearProbeResult",
+    "PropagationConfig",
+    "analyze_image",
+    "attention_masks",
+    "backbone_features",
+    "davis_attention_scores",
+    "evaluate_davis",
+    "evaluate_sequence",
+    "extract_features",
+    "feature_kind",
+    "jaccard_scores",
+    "knn_classify",
+    "linear_probe",
+    "linear_probe_on_features",
+    "propagate_sequence",
+    "read_features",
+    "render_png",
+    "summarize",
+]
