@@ -248,9 +248,11 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop (with a checkpoint) once this many global steps are done, without changing the schedules: used to
     interrupt a run on purpose and for short trials. ``null`` = run all epochs."""
-    nonfinite_check_every: int = 1
-    """Check the loss for NaN/inf every this many steps. Each check syncs the host with the GPU, so GPU runs may
-    check less often; on a failure the run stops naming the first step checked as bad."""
+    nonfinite_check_every: int = 0
+    """Check the loss for NaN/inf (and, across ranks, for a stop signal) every this many steps; 0 = every step on
+    CPU and every ``logging.log_every`` steps on GPU, where each check is a host-device sync. Steps between checks
+    are still watched on the device, so the failure names the first bad step; a check always precedes a
+    checkpoint, so no checkpoint ever holds non-finite weights."""
 
     def _validate(self, p: str) -> None:
         _positive_int(p, "epochs", self.epochs)
@@ -260,7 +262,7 @@ class TrainConfig:
         _choice(p, "precision", self.precision, PRECISIONS)
         if self.max_steps is not None:
             _positive_int(p, "max_steps", self.max_steps)
-        _positive_int(p, "nonfinite_check_every", self.nonfinite_check_every)
+        _nonneg_int(p, "nonfinite_check_every", self.nonfinite_check_every)
 
 
 @dataclass

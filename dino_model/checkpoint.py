@@ -1,0 +1,255 @@
+"""Training checkpoints: exact-resume state as tensors and plain types, written atomically to a folder or s3://.
+
+Layout. A checkpoint URI (``checkpoint.uri``: a local folder or ``s3://bucket/prefix``) holds
+``checkpoint-<step, 9 digits>.pt`` files, ``step`` being the number of optimiser updates done. The newest is found
+by listing (no "latest" pointer that could disagree with the files). Writes go through
+:mod:`dino_model.storage`, so a file is visible only once complete: a killed trainer leaves the previous
+checkpoints intact and never a half-written one. ``keep_last`` prunes the oldest after each successful write.
+
+Each file is a ``torch.save`` of one dict that ``torch.load(weights_only=True)`` reads::
+
+    format       "dino_model.checkpoint/v1"
+    step         int    optimiser updates done (the next update uses schedule index ``step``)
+    epoch        int    the epoch of the data cursor
+    cursor       {"epoch": int, "batch": int}   next batch to read: the loader resumes with start_batch=batch
+    student      state_dict of the student MultiCropWrapper (no DDP "module." prefix)
+    teacher      state_dict of the teacher MultiCropWrapper
+    dino_loss    state_dict of the loss (its ``center`` buffer)
+    optimizer    optimizer.state_dict()
+    grad_scaler  GradScaler.state_dict() ({} when no scaler is used)
+    rng          list, one entry per rank: {"torch": uint8 tensor, "cuda": uint8 tensor | None,
+                 "numpy": {"key": uint32 tensor, "pos": int, "has_gauss": int, "cached_gaussian": float},
+                 "python": {"version": int, "state": list[int], "gauss_next": float | None}}
+    world_size   int    ranks that wrote ``rng``
+    config       DinoConfig.to_dict(): the resolved configuration of the run
+    metrics      {name: float} of the last logged step
+    torch_version str
+
+Reference-implementation checkpoints (facebookresearch/dino ``checkpoint.pth``: ``student``/``teacher``/
+``dino_loss``/``args`` with ``module.backbone.*``/``backbone.*`` prefixes and weight-normed heads) load for
+evaluation with :func:`load_reference_checkpoint`; only ``argparse.Namespace`` is allowed beyond plain types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import re
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from dino_model.storage import LocalStore, ObjectNotFound, open_object, open_store
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "checkpoint_name",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "read_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "check_plain",
+    "load_reference_checkpoint",
+    "strip_prefix",
+]
+
+CHECKPOINT_FORMAT = "dino_model.checkpoint/v1"
+_NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    """``checkpoint-000001200.pt`` for step 1200 (zero-padded so names sort like steps)."""
+    if step < 0 or step >= 10**9:
+        raise ValueError(f"checkpoint step must be in [0, 1e9), got {step}")
+    return f"checkpoint-{step:09d}.pt"
+
+
+def list_checkpoints(uri: str) -> list[tuple[int, str]]:
+    """``(step, full URI)`` of every complete checkpoint directly under ``uri``, oldest first."""
+    store = open_store(uri)
+    found = []
+    for obj in store.list("checkpoint-"):
+        m = _NAME.match(obj.key)
+        if m:
+            found.append((int(m.group(1)), store.url(obj.key)))
+    return sorted(found)
+
+
+def latest_checkpoint(uri: str) -> str | None:
+    """The full URI of the newest checkpoint under ``uri``, or ``None``."""
+    found = list_checkpoints(uri)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(uri: str, state: Mapping[str, Any], keep_last: int = 0) -> str:
+    """Write ``state`` (must hold ``step``) as ``<uri>/checkpoint-<step>.pt`` atomically; then delete all but the
+    newest ``keep_last`` checkpoints (0 keeps all). Returns the full URI written.
+
+    ``state`` is checked first (:func:`check_plain`) so a value ``weights_only`` loading would refuse fails here,
+    at save time, rather than at resume time.
+    """
+    check_plain(state)
+    store = open_store(uri)
+    key = checkpoint_name(int(state["step"]))
+    with store.open_write(key) as f:
+        torch.save(dict(state), f)
+    if keep_last > 0:
+        older = list_checkpoints(uri)[:-keep_last]
+        for _, old_uri in older:
+            store.delete(old_uri.rsplit("/", 1)[1])
+    return store.url(key)
+
+
+def read_checkpoint(uri: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (local path, ``file://`` or ``s3://``) with ``torch.load(weights_only=True)``."""
+    store, key = open_object(os.fspath(uri))
+    if isinstance(store, LocalStore):
+        path = store.local_path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"checkpoint {uri} does not exist")
+        return torch.load(path, map_location=map_location, weights_only=True)
+    data = store.get_bytes(key)
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# RNG state: plain dicts, because numpy's legacy state is a tuple with a string and python's holds a tuple of ints
+# (both fine for pickle, but weights_only loading accepts only tensors and plain containers).
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's torch (CPU and current CUDA device), numpy-legacy and python RNG states as plain values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, py_state, gauss_next = random.getstate()
+    cuda = None
+    if device is not None and device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device).clone()
+    return {
+        "torch": torch.get_rng_state().clone(),
+        "cuda": cuda,
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": [int(x) for x in py_state], "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    npst = state["numpy"]
+    np.random.set_state(
+        ("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# plain-type check
+# ------------------------------------------------------------------------------------------------------------------
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def check_plain(obj: Any, path: str = "checkpoint") -> None:
+    """Raise ``TypeError`` naming the first value ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{path}: key {k!r} of type {type(k).__name__} is not a str or int")
+            check_plain(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{path}[{i}]")
+    elif not isinstance(obj, _PLAIN) or isinstance(obj, np.generic):
+        raise TypeError(f"{path}: {type(obj).__module__}.{type(obj).__name__} is not a tensor or plain type")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reference-implementation checkpoints (evaluation only)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Remove the first matching prefix from each key (keys without any of them are kept as they are)."""
+    prefixes = list(prefixes)
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p) :]
+                break
+        out[k] = v
+    return out
+
+
+def _split_wrapper(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A reference MultiCropWrapper state_dict (``module.``/no prefix) -> (backbone, head) state dicts, ours."""
+    from dino_model.models.head import convert_reference_head_state_dict
+
+    sd = strip_prefix(sd, ["module."])
+    backbone = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    head = {k[len("head.") :]: v for k, v in sd.items() if k.startswith("head.")}
+    # A bare backbone state_dict (the released "*_pretrain.pth" files) has neither prefix.
+    if not backbone and not head:
+        backbone = dict(sd)
+    # The reference ViT/ResNet keep an unused classifier (Identity) - nothing to drop for ViT; ResNet "fc.*" if any.
+    backbone = {k: v for k, v in backbone.items() if not k.startswith(("fc.", "head."))}
+    return backbone, convert_reference_head_state_dict(head) if head else head
+
+
+def load_reference_checkpoint(uri: str | os.PathLike) -> dict[str, Any]:
+    """A facebookresearch/dino checkpoint converted to this project's key names, for evaluation.
+
+    Accepts the training checkpoint (``student``, ``teacher``, ``dino_loss``, ``args``, ...), the released
+    ``*_pretrain_full_checkpoint.pth`` (same keys) and a bare backbone state_dict (``*_pretrain.pth``). Loading
+    uses ``weights_only=True`` with only ``argparse.Namespace`` allowed beyond plain types.
+
+    Returns ``{"teacher_backbone", "teacher_head", "student_backbone", "student_head", "center", "args"}`` —
+    missing parts are ``{}`` / ``None``; ``args`` is a plain dict.
+    """
+    store, key = open_object(os.fspath(uri))
+    if isinstance(store, LocalStore):
+        src: Any = store.local_path(key)
+        if not src.is_file():
+            raise ObjectNotFound(f"checkpoint {uri} does not exist")
+    else:
+        src = io.BytesIO(store.get_bytes(key))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{uri}: expected a dict checkpoint, got {type(raw).__name__}")
+    out: dict[str, Any] = {
+        "teacher_backbone": {},
+        "teacher_head": {},
+        "student_backbone": {},
+        "student_head": {},
+        "center": None,
+        "args": {},
+    }
+    if "teacher" in raw or "student" in raw:
+        if "teacher" in raw:
+            out["teacher_backbone"], out["teacher_head"] = _split_wrapper(raw["teacher"])
+        if "student" in raw:
+            out["student_backbone"], out["student_head"] = _split_wrapper(raw["student"])
+        loss_sd = raw.get("dino_loss") or {}
+        out["center"] = loss_sd.get("center")
+        args = raw.get("args")
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        out["args"] = dict(args) if isinstance(args, dict) else {}
+    else:
+        out["teacher_backbone"], out["teacher_head"] = _split_wrapper(raw)
+    return out

@@ -1,0 +1,233 @@
+"""Checkpoints: naming, listing, keep-last, atomic writes on disk and S3, weights_only loading, RNG round trip, and
+reference-implementation checkpoints for evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dino_model.checkpoint import (
+    capture_rng_state,
+    check_plain,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_reference_checkpoint,
+    read_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dino_model.config import DinoConfig
+from dino_model.meta_arch import DINO
+from dino_model.storage import open_store
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine several threads per test spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_dino(out_dim: int = 64) -> DINO:
+    torch.manual_seed(0)
+    return DINO.build("vit_tiny", patch_size=16, drop_path_rate=0.0, out_dim=out_dim, ncrops=4, nepochs=2,
+                      head_hidden_dim=32, head_bottleneck_dim=16)
+
+
+def state(step: int, **extra) -> dict:
+    return {"step": step, "config": DinoConfig().to_dict(), "weights": torch.full((3,), float(step)), **extra}
+
+
+def test_names_sort_like_steps():
+    assert checkpoint_name(1200) == "checkpoint-000001200.pt"
+    assert sorted([checkpoint_name(10), checkpoint_name(9), checkpoint_name(100)]) == [
+        checkpoint_name(9), checkpoint_name(10), checkpoint_name(100)]
+    with pytest.raises(ValueError):
+        checkpoint_name(-1)
+
+
+def test_save_list_latest_keep_last(tmp_path):
+    uri = str(tmp_path / "ckpt")
+    assert latest_checkpoint(uri) is None
+    for step in (5, 10, 15, 20):
+        written = save_checkpoint(uri, state(step), keep_last=2)
+        assert written.endswith(checkpoint_name(step))
+    steps = [s for s, _ in list_checkpoints(uri)]
+    assert steps == [15, 20]
+    latest = latest_checkpoint(uri)
+    assert latest.endswith(checkpoint_name(20))
+    loaded = read_checkpoint(latest)  # weights_only=True inside
+    assert loaded["step"] == 20 and torch.equal(loaded["weights"], torch.full((3,), 20.0))
+    # Unrelated files and in-progress temp files are ignored.
+    (tmp_path / "ckpt" / "notes.txt").write_text("x")
+    (tmp_path / "ckpt" / ".tmp-checkpoint-000000099.pt.abc").write_bytes(b"partial")
+    assert [s for s, _ in list_checkpoints(uri)] == [15, 20]
+
+
+def test_refused_state_leaves_previous_checkpoints_intact(tmp_path):
+    uri = str(tmp_path)
+    save_checkpoint(uri, state(1))
+
+    @dataclass
+    class NotPlain:
+        x: int = 1
+
+    with pytest.raises(TypeError, match=r"checkpoint\.extra.*NotPlain"):
+        save_checkpoint(uri, state(2, extra=NotPlain()))
+    with pytest.raises(TypeError, match=r"checkpoint\.rng\[0\]"):
+        save_checkpoint(uri, state(2, rng=[np.zeros(3)]))
+    assert [s for s, _ in list_checkpoints(uri)] == [1]
+    assert list(p.name for p in tmp_path.iterdir()) == [checkpoint_name(1)]
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    """A write that dies half way (here: an exception in the middle of the stream) leaves no object."""
+    store = open_store(tmp_path)
+    with pytest.raises(RuntimeError):
+        with store.open_write(checkpoint_name(3)) as f:
+            f.write(b"half a checkpoint")
+            raise RuntimeError("killed")
+    assert list_checkpoints(str(tmp_path)) == []
+
+
+def test_checkpoint_on_s3(s3_bucket):
+    uri = f"{s3_bucket}/runs/r1"
+    for step in (1, 2, 3):
+        save_checkpoint(uri, state(step), keep_last=2)
+    assert [s for s, _ in list_checkpoints(uri)] == [2, 3]
+    latest = latest_checkpoint(uri)
+    assert latest == f"{uri}/{checkpoint_name(3)}"
+    assert read_checkpoint(latest)["step"] == 3
+
+
+def test_rng_round_trip_passes_weights_only(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's legacy state
+    saved = capture_rng_state(torch.device("cpu"))
+    expected = (torch.rand(4), np.random.rand(4), np.random.randn(), [random.random() for _ in range(3)])
+    check_plain(saved)
+    save_checkpoint(str(tmp_path), {"step": 1, "rng": [saved]})
+    loaded = read_checkpoint(latest_checkpoint(str(tmp_path)))["rng"][0]
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    restore_rng_state(loaded, torch.device("cpu"))
+    got = (torch.rand(4), np.random.rand(4), np.random.randn(), [random.random() for _ in range(3)])
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and got[3] == expected[3]
+
+
+def test_model_and_optimizer_state_round_trip(tmp_path):
+    model = tiny_dino()
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
+    crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
+    model.forward_backward(crops, 0)
+    opt.step()
+    model.dino_loss.center.add_(0.5)
+    ckpt = {"step": 1, "student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+            "dino_loss": model.dino_loss.state_dict(), "optimizer": opt.state_dict()}
+    save_checkpoint(str(tmp_path), ckpt)
+    loaded = read_checkpoint(latest_checkpoint(str(tmp_path)))
+    other = tiny_dino()
+    torch.manual_seed(5)
+    for p in other.parameters():
+        p.data.normal_()
+    other.student.load_state_dict(loaded["student"])
+    other.teacher.load_state_dict(loaded["teacher"])
+    other.dino_loss.load_state_dict(loaded["dino_loss"])
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    opt2 = torch.optim.AdamW(other.student.parameters(), lr=1e-3)
+    opt2.load_state_dict(loaded["optimizer"])
+    assert opt2.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reference-format checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class RefHead(nn.Module):
+    """The reference DINOHead's parameter layout: mlp + nn.utils.weight_norm'ed last layer (weight_g/weight_v)."""
+
+    def __init__(self, ours: nn.Module, parametrized: bool):
+        super().__init__()
+        self.mlp = ours.mlp
+        linear = nn.Linear(ours.last_layer.in_features, ours.last_layer.out_features, bias=False)
+        if parametrized:
+            self.last_layer = nn.utils.parametrizations.weight_norm(linear)
+            self.last_layer.parametrizations.weight.original0.data.copy_(ours.last_layer.weight_g.data)
+            self.last_layer.parametrizations.weight.original1.data.copy_(ours.last_layer.weight_v.data)
+        else:
+            self.last_layer = nn.utils.weight_norm(linear)
+            self.last_layer.weight_g.data.copy_(ours.last_layer.weight_g.data)
+            self.last_layer.weight_v.data.copy_(ours.last_layer.weight_v.data)
+
+
+def reference_checkpoint(model: DINO, parametrized: bool = False) -> dict:
+    """What the reference main_dino.py saves: DDP student ('module.' prefix), plain teacher, Namespace args."""
+    def wrapper_sd(wrapper, prefix):
+        sd = {f"{prefix}backbone.{k}": v for k, v in wrapper.backbone.state_dict().items()}
+        head = RefHead(wrapper.head, parametrized)
+        sd.update({f"{prefix}head.{k}": v for k, v in head.state_dict().items()})
+        return sd
+
+    return {
+        "student": wrapper_sd(model.student, "module."),
+        "teacher": wrapper_sd(model.teacher, ""),
+        "optimizer": {},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=64, lr=0.0005),
+        "dino_loss": {"center": torch.arange(64.0).reshape(1, 64)},
+    }
+
+
+@pytest.mark.parametrize("parametrized", [False, True])
+def test_reference_checkpoint_loads_for_evaluation(tmp_path, parametrized):
+    model = tiny_dino()
+    with torch.no_grad():  # make student and teacher differ so the test can tell them apart
+        for p in model.teacher.parameters():
+            p.add_(0.01)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(reference_checkpoint(model, parametrized), path)  # full pickle, like the reference
+
+    ref = load_reference_checkpoint(str(path))
+    assert ref["args"]["arch"] == "vit_tiny" and ref["args"]["patch_size"] == 16
+    assert torch.equal(ref["center"], torch.arange(64.0).reshape(1, 64))
+    fresh = tiny_dino()
+    fresh.teacher.backbone.load_state_dict(ref["teacher_backbone"])
+    fresh.teacher.head.load_state_dict(ref["teacher_head"])
+    fresh.student.backbone.load_state_dict(ref["student_backbone"])
+    fresh.student.head.load_state_dict(ref["student_head"])
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh.teacher([x]), model.teacher([x]), atol=1e-6)
+        assert torch.allclose(fresh.student([x]), model.student([x]), atol=1e-6)
+        assert not torch.allclose(fresh.teacher([x]), fresh.student([x]), atol=1e-4)
+
+
+def test_reference_checkpoint_refuses_other_globals(tmp_path):
+    """Only argparse.Namespace is allowed beyond plain types: a pickled arbitrary object is refused."""
+    model = tiny_dino()
+    ckpt = reference_checkpoint(model)
+    ckpt["extra"] = DinoConfig()  # a dataclass: a global that must not be unpickled
+    path = tmp_path / "checkpoint.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_reference_checkpoint(str(path))
+    with pytest.raises(pickle.UnpicklingError):
+        read_checkpoint(str(path))
