@@ -48,10 +48,12 @@ def _select_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.T
         chosen_v, chosen_i = vals, idx
     else:
         kth = torch.topk(vals, k, dim=1, largest=True, sorted=True).values[:, -1:]  # [rows, 1]
-        greater = vals > kth
-        equal = vals == kth
-        need = k - greater.sum(dim=1, keepdim=True)  # how many tied entries each row still takes
-        take = greater | (equal & (torch.cumsum(equal.to(torch.int32), dim=1) <= need))
+        take = vals >= kth
+        if bool((take.sum(dim=1) != k).any()):  # some row has ties at the k-th value: keep the lowest columns
+            greater = vals > kth
+            equal = vals == kth
+            need = k - greater.sum(dim=1, keepdim=True)  # how many tied entries each row still takes
+            take = greater | (equal & (torch.cumsum(equal.to(torch.int32), dim=1) <= need))
         # exactly k True per row; nonzero returns them row-major, so columns stay in ascending order
         cols = take.nonzero(as_tuple=False)[:, 1].view(-1, k)
         chosen_v = torch.gather(vals, 1, cols)
