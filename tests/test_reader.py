@@ -310,3 +310,21 @@ def test_source_that_is_neither_shards_nor_image_folder_fails_clearly(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(ValueError, match="neither a shard set"):
         build_loader(str(tmp_path / "empty"), batch_size=1, transform=None, seed=0, epoch=0)
+
+
+def test_webdataset_opens_s3_urls_through_the_registered_handler(shards, s3_bucket):
+    import webdataset as wds
+    from webdataset.gopen import gopen
+
+    from dino_model.storage import ObjectNotFound
+
+    local_uri, samples = shards
+    url = f"{s3_bucket}/wds/train-000000.tar"
+    open_store(f"{s3_bucket}/wds").put_bytes("train-000000.tar", open_store(local_uri).get_bytes("train-000000.tar"))
+    got = list(wds.WebDataset(url, shardshuffle=False, nodesplitter=None))
+    assert [s["__key__"] for s in got] == [f"img{i:05d}" for i in range(7)]
+    assert all(s["jpg"] == samples[s["__key__"]][0] and int(s["cls"]) == samples[s["__key__"]][1] for s in got)
+    with pytest.raises(ObjectNotFound, match="missing.tar"):
+        gopen(f"{s3_bucket}/wds/missing.tar", "rb")
+    with pytest.raises(ValueError, match="read-only"):
+        gopen(url, "wb")
