@@ -33,6 +33,7 @@ evaluation with :func:`load_reference_checkpoint`; only ``argparse.Namespace`` i
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import os
 import random
@@ -160,20 +161,22 @@ def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = No
 # plain-type check
 # ------------------------------------------------------------------------------------------------------------------
 
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+# Exact types: subclasses (torch.__version__ is a str subclass, IntEnum members are ints) pickle as their own
+# class, which the weights_only unpickler refuses.
+_PLAIN_EXACT = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 
 def check_plain(obj: Any, path: str = "checkpoint") -> None:
     """Raise ``TypeError`` naming the first value ``torch.load(weights_only=True)`` would refuse."""
-    if isinstance(obj, dict):
+    if type(obj) in (dict, collections.OrderedDict):  # what state_dict() returns; both are allowed
         for k, v in obj.items():
-            if not isinstance(k, (str, int)):
+            if type(k) not in (str, int):
                 raise TypeError(f"{path}: key {k!r} of type {type(k).__name__} is not a str or int")
             check_plain(v, f"{path}.{k}")
-    elif isinstance(obj, (list, tuple)):
+    elif type(obj) in (list, tuple):
         for i, v in enumerate(obj):
             check_plain(v, f"{path}[{i}]")
-    elif not isinstance(obj, _PLAIN) or isinstance(obj, np.generic):
+    elif type(obj) not in _PLAIN_EXACT and not isinstance(obj, torch.Tensor):
         raise TypeError(f"{path}: {type(obj).__module__}.{type(obj).__name__} is not a tensor or plain type")
 
 
