@@ -138,8 +138,9 @@ def start_seaweedfs(
     secret_key: str | None = None,
     s3_port: int | None = None,
     timeout: float = 60.0,
+    host: str = HOST,
 ) -> SeaweedFS:
-    """Start ``weed mini`` on 127.0.0.1 with S3 credentials required; return once S3 answers."""
+    """Start ``weed mini`` on 127.0.0.1 (or ``host``) with S3 credentials required; return once S3 answers."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     access_key = access_key or "dino" + secrets.token_hex(4)
@@ -165,8 +166,8 @@ def start_seaweedfs(
         weed_binary(),
         "mini",
         f"-dir={data_dir / 'data'}",
-        f"-ip={HOST}",
-        f"-ip.bind={HOST}",
+        f"-ip={_url_host(host)}",
+        f"-ip.bind={host}",
         f"-s3.port={s3_port}",
         f"-s3.config={identities}",
         "-webdav=false",
@@ -181,7 +182,7 @@ def start_seaweedfs(
     log = data_dir / "weed.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{HOST}:{s3_port}"
+    url = f"http://{_url_host(host)}:{s3_port}"
     try:
         wait_for_http(url, timeout, proc, log)
         _wait_for_s3_ready(url, access_key, secret_key, timeout, proc, log)
@@ -227,8 +228,9 @@ def start_mlflow(
     artifacts_destination: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
+    host: str = HOST,
 ) -> Server:
-    """Start ``mlflow server`` on 127.0.0.1 with a sqlite backend and proxied artifacts.
+    """Start ``mlflow server`` on 127.0.0.1 (or ``host``) with a sqlite backend and proxied artifacts.
 
     ``artifacts_destination`` defaults to a local folder; pass ``s3://bucket/prefix`` (with the S3 variables in
     ``env``) to keep artifacts in object storage — clients then need no S3 credentials.
@@ -249,7 +251,7 @@ def start_mlflow(
         "mlflow",
         "server",
         "--host",
-        HOST,
+        host,
         "--port",
         str(port),
         "--backend-store-uri",
@@ -262,10 +264,147 @@ def start_mlflow(
     log = work_dir / "mlflow.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
-    url = f"http://{HOST}:{port}"
+    url = f"http://{_url_host(host)}:{port}"
     try:
         wait_for_http(url + "/health", timeout, proc, log)
     except BaseException:
         stop_pid(proc.pid)
         raise
     return Server("mlflow", url, proc.pid, log)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Prefect: server, CLI, work pool, worker
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def prefect_env(api_url: str, home: str | Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Prefect client process talking to ``api_url``: its own ``PREFECT_HOME`` (never
+    ``~/.prefect``), analytics off, and no profile that could point it elsewhere."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_PROFILE", "PREFECT_API_KEY")}
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
+    env.update(extra or {})
+    return env
+
+
+def start_prefect_server(
+    home: str | Path,
+    port: int | None = None,
+    host: str = HOST,
+    ui: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+) -> Server:
+    """Start ``prefect server start`` (sqlite database in ``home``) and return once ``/api/health`` answers.
+
+    ``Server.url`` is the API URL (``http://host:port/api``) — the value of ``PREFECT_API_URL`` for clients.
+    """
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    server_env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    server_env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_API_HOST=host,
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        **(env or {}),
+    )
+    args = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port), "--analytics-off",
+            "--ui" if ui else "--no-ui"]
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
+    api = f"http://{_url_host(host)}:{port}/api"
+    try:
+        wait_for_http(api + "/health", timeout, proc, log)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return Server("prefect", api, proc.pid, log)
+
+
+def _url_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host`` (a wildcard bind is reached on loopback)."""
+    return HOST if host in ("0.0.0.0", "::", "") else host
+
+
+def run_prefect(
+    args: list[str],
+    api_url: str,
+    home: str | Path,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 300.0,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run one ``prefect --no-prompt ...`` CLI command against ``api_url``; raise with its output when it fails."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", *args]
+    done = subprocess.run(cmd, env=prefect_env(api_url, home, env), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`prefect {' '.join(args)}` failed with exit code {done.returncode}:\n"
+                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def ensure_work_pool(name: str, api_url: str, home: str | Path, pool_type: str = "process",
+                     base_job_template: str | Path | None = None) -> bool:
+    """Create the work pool unless it exists (``prefect deploy`` refuses a pool that doesn't). True if created."""
+    if run_prefect(["work-pool", "inspect", name], api_url, home, check=False).returncode == 0:
+        return False
+    args = ["work-pool", "create", name, "--type", pool_type]
+    if base_job_template:
+        args += ["--base-job-template", str(base_job_template)]
+    run_prefect(args, api_url, home)
+    return True
+
+
+def start_prefect_worker(
+    pool: str,
+    api_url: str,
+    home: str | Path,
+    log: str | Path,
+    env: dict[str, str] | None = None,
+    work_queues: tuple[str, ...] = (),
+    name: str | None = None,
+    health_port: int | None = None,
+    timeout: float = 120.0,
+) -> Server:
+    """Start a long-running process worker polling ``pool`` (and only ``work_queues`` when given).
+
+    The flow runs it starts are its child processes and inherit its environment — that is how they get
+    ``MLFLOW_TRACKING_URI`` and the S3 credentials without any secret in ``prefect.yaml``. Returns once the
+    worker's health endpoint answers; ``Server.stop()`` ends the worker and the flow runs it started.
+    """
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    health_port = health_port or free_port()
+    args = [sys.executable, "-m", "prefect", "--no-prompt", "worker", "start", "--pool", pool, "--type", "process",
+            "--with-healthcheck", "--install-policy", "never", "--no-create-pool-if-not-found"]
+    for queue in work_queues:
+        args += ["--work-queue", queue]
+    if name:
+        args += ["--name", name]
+    worker_env = prefect_env(api_url, home, {
+        "PREFECT_WORKER_WEBSERVER_HOST": HOST,
+        "PREFECT_WORKER_WEBSERVER_PORT": str(health_port),
+        **(env or {}),
+    })
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=worker_env, start_new_session=True)
+    url = f"http://{HOST}:{health_port}"
+    try:
+        wait_for_http(url + "/health", timeout, proc, log)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return Server("worker", url, proc.pid, log, extra={"pool": pool})

@@ -17,6 +17,7 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 # Isolate Prefect and MLflow before any test imports them: no analytics, no telemetry, a temp home.
 _SESSION_HOME = Path(os.environ.setdefault("DINO_TEST_HOME", f"/tmp/dino-tests-{os.getpid()}"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+(_SESSION_HOME / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["PREFECT_LOGGING_LEVEL"] = os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")

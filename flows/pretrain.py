@@ -1,0 +1,88 @@
+"""The ``dino-pretrain`` flow: pre-flight checks, torchrun training tracked in MLflow, model registration.
+
+Run it
+
+* in-process (no Prefect server needed): ``dino pretrain SHARDS CHECKPOINTS --preset small --set train.epochs=5``
+* as a deployment: ``prefect deployment run dino-pretrain/<deployment> --param data=s3://... --param ...``
+
+MLflow comes from ``MLFLOW_TRACKING_URI`` (default: a local ``sqlite:///mlflow.db`` store is *not* assumed — set
+the variable, or the CLI sets an embedded one). The flow only composes tasks from :mod:`tasks.pretrain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.pretrain import (
+    end_mlflow_run,
+    log_loss_curve,
+    open_mlflow_run,
+    preflight,
+    pretrain_summary,
+    register_backbone,
+    resolve_training_config,
+    train,
+)
+from tasks.trainer_process import LaunchSpec
+
+
+@flow(name="dino-pretrain", log_prints=True)
+def dino_pretrain(
+    data: str,
+    checkpoint_uri: str,
+    preset: str = "reference",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    rdzv_endpoint: str = "",
+    experiment: str = "dino-pretrain",
+    registered_model: str = "dino-backbone",
+    run_name: str | None = None,
+    resume: Literal["auto", "never", "require"] = "auto",
+    train_retries: int = 2,
+) -> dict[str, Any]:
+    """Pretrain a DINO backbone and register its teacher in MLflow with alias ``candidate``.
+
+    Args:
+        data: Shard-set URI written by ``dino-shard`` (local path or ``s3://``), or an ImageFolder directory.
+        checkpoint_uri: Folder or ``s3://`` prefix for checkpoints and the final export; a retry or a new flow run
+            with the same URI resumes from its latest checkpoint.
+        preset: Training preset(s): ``reference``, ``boost``, ``multicrop10``, ``small``, ``resnet50``
+            (comma-separated to chain, e.g. ``boost,small``).
+        config_file: Optional YAML/JSON training config on the worker, applied after the preset.
+        overrides: ``section.field=value`` overrides applied last, e.g. ``["train.epochs=10", "optim.lr=1e-3"]``.
+        nproc_per_node: Training processes on this worker (one per GPU; gloo processes on CPU).
+        nnodes: Machines in the job; with more than one, each runs this flow's torchrun with ``rdzv_endpoint``.
+        rdzv_endpoint: ``HOST:PORT`` of the c10d rendezvous when ``nnodes > 1``.
+        experiment: MLflow experiment name.
+        registered_model: MLflow registered-model name that receives a new version.
+        run_name: MLflow run name (default: generated).
+        resume: ``auto`` resumes when checkpoints exist; ``never`` refuses a URI that holds checkpoints;
+            ``require`` refuses one that holds none. Task retries always resume.
+        train_retries: How many times a failed trainer is relaunched (resuming) before the flow fails.
+    """
+    run_id_prefect = str(flow_run.get_id() or "local")
+    config = resolve_training_config(data, checkpoint_uri, preset, config_file, overrides)
+    launch = LaunchSpec(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                        rdzv_id=run_id_prefect)
+    facts = preflight(config, launch, resume)
+    tags = {"dataset_hash": str(facts.get("dataset_hash", "imagefolder")), "data": data,
+            "architecture": f"{config['model']['arch']}/{config['model']['patch_size']}"}
+    run_id = open_mlflow_run(experiment, config, run_id_prefect, run_name, tags)
+    try:
+        end = train.with_options(retries=train_retries)(config, run_id, launch)
+    except BaseException:
+        end_mlflow_run(run_id, "FAILED")
+        raise
+    log_loss_curve(run_id)
+    export_uri = config["export"]["uri"] or config["checkpoint"]["uri"].rstrip("/") + "/export"
+    version_tags = {**tags, "epochs": str(config["train"]["epochs"]), "mlflow_run_id": run_id}
+    version = register_backbone(run_id, export_uri, registered_model, version_tags)
+    end_mlflow_run(run_id, "FINISHED")
+    pretrain_summary(run_id, registered_model, version, end, facts, export_uri)
+    return {"run_id": run_id, "registered_model": registered_model, "version": version, "export_uri": export_uri,
+            "final_step": end.get("step"), **{k: v for k, v in facts.items() if k != "existing_checkpoints"}}
