@@ -9,7 +9,8 @@ pretrain flow's MLflow logger) plugs in without the trainer knowing about it::
     logger.log(10, {"loss": 9.1, "lr": 1e-4})
     logger.close()
 
-Built in: ``console`` (human-readable lines on stdout) and ``jsonl:PATH`` (one JSON object per call, appended, so a
+Built in: ``mlflow:RUN_ID`` (:mod:`dino_model.mlflow_logger`: step and system metrics, checkpoints as artifacts),
+``console`` (human-readable lines on stdout) and ``jsonl:PATH`` (one JSON object per call, appended, so a
 resumed run continues the same file). Only rank 0 builds loggers; other ranks get an empty :class:`MultiLogger`.
 A factory may also be given as ``"package.module:callable"`` in a spec (``"py:package.module:callable"``), which
 lets a launcher add a logger to a ``torchrun`` child without editing this file.
@@ -113,6 +114,14 @@ class MultiLogger:
         for lg in self.loggers:
             lg.log(step, metrics)
 
+    def on_checkpoint(self, uri: str, step: int) -> None:
+        """Tell the loggers that care (those with an ``on_checkpoint`` method, e.g. MLflow's) that a checkpoint
+        was written at ``uri``."""
+        for lg in self.loggers:
+            hook = getattr(lg, "on_checkpoint", None)
+            if hook is not None:
+                hook(uri, step)
+
     def close(self) -> None:
         errors = []
         for lg in self.loggers:
@@ -170,8 +179,16 @@ def build_loggers(specs: Iterable[str]) -> MultiLogger:
     return MultiLogger(build_logger(s) for s in specs)
 
 
+def _mlflow_logger(arg: str | None) -> MetricsLogger:
+    # Imported on use: MLflow is only needed by runs that log to it.
+    from dino_model.mlflow_logger import build
+
+    return build(arg)
+
+
 register_logger("console", lambda arg: ConsoleLogger())
 register_logger("jsonl", lambda arg: JsonlLogger(arg or ""))
+register_logger("mlflow", _mlflow_logger)
 
 
 # ------------------------------------------------------------------------------------------------------------------
