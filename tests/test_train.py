@@ -281,11 +281,13 @@ def test_cli_config_errors_exit_2(tiny_images, tmp_path, caplog):
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny_images, tmp_path):
+    """As Prefect cancels: SIGTERM to the whole process group, data-loader workers included."""
     ckpt = tmp_path / "ckpt"
     overrides = tiny_overrides(tiny_images, ckpt, **{"train.epochs": 50, "checkpoint.every_n_steps": 0,
-                                                     "checkpoint.every_n_epochs": 50})
+                                                     "checkpoint.every_n_epochs": 50, "data.num_workers": 1})
     proc = subprocess.Popen([sys.executable, "-m", "dino_model.train", *overrides], cwd=ROOT,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         seen = []
         deadline = time.monotonic() + 240
@@ -294,7 +296,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny_images, tmp_pa
             if ev:
                 seen.append(ev)
             if ev and ev["event"] == "step" and ev["step"] >= 2:
-                proc.send_signal(signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
                 break
             assert time.monotonic() < deadline, "trainer made no progress"
         out, err = proc.communicate(timeout=120)

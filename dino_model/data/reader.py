@@ -479,6 +479,18 @@ class TrainLoader:
             raise RuntimeError(f"rank {self.dataset.rank} got {count} batches instead of {len(self)}")
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT. A launcher (Prefect, torchrun, a shell's
+    Ctrl-C) signals the whole process group; the trainer finishes its step and checkpoints, then shuts its
+    workers down through the DataLoader. A worker killed by the signal instead would make the next batch fetch
+    (or PyTorch's SIGCHLD handler, at any moment) raise in the trainer and lose that checkpoint. Workers still
+    exit if the trainer dies (PyTorch's watchdog) and on SIGKILL."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(
     source: str,
     *,
@@ -517,5 +529,6 @@ def build_loader(
         pin_memory=pin_memory,
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None,
     )
     return TrainLoader(dataset, loader)
