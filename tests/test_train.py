@@ -119,9 +119,15 @@ def subprocess_env() -> dict[str, str]:
 
 def test_run_writes_metrics_progress_checkpoints_and_export(tiny_images, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    cfg = tiny_config(tiny_images, ckpt, **{"logging.loggers": ["console", f"jsonl:{tmp_path}/m.jsonl"]})
+    register_logger("collect", CollectingLogger)
+    cfg = tiny_config(tiny_images, ckpt, **{"logging.loggers": ["console", f"jsonl:{tmp_path}/m.jsonl",
+                                                                  "collect:run-a"]})
     result = train(cfg)
     assert (result.status, result.step, result.epoch) == ("completed", 12, 2)
+    collected = CollectingLogger.instances[-1]
+    assert collected.arg == "run-a" and collected.closed and [s for s, _ in collected.rows] == list(range(1, 13))
+    assert [s for _, s in collected.checkpoints] == [4, 6, 8, 12]  # loggers with on_checkpoint hear of each one
+    assert collected.checkpoints[-1][0] == latest_checkpoint(str(ckpt))
 
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -328,11 +334,15 @@ class CollectingLogger:
     def __init__(self, arg):
         self.arg = arg
         self.rows: list[tuple[int, dict]] = []
+        self.checkpoints: list[tuple[str, int]] = []
         self.closed = False
         CollectingLogger.instances.append(self)
 
     def log(self, step, metrics):
         self.rows.append((step, dict(metrics)))
+
+    def on_checkpoint(self, uri, step):
+        self.checkpoints.append((uri, step))
 
     def close(self):
         self.closed = True
