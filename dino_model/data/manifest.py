@@ -27,6 +27,9 @@ class ShardEntry:
     bytes: int  #: size of the tar in bytes
     sha256: str  #: hex digest of the tar's bytes
     reencoded: int = 0  #: how many of its samples were re-encoded to JPEG
+    #: digest of the shard's planned inputs and of the options that shape its bytes; a re-run skips the shard
+    #: when this and the object's sha256 still match
+    plan: str = ""
 
 
 @dataclass
