@@ -352,3 +352,17 @@ def test_cli_killed_midway_then_resumed(tmp_path, shared_data):
     a, b = load_manifest(str(dest)), load_manifest(str(tmp_path / "clean"))
     assert replace(a, created="") == replace(b, created="")
     assert (resumed.accepted, resumed.rejected) == (200, 0)
+
+
+def test_synthetic_dataset_is_deterministic_and_shards_cleanly(tmp_path):
+    from dino_model.data.synthetic import make_synthetic_imagefolder
+
+    info = make_synthetic_imagefolder(tmp_path / "a", classes=4, per_class=10, size=64, seed=1)
+    make_synthetic_imagefolder(tmp_path / "b", classes=4, per_class=10, size=64, seed=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert info["images"] == 40 and info["png"] == 4
+    scan = scan_source(SourceSpec(str(tmp_path / "a")))
+    summary = write_dataset(scan, str(tmp_path / "shards"), ShardOptions("demo", 16))
+    assert (summary.found, summary.accepted, summary.rejected, summary.reencoded) == (40, 40, 0, 4)
+    assert load_manifest(str(tmp_path / "shards")).class_names["circle"] == "circle shape"

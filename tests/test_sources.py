@@ -132,6 +132,7 @@ def test_bad_entries_rejected_at_scan(tmp_path):
     os.mkfifo(root / "dog" / "pipe.jpg")  # unreadable: not a regular file
     (root / "dog" / ".DS_Store").write_bytes(b"junk")  # hidden: not an input
     (root / "stray.jpg").write_bytes(jpeg_bytes(7))
+    (root / "classes.txt").write_text("cat a cat\ndog a dog\n")  # not an input: ignored
     scan = scan_source(SourceSpec(str(root)))
     assert scan.classes == ["cat", "dog", "empty"]
     reasons = {r.path: r.reason.split(":")[0] for r in scan.rejects}

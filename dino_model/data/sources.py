@@ -262,10 +262,18 @@ def _scan_imagefolder(root: str) -> Scan:
         entries = sorted(it, key=lambda e: e.name)
     class_dirs = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
     scan.classes = [e.name for e in class_dirs]
-    for e in entries:  # files (or broken links) at the top level belong to no class
+    for e in entries:
+        # Top-level files are not inputs of an ImageFolder (classes.txt, a README...), but an *image* there is
+        # probably a misplaced sample: report it rather than drop it silently.
         if e.name.startswith(".") or e.is_dir():
             continue
-        scan.rejects.append(Reject(e.name, f"{NO_CLASS_FOLDER}: file at the top level of an ImageFolder tree"))
+        try:
+            with open(e.path, "rb") as f:
+                is_image = looks_like_image(f.read(16))
+        except OSError:
+            continue
+        if is_image:
+            scan.rejects.append(Reject(e.name, f"{NO_CLASS_FOLDER}: image at the top level of an ImageFolder tree"))
     for label, d in enumerate(class_dirs):
         files = _walk_files(d.path, root, scan)
         if not files:
