@@ -1,0 +1,110 @@
+"""Sequential reading of a shard set for evaluation: every sample exactly once, in manifest order, no remainder
+dropped — unlike the training reader (:func:`dino_model.data.reader.build_loader`), which shuffles and drops the
+samples that do not fill a batch on every rank.
+
+    >>> shards = EvalShardSet("s3://bucket/imagenette/val")          # or a local folder
+    >>> label_map = shards.label_map_to(EvalShardSet("s3://bucket/imagenette/train").classes)
+    >>> for keys, images, labels in shards.batches(64, label_map=label_map):
+    ...     ...                                  # images: list of uint8 [3, H, W] (sizes may differ)
+
+Shards are streamed through WebDataset's tar iterators (``s3://`` through :mod:`dino_model.data.s3_handler`),
+decoded with :func:`dino_model.data.reader.decode_image`. A shard holding fewer samples than its manifest entry
+is an error (the evaluation set would silently shrink otherwise).
+
+Labels are class indices into *this* shard set's ``manifest.classes``. Train and val shard sets are written
+separately, so their index spaces may differ (a class absent from val shifts every later index):
+:meth:`EvalShardSet.label_map_to` maps them onto the training set's classes by class id, and refuses a val class
+that the training set lacks — before any image is decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dino_model.data.reader import ShardSource, decode_image
+
+
+class EvalShardSet:
+    """A shard set (``manifest.json`` + tars, local or ``s3://``) read in order for evaluation.
+
+    Raises :class:`ValueError` when the set holds no sample (an empty evaluation set) and the storage layer's
+    errors when the manifest cannot be read."""
+
+    def __init__(self, uri: str):
+        self._source = ShardSource(uri)  # validates the manifest and refuses an empty set
+        self.uri = self._source.uri
+        self.manifest = self._source.manifest
+
+    @property
+    def classes(self) -> list[str]:
+        """Class index -> class id (empty for an unlabelled set)."""
+        return list(self.manifest.classes)
+
+    @property
+    def num_samples(self) -> int:
+        return self._source.num_samples
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._source.units)
+
+    def digest(self) -> str:
+        """The shard set's identity (shard checksums + class mapping), see :meth:`Manifest.digest`."""
+        return self.manifest.digest()
+
+    def label_map_to(self, train_classes: Sequence[str]) -> np.ndarray:
+        """``map[i]`` = index in ``train_classes`` of this set's class ``i``. Raises :class:`ValueError` listing
+        the classes of this set that ``train_classes`` lacks, or when either set is unlabelled."""
+        if not self.classes:
+            raise ValueError(f"shard set {self.uri} is unlabelled (its manifest lists no class)")
+        if not train_classes:
+            raise ValueError("the training shard set is unlabelled (its manifest lists no class)")
+        where = {c: i for i, c in enumerate(train_classes)}
+        missing = [c for c in self.classes if c not in where]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(f"{len(missing)} class(es) of {self.uri} have no training samples: {shown}")
+        return np.array([where[c] for c in self.classes], dtype=np.int64)
+
+    def samples(self, shard_order: Sequence[int] | None = None) -> Iterator[tuple[str, bytes, int]]:
+        """``(key, encoded image, label)`` of every sample, shard by shard (manifest order unless
+        ``shard_order`` permutes the shards)."""
+        order = range(self.num_shards) if shard_order is None else shard_order
+        for index in order:
+            yield from self._source.iter_unit(index)
+
+    def batches(
+        self,
+        batch_size: int,
+        label_map: np.ndarray | None = None,
+        shard_order: Sequence[int] | None = None,
+    ) -> Iterator[tuple[list[str], list[torch.Tensor], torch.Tensor]]:
+        """``(keys, images, labels)`` batches of at most ``batch_size`` (the last one may be smaller); images are
+        uint8 ``[3, H, W]``; labels go through ``label_map`` when given (unlabelled samples stay -1)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        keys: list[str] = []
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+
+        def emit():
+            lab = torch.tensor(labels, dtype=torch.long)
+            if label_map is not None:
+                known = lab >= 0
+                if bool((lab[known] >= len(label_map)).any()):
+                    raise ValueError(f"a label of {self.uri} is outside its manifest's {len(label_map)} classes")
+                lab[known] = torch.as_tensor(label_map)[lab[known]]
+            return keys, images, lab
+
+        for key, data, label in self.samples(shard_order):
+            keys.append(key)
+            images.append(decode_image(data))
+            labels.append(label)
+            if len(keys) == batch_size:
+                yield emit()
+                keys, images, labels = [], [], []
+        if keys:
+            yield emit()

@@ -1,0 +1,65 @@
+"""The ``dino-extract`` flow: a backbone's features of one shard set, written as a Parquet dataset.
+
+    dino extract models:/dino-backbone@champion s3://bucket/imagenette/val s3://bucket/features/v3 --split val \\
+        --classes-from s3://bucket/imagenette/train --resize 146 --crop 128
+
+Output: ``<output>/<split>/part-*.parquet`` with columns ``key``, ``label``, ``split``, ``features``
+(fixed-size list of float32) and metadata (model URI and version, preprocessing, feature kind, precision,
+dimension) — see :mod:`dino_model.eval.features`. ``dino-evaluate`` extracts its own features; this flow is for
+feature sets used elsewhere (notebooks, other classifiers). The flow only composes tasks from
+:mod:`tasks.evaluate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+
+from tasks.evaluate import check_extraction_input, extract_split_features, resolve_model_version
+
+
+@flow(name="dino-extract", log_prints=True)
+def dino_extract(
+    model: str,
+    data: str,
+    output: str,
+    split: str = "train",
+    classes_from: str | None = None,
+    resize_size: int | None = 256,
+    crop_size: int | None = 224,
+    batch_size: int = 64,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    precision: Literal["fp32", "bf16"] = "fp32",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Extract features of every sample of ``data`` (in order, none dropped) to ``<output>/<split>/``.
+
+    Args:
+        model: ``models:/<name>/<version>``, ``models:/<name>@<alias>`` (pinned to its version), a checkpoint
+            (file or folder, local or s3://) or an export folder.
+        data: Shard set (local path or s3://) written by ``dino-shard``.
+        output: Dataset root (local folder or s3:// prefix); the split's files go to ``<output>/<split>/``.
+        split: Split name stored in every row and naming the folder (re-extracting a split replaces it).
+        classes_from: The training shard set whose class indices the labels should use (for a val set written
+            separately); None keeps this set's own indices.
+        resize_size: Short side before the centre crop (reference 256, bicubic); None keeps the size.
+        crop_size: Centre-crop side (reference 224); None keeps the resized image (equal sizes needed).
+        batch_size: Images per forward pass.
+        n_last_blocks: Features = [CLS] of the last n blocks concatenated (1 = the k-NN features).
+        avgpool: Append the average of the last block's patch tokens.
+        precision: ``fp32`` (reference) or ``bf16`` autocast.
+        device: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:1``...
+    """
+    facts = check_extraction_input(data, classes_from)
+    metadata: dict[str, Any] = {"classes_from": classes_from or data}
+    model_uri = model
+    if model.startswith("models:/"):
+        info = resolve_model_version(model)
+        model_uri = info["uri"]
+        metadata.update(model_name=info["name"], model_version=info["version"])
+    return extract_split_features(model_uri, data, output, split, metadata, resize_size=resize_size,
+                                  crop_size=crop_size, batch_size=batch_size, n_last_blocks=n_last_blocks,
+                                  avgpool=avgpool, precision=precision, device=device,
+                                  label_map=facts["label_map"])

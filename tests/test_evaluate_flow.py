@@ -1,0 +1,269 @@
+"""The ``dino-evaluate`` / ``dino-reevaluate`` / ``dino-extract`` flows end to end on CPU, against a real MLflow
+server on 127.0.0.1, SeaweedFS for the Parquet features, and Prefect's ephemeral server.
+
+The toy set is built so the outcome is known without training: four classes of distinctly coloured 40-px images.
+A randomly initialised ViT-Tiny separates them perfectly (k-NN top-1 100 %), while the same backbone with its final
+LayerNorm zeroed outputs constant features (every neighbour ties: one class for every image, top-1 <= 1/3). The val
+set lacks class 0, so its class indices differ from the training set's and must be remapped by class id.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dino_model.data.shard_writer import ShardOptions, write_dataset
+from dino_model.data.sources import SourceSpec, scan_source
+
+FAST = dict(resize_size=None, crop_size=32, batch_size=16, linear_fast_epochs=3, linear_batch_size=8,
+            davis_short_side=64, attention_size=64)
+
+
+def _write_set(root, dest, classes, per_class, seed, name):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            base = np.zeros((40, 40, 3), np.uint8) + np.array([60 * c, 255 - 60 * c, 128], np.uint8)
+            img = np.clip(base + rng.integers(0, 60, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
+    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name=name, shard_size=8))
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """train: 4 classes x 8 images (4 shards); val: classes 1-3 x 3 images; empty: a manifest without samples."""
+    base = tmp_path_factory.mktemp("toy")
+    train = _write_set(base / "train-img", base / "train", range(4), 8, 0, "train")
+    val = _write_set(base / "val-img", base / "val", range(1, 4), 3, 1, "val")
+    (base / "empty-img" / "class0").mkdir(parents=True)
+    write_dataset(scan_source(SourceSpec(str(base / "empty-img"))), str(base / "empty"), ShardOptions(name="e"))
+    return {"train": train, "val": val, "empty": str(base / "empty"), "base": base}
+
+
+@pytest.fixture
+def tracking(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(mlflow_server.url)
+
+
+def _register(name: str, tmp_path, degenerate: bool) -> int:
+    """A new version of ``name``: a random ViT-Tiny/16 (seed 0), its final norm zeroed when ``degenerate``."""
+    import mlflow
+
+    from dino_model.export import export_backbone
+    from dino_model.mlflow_model import log_backbone_model
+    from dino_model.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", patch_size=16)
+    if degenerate:
+        backbone.norm.weight.data.zero_()
+        backbone.norm.bias.data.zero_()
+    export = tmp_path / f"export-{secrets.token_hex(3)}"
+    export_backbone(backbone, str(export), arch="vit_tiny", patch_size=16)
+    with mlflow.start_run():
+        info = log_backbone_model(str(export), name="backbone", embed_dim=192, example_size=32)
+    return int(mlflow.register_model(info.model_uri, name, tags={"architecture": "vit_tiny/16"}).version)
+
+
+def _prefect_table(key: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert arts, f"no Prefect artifact {key}"
+    data = arts[0].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+@pytest.mark.slow
+def test_evaluate_and_reevaluate_move_champion(toy, tracking, s3_bucket, shared_data, tmp_path):
+    from dino_model.eval.features import read_features
+    from flows.evaluate import dino_evaluate, dino_reevaluate
+    from tasks.evaluate import EvaluationSettings, update_champion
+
+    name = f"toy-{secrets.token_hex(3)}"
+    v1 = _register(name, tmp_path, degenerate=True)
+    v2 = _register(name, tmp_path, degenerate=False)
+
+    # v1, every evaluation, features on SeaweedFS: no champion yet -> v1 becomes champion
+    full = EvaluationSettings(
+        train_data=toy["train"], val_data=toy["val"], features_root=f"{s3_bucket}/features",
+        evaluations=["knn", "linear_fast", "attention", "davis"], linear_n_last_blocks=2,
+        davis_root=str(shared_data / "davis-mini"), davis_sequences=["car-shadow"], davis_max_frames=3,
+        attention_max_frames=1, **FAST,
+    )
+    r1 = dino_evaluate(f"models:/{name}/{v1}", full)
+    h_cls, h_vid = r1["evaluation_sets"]["classification"], r1["evaluation_sets"]["video"]
+    m1 = r1["metrics"]
+    # constant features: every val image gets the same class (the one most frequent among the first training
+    # samples, by the tie rule), and class 0 is absent from val, so top-1 is 0 or 1/3
+    low = m1["knn20_top1"]
+    assert low in (0.0, pytest.approx(100 / 3)) and m1["knn200_top5"] == pytest.approx(100.0)
+    assert {"linear_approx_best_top1", "attn_jaccard_best_head", "davis_jf_mean", "davis_seq_car-shadow_jf"} <= set(m1)
+    assert 0.0 <= m1["davis_jf_mean"] <= 1.0 and 0.0 <= m1["attn_jaccard_union_heads"] <= 1.0
+    assert r1["champion"]["moved"] and r1["champion"]["previous"] is None
+    assert tracking.get_model_version_by_alias(name, "champion").version == str(v1)
+
+    # version tags, evaluation-run metrics, metrics on the LoggedModel, overlays, Prefect table
+    mv1 = tracking.get_model_version(name, str(v1))
+    assert float(mv1.tags[f"eval.{h_cls}.knn20_top1"]) == low
+    assert float(mv1.tags[f"eval.{h_vid}.davis_jf_mean"]) == pytest.approx(m1["davis_jf_mean"])
+    assert mv1.tags[f"eval.{h_cls}.run_id"] == r1["run_id"]
+    run = tracking.get_run(r1["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["model_version"] == str(v1)
+    assert run.data.metrics["knn20_top1"] == pytest.approx(low)
+    assert r1["model_id"] and r1["model_id"] in mv1.source
+    logged = tracking.get_logged_model(r1["model_id"])
+    assert {m.key for m in logged.metrics} >= {"knn20_top1", "davis_jf_mean"}
+    assert "attention/car-shadow.png" in {f.path for f in tracking.list_artifacts(r1["run_id"], "attention")}
+    table = _prefect_table(f"dino-evaluate-{name}-v{v1}")
+    assert {row["metric"] for row in table} == set(m1)
+
+    # Parquet on S3: schema, metadata, labels of val remapped onto the training classes (class0 absent)
+    schema = pq.read_schema(pa.BufferReader(_first_part(r1["features"]["cls"], "val")))
+    assert schema.field("features").type == pa.list_(pa.float32(), 192)
+    keys, labels, feats, meta = read_features(r1["features"]["cls"], "val")
+    assert feats.shape == (9, 192) and sorted(set(labels.tolist())) == [1, 2, 3]
+    assert meta["model_version"] == v1 and meta["evaluation_set"] == h_cls and meta["feature_kind"] == "cls"
+    _, _, probe_feats, probe_meta = read_features(r1["features"]["cls_last2"], "train")
+    assert probe_feats.shape == (32, 384) and probe_meta["feature_kind"] == "cls_last2"
+
+    # v2 (perfect) with if_better on the same evaluation set: it beats v1 -> champion moves
+    knn_only = full.model_copy(update={"evaluations": ["knn"], "features_root": str(tmp_path / "feats")})
+    tracking.set_registered_model_alias(name, "candidate", str(v2))
+    r2 = dino_evaluate(f"models:/{name}@candidate", knn_only)  # the alias is pinned to v2
+    assert r2["version"] == v2 and r2["evaluation_sets"]["classification"] == h_cls
+    assert r2["metrics"]["knn20_top1"] == pytest.approx(100.0)
+    assert r2["champion"]["moved"] and r2["champion"]["previous"] == v1
+    assert r2["champion"]["previous_score"] == low
+    assert tracking.get_model_version_by_alias(name, "champion").version == str(v2)
+
+    # v3 (degenerate again): reevaluate picks only the version missing knn20_top1 on this set; not better -> stays
+    v3 = _register(name, tmp_path, degenerate=True)
+    rr = dino_reevaluate(name, knn_only, missing_metric="knn20_top1")
+    assert sorted(rr["evaluated"]) == [v3] and rr["missing_tag"] == f"eval.{h_cls}.knn20_top1"
+    d3 = rr["evaluated"][v3]["champion"]
+    assert not d3["moved"] and d3["previous"] == v2 and "not better" in d3["reason"]
+    assert tracking.get_model_version_by_alias(name, "champion").version == str(v2)
+    assert float(tracking.get_model_version(name, str(v3)).tags[f"eval.{h_cls}.knn20_top1"]) == low
+
+    # the other policies
+    assert not update_champion.fn(name, v3, "knn20_top1", h_cls, low, "never")["moved"]
+    assert update_champion.fn(name, v3, "knn20_top1", h_cls, low, "always")["moved"]
+    assert tracking.get_model_version_by_alias(name, "champion").version == str(v3)
+
+
+def _first_part(uri: str, split: str) -> bytes:
+    from dino_model.eval.features import list_feature_files
+    from dino_model.storage import open_store
+
+    (_, key), *_ = list_feature_files(uri, split)
+    return open_store(uri).get_bytes(key)
+
+
+def test_bad_inputs_fail_before_heavy_work(toy, tracking, shared_data, tmp_path):
+    from flows.evaluate import dino_evaluate
+    from tasks.evaluate import (
+        EvaluationInputError,
+        EvaluationSettings,
+        ModelVersionNotFound,
+        check_evaluation_inputs,
+        resolve_model_version,
+    )
+
+    name = f"bad-{secrets.token_hex(3)}"
+    tracking.create_registered_model(name)
+    feats = tmp_path / "feats"
+    ok = dict(train_data=toy["train"], val_data=toy["val"], features_root=str(feats), **FAST)
+
+    # unknown version: the flow stops at the first task; nothing extracted
+    with pytest.raises(ModelVersionNotFound, match=rf"{name}.* has no version 99"):
+        dino_evaluate(f"models:/{name}/99", EvaluationSettings(**ok))
+    assert not feats.exists()
+    with pytest.raises(ModelVersionNotFound, match="has no alias 'champion'"):
+        resolve_model_version.fn(f"models:/{name}@champion")
+    with pytest.raises(ModelVersionNotFound, match="does not exist"):
+        resolve_model_version.fn("models:/no-such-model-xyz/1")
+    with pytest.raises(ModelVersionNotFound, match="models:/<name>/<version>"):
+        resolve_model_version.fn("runs:/abc/backbone")
+
+    # classes in val missing from train (train and val swapped: class0 only in "val")
+    with pytest.raises(EvaluationInputError, match=r"class\(es\) of .* have no training samples: class0"):
+        check_evaluation_inputs.fn(EvaluationSettings(**{**ok, "train_data": toy["val"], "val_data": toy["train"]}))
+    # empty evaluation set
+    with pytest.raises(EvaluationInputError, match="val_data: .* holds no samples"):
+        check_evaluation_inputs.fn(EvaluationSettings(**{**ok, "val_data": toy["empty"]}))
+
+    # a DAVIS sequence without its first-frame mask, and one missing a later mask (label propagation needs all)
+    davis = tmp_path / "davis"
+    for sub in ("JPEGImages", "Annotations"):
+        for seq in ("car-shadow", "kite-surf"):
+            dst = davis / sub / "480p" / seq
+            dst.mkdir(parents=True)
+            for f in sorted((shared_data / "davis-mini" / sub / "480p" / seq).iterdir())[:3]:
+                shutil.copy(f, dst / f.name)
+    (davis / "Annotations/480p/car-shadow/00000.png").unlink()
+    (davis / "Annotations/480p/kite-surf/00001.png").unlink()
+    settings = EvaluationSettings(davis_root=str(davis), davis_sequences=["car-shadow", "kite-surf"], **FAST)
+    with pytest.raises(EvaluationInputError) as err:
+        check_evaluation_inputs.fn(settings)
+    assert "'car-shadow' has no first-frame mask" in str(err.value)
+    assert "'kite-surf' has no ground truth for frame(s) ['00001']" in str(err.value)
+
+    # settings that cannot work are refused when built, naming the field
+    with pytest.raises(ValueError, match="champion_metric 'knn7_top1'"):
+        EvaluationSettings(**{**ok, "champion_metric": "knn7_top1"})
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        EvaluationSettings()
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        EvaluationSettings(**{**ok, "batch_size": 0})
+
+
+def test_feature_count_mismatch_is_refused(toy, tmp_path):
+    """Features whose row count differs from the shard set's samples (stale or partial extraction) are refused
+    before any k-NN runs."""
+    from dino_model.eval.features import extract_features
+    from dino_model.eval.shard_source import EvalShardSet
+    from dino_model.eval.transforms import EvalTransform
+    from dino_model.models import build_backbone
+    from tasks.evaluate import knn_scores
+
+    backbone = build_backbone("vit_tiny", patch_size=16)
+    out = str(tmp_path / "feats")
+    train, val = EvalShardSet(toy["train"]), EvalShardSet(toy["val"])
+    for split, shards, lmap in (("train", train, None), ("val", val, val.label_map_to(train.classes))):
+        extract_features(backbone, shards.batches(16, lmap), out, split, transform=EvalTransform(None, 32),
+                         progress=False)
+    assert knn_scores.fn(out, [1], expected={"train": 32, "val": 9})["knn1_top1"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="holds 9 feature rows but the val shard set has 12 samples"):
+        knn_scores.fn(out, [1], expected={"train": 32, "val": 12})
+
+
+def test_eval_shard_set_reads_everything_in_order(toy):
+    from dino_model.eval.shard_source import EvalShardSet
+
+    shards = EvalShardSet(toy["train"])
+    batches = list(shards.batches(5))
+    keys = [k for b in batches for k in b[0]]
+    assert [len(b[0]) for b in batches] == [5] * 6 + [2]  # 32 samples, the remainder kept
+    assert len(set(keys)) == 32 and keys == [k for k, _, _ in shards.samples()]
+    assert all(im.dtype == torch.uint8 and im.shape == (3, 40, 40) for im in batches[0][1])
+    val = EvalShardSet(toy["val"])
+    assert val.classes == ["class1", "class2", "class3"]
+    assert val.label_map_to(shards.classes).tolist() == [1, 2, 3]
+    mapped = torch.cat([b[2] for b in val.batches(4, val.label_map_to(shards.classes))])
+    assert sorted(set(mapped.tolist())) == [1, 2, 3]
