@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean stack-up stack-down stack-status
 
 setup: $(STAMP)
 
@@ -30,3 +30,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
+
+# The local stack for the operator guide (docs/operator-guide.md): Prefect, MLflow, SeaweedFS and a worker on 127.0.0.1.
+stack-up: $(STAMP)
+	$(BIN)/python -m infra.stack up
+
+stack-down:
+	$(BIN)/python -m infra.stack down
+
+stack-status:
+	$(BIN)/python -m infra.stack status

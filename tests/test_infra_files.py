@@ -234,6 +234,20 @@ def test_work_pool_template_requests_gpus_and_renders_like_prefect():
         render_work_pool_job({"gpus": -1})
 
 
+def test_kubernetes_deployments_use_the_pool_variables_and_flow_parameters():
+    cfg = yaml.safe_load((ROOT / "infra" / "k8s" / "prefect-k8s.yaml").read_text())
+    assert cfg["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/dino"}}]
+    for d in cfg["deployments"]:
+        _, params = _flow_signature(d["entrypoint"])
+        assert set(d["parameters"]) <= set(params), d["name"]
+        job = render_work_pool_job(d["work_pool"]["job_variables"])  # unknown job variables fail here
+        limits = job["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == d["work_pool"]["job_variables"]["gpus"]
+        if "nproc_per_node" in d["parameters"]:  # one training process per GPU of the pod
+            assert d["parameters"]["nproc_per_node"] == d["work_pool"]["job_variables"]["gpus"]
+        assert not any(SECRET_WORDS.search(k) for k in d["work_pool"]["job_variables"].get("env", {}))
+
+
 def _job(**kw) -> MultiNodeJob:
     base = dict(name="dino-run1", image="registry.example/dino:0.1", nnodes=3, gpus_per_node=8,
                 config={"model": {"arch": "vit_small"}, "train": {"epochs": 100}},
