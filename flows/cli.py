@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # Local runs stay off the internet: no Prefect server analytics unless the user asks for them.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The in-process (ephemeral) Prefect server can take longer than Prefect's 20 s default to start on a busy
+    # laptop or CI runner.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -99,7 +99,13 @@ def prepare_image(data: bytes, options: ImageOptions = ImageOptions()) -> Prepar
             if width < 1 or height < 1:
                 return _reject(CORRUPT, f"invalid size {width}x{height}")
             fmt = img.format or "unknown"
-            img.load()  # the real validation: decode every pixel (raises on truncated or broken data)
+            keep = fmt in _JPEG_FORMATS and img.mode in _KEPT_JPEG_MODES
+            if keep:
+                # A kept JPEG's pixels are not needed here, only the proof that it decodes: libjpeg's DCT scaling
+                # still entropy-decodes the whole stream (so truncation and broken data still raise) but skips
+                # most of the inverse DCT and colour conversion.
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()  # the real validation: decode the image (raises on truncated or broken data)
     except Image.DecompressionBombError as e:
         return _reject(BOMB, str(e))
     except UnidentifiedImageError:
@@ -112,7 +118,7 @@ def prepare_image(data: bytes, options: ImageOptions = ImageOptions()) -> Prepar
             return _reject(TRUNCATED, msg)
         return _reject(CORRUPT, msg)
 
-    if fmt in _JPEG_FORMATS and img.mode in _KEPT_JPEG_MODES:
+    if keep:
         return PreparedImage(data, width, height, reencoded=False, source_format=fmt)
     try:
         out = _encode_rgb_jpeg(img, options.quality)
