@@ -23,6 +23,7 @@ folder (its latest checkpoint), or a facebookresearch/dino checkpoint. URIs with
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -163,6 +164,8 @@ BackboneLoader = Callable[[str], nn.Module]
 #: URI scheme -> loader. Local paths, ``file://`` and ``s3://`` are handled by :func:`load_backbone` itself;
 #: other schemes (``models:/`` for the MLflow registry) are looked up here.
 BACKBONE_LOADERS: dict[str, BackboneLoader] = {}
+#: Modules that register a scheme's loader when imported, so ``load_backbone("models:/...")`` just works.
+_LOADER_MODULES = {"models": "dino_model.mlflow_model"}
 
 
 def register_backbone_loader(scheme: str, loader: BackboneLoader) -> None:
@@ -185,6 +188,8 @@ def load_backbone(uri: str | os.PathLike, arch: str | None = None, patch_size: i
     uri = os.fspath(uri)
     scheme = urlparse(uri).scheme
     if scheme and scheme not in ("file", "s3") and len(scheme) > 1:
+        if scheme not in BACKBONE_LOADERS and scheme in _LOADER_MODULES:
+            importlib.import_module(_LOADER_MODULES[scheme])  # registers itself (MLflow is imported on demand)
         if scheme not in BACKBONE_LOADERS:
             raise ValueError(
                 f"no backbone loader for scheme {scheme!r} in {uri!r}; registered: {sorted(BACKBONE_LOADERS)}"

@@ -24,11 +24,16 @@ from dino_model.config import ConfigError, DinoConfig, load_config
 from dino_model.data.manifest import MANIFEST_NAME, load_manifest
 from dino_model.storage import StorageError, open_store
 
+from .listeners import Listeners
+from .tracking import get_or_create_experiment
 from .trainer_process import LaunchSpec, run_trainer, torchrun_command
 
 #: Tag on the MLflow run that ties it to the Prefect flow run, so a retried flow finds and resumes the same run.
 FLOW_RUN_TAG = "prefect.flow_run_id"
 RESUME_POLICIES = ("auto", "never", "require")
+
+#: In-process followers of the trainer's progress records (the ``dino pretrain`` progress bar): ``fn(record)``.
+trainer_progress = Listeners()
 
 
 class PreflightError(RuntimeError):
@@ -205,8 +210,7 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
 
     logger = get_run_logger()
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = get_or_create_experiment(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -251,6 +255,7 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
     last_update = [0.0]
 
     def on_progress(record: dict) -> None:
+        trainer_progress.emit(record)
         event = record.get("event")
         if event == "step" and record.get("total_steps"):
             if time.monotonic() - last_update[0] > 2.0:
