@@ -38,6 +38,8 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .tracking import get_or_create_experiment
+
 #: Tag on the evaluation run that ties it to the Prefect flow run (a retried flow reuses the run).
 FLOW_RUN_TAG = "prefect.flow_run_id"
 #: The alias moved to the best version.
@@ -699,8 +701,7 @@ def open_evaluation_run(experiment: str, model: dict[str, Any], settings: Evalua
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = get_or_create_experiment(client, experiment)
     if flow_run_id != "local":
         found = client.search_runs([exp_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
         if found:

@@ -267,3 +267,29 @@ def test_eval_shard_set_reads_everything_in_order(toy):
     assert val.label_map_to(shards.classes).tolist() == [1, 2, 3]
     mapped = torch.cat([b[2] for b in val.batches(4, val.label_map_to(shards.classes))])
     assert sorted(set(mapped.tolist())) == [1, 2, 3]
+
+
+def test_cli_extract_and_evaluate_errors(toy, tracking, tmp_path, capsys):
+    """``dino extract`` on an export folder (the dino-extract flow, val labels mapped onto the training classes),
+    and ``dino evaluate`` refusing an unknown version / bad settings with exit status 2."""
+    from dino_model.eval.features import read_features
+    from dino_model.export import export_backbone
+    from dino_model.models import build_backbone
+    from flows.cli import main
+
+    export = tmp_path / "export"
+    export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
+    out = tmp_path / "feats"
+    rc = main(["extract", str(export), toy["val"], str(out), "--split", "val", "--classes-from", toy["train"],
+               "--resize", "none", "--crop", "32", "--n-last-blocks", "2", "--avgpool"])
+    assert rc == 0 and "9 x 576 cls_last2+avgpool features of split 'val'" in capsys.readouterr().out
+    keys, labels, feats, meta = read_features(str(out), "val")
+    assert feats.shape == (9, 576) and sorted(set(labels.tolist())) == [1, 2, 3]
+    assert meta["model_uri"] == str(export) and meta["classes_from"] == toy["train"]
+
+    assert main(["evaluate", "models:/no-such-model-cli/1", "--train", toy["train"], "--val", toy["val"],
+                 "--features", str(tmp_path / "f2")]) == 2
+    assert "registered model 'no-such-model-cli' does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "models:/x/1", "--train", toy["train"], "--val", toy["val"], "--ks", "5",
+                 "--champion-metric", "knn20_top1"]) == 2
+    assert "champion_metric 'knn20_top1' is not produced" in capsys.readouterr().err
