@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,28 +71,25 @@ def _log(name, staged, package_dir, signature, example, metadata):
     import torch
     import torchvision
 
-    with warnings.catch_warnings():
-        # The explicit signature is the contract; MLflow's suggestion of predict() type hints does not apply.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-        return mlflow.pyfunc.log_model(
-            name=name,
-            # Models from code: MLflow runs this file to build the model, so nothing is pickled.
-            python_model=str(Path(__file__).with_name("mlflow_pyfunc_entry.py")),
-            artifacts={EXPORT_ARTIFACT: staged},
-            code_paths=[package_dir],
-            signature=signature,
-            input_example=example,
-            # Explicit requirements: MLflow's inference of them imports and runs the model (slow) and guesses.
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={torchvision.__version__.split('+')[0]}",
-                f"timm=={_version('timm')}",
-                f"safetensors=={_version('safetensors')}",
-                f"boto3=={_version('boto3')}",
-                f"numpy=={np.__version__}",
-            ],
-            metadata=metadata,
-        )
+    return mlflow.pyfunc.log_model(
+        name=name,
+        # Models from code: MLflow runs this file to build the model, so nothing is pickled.
+        python_model=str(Path(__file__).with_name("mlflow_pyfunc_entry.py")),
+        artifacts={EXPORT_ARTIFACT: staged},
+        code_paths=[package_dir],
+        signature=signature,
+        input_example=example,
+        # Explicit requirements: MLflow's inference of them imports and runs the model (slow) and guesses.
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"timm=={_version('timm')}",
+            f"safetensors=={_version('safetensors')}",
+            f"boto3=={_version('boto3')}",
+            f"numpy=={np.__version__}",
+        ],
+        metadata=metadata,
+    )
 
 
 def _version(dist: str) -> str:

@@ -4,13 +4,8 @@ MLflow loads the model by running this file, so no pickled Python object is stor
 the package (``code_paths``) and the safetensors export.
 """
 
-import warnings
-
 from mlflow.models import set_model
 
 from dino_model.mlflow_model import BackboneModel
 
-with warnings.catch_warnings():
-    # The logged signature is the contract; MLflow's suggestion of predict() type hints does not apply.
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-    set_model(BackboneModel())
+set_model(BackboneModel())
