@@ -256,6 +256,12 @@ def test_flow_round_trip_bad_inputs_and_idempotent_rerun(tmp_path, shared_data):
     assert all(len(c) > 1 for c in shard_classes)  # shuffled across shards
     assert summary.written == len(manifest.shards) == 5 and summary.manifest_written
 
+    from prefect.artifacts import Artifact
+
+    summary_md = Artifact.get("dino-shard-train-summary")
+    assert "found 73 = accepted 65 + rejected 8" in summary_md.data and "decompression-bomb" in summary_md.data
+    assert float(Artifact.get("dino-shard-train-progress").data) == 100.0
+
     before = tar_state(dest)
     again = dino_shard(**params)
     assert (again.written, again.skipped, again.manifest_written) == (0, 5, False)
