@@ -447,7 +447,8 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
     ckpt_uri = cfg.checkpoint.uri
     resume_from = latest_checkpoint(ckpt_uri) if cfg.checkpoint.resume else None
     resume_from = dist_utils.broadcast_object(resume_from)  # every rank resumes from the same file
-    ckpt = read_checkpoint(resume_from, map_location=device) if resume_from else None
+    # On the CPU: RNG states must stay CPU tensors; load_state_dict copies the weights to the device.
+    ckpt = read_checkpoint(resume_from, map_location="cpu") if resume_from else None
     cursor_epoch = int(ckpt["cursor"]["epoch"]) if ckpt else 0
     cursor_batch = int(ckpt["cursor"]["batch"]) if ckpt else 0
 
