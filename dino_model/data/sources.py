@@ -50,7 +50,7 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _VAL_NUMBER = re.compile(r"(\d+)$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ImageNet's train set is 1.28 M of these in memory
 class SourceItem:
     """One candidate image: its sample key, label and where its bytes are.
 
