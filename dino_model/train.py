@@ -614,6 +614,8 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
                             teacher_temp=float(sched.teacher_temp[epoch]),
                             images_per_s=(step - step_last) * global_batch / max(now - t_last, 1e-9),
                         )
+                        if grad_scaler is not None:  # fp16: NaN/inf gradients mean a skipped step and a lower scale
+                            metrics["grad_scale"] = float(grad_scaler.get_scale())
                         t_last, step_last = now, step
                         last_metrics = metrics
                         loggers.log(step, metrics)

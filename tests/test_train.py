@@ -275,6 +275,18 @@ def test_nonfinite_loss_stops_naming_the_step(tiny_images, tmp_path, capsys):
         "optim.lr": 1e12, "optim.warmup_epochs": 0, "optim.clip_grad": 0.0})) == EXIT_NONFINITE
 
 
+def test_fp16_mode_scales_skips_and_checkpoints_the_scaler(tiny_images, tmp_path):
+    """The reference's precision mode: fp16 autocast + GradScaler (on CPU here). Its first steps overflow at the
+    initial scale of 65536, are skipped, and halve the scale; the scaler's state is checkpointed."""
+    ckpt = tmp_path / "ckpt"
+    result = train(tiny_config(tiny_images, ckpt, **{"train.precision": "fp16", "train.max_steps": 3,
+                                                      "export.enabled": False}))
+    assert result.metrics["grad_scale"] < 65536.0  # at least one overflowing step was skipped
+    state = read_checkpoint(latest_checkpoint(str(ckpt)))
+    assert state["grad_scaler"]["scale"] == result.metrics["grad_scale"]
+    assert state["config"]["train"]["precision"] == "fp16"
+
+
 def test_cli_config_errors_exit_2(tiny_images, tmp_path, caplog):
     assert main(["optim.lr=-1"]) == EXIT_CONFIG
     assert "optim.lr" in caplog.text
