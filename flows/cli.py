@@ -418,6 +418,8 @@ def run_reevaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows import cli_pipeline  # noqa: F401 - registers `dino pipeline` and `dino demo`
+
     parser = argparse.ArgumentParser(prog="dino", description="DINO pretraining pipeline (Prefect flows, in-process)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
@@ -444,4 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flows.cli`: run the imported module's main, whose registry the command modules fill.
+    from flows.cli import main as _main
+
+    sys.exit(_main())

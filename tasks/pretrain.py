@@ -262,7 +262,8 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
                 last_update[0] = time.monotonic()
                 update_progress_artifact(progress_id, 100.0 * record["step"] / record["total_steps"])
         elif event in ("start", "checkpoint", "epoch", "end", "error"):
-            logger.info("trainer %s: %s", event, {k: v for k, v in record.items() if k not in ("event", "time")})
+            logger.info("trainer %s: %s", event,
+                        {k: v for k, v in record.items() if k not in ("event", "time", "config")})
 
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "config.json")
