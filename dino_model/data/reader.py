@@ -318,7 +318,9 @@ class ShardDataset(IterableDataset):
 
     Use :func:`build_loader`; this class is the piece that runs inside the workers. Batches are dicts:
     ``{"crops": [Tensor[B, 3, s, s] float] (with a transform) | "images": [uint8 [3, H, W]] (decode, no transform)
-    | "encoded": [uint8 1-D bytes] (decode=False), "labels": LongTensor[B], "keys": [str]}``.
+    | "encoded": [uint8 1-D bytes] (decode=False), "labels": LongTensor[B], "keys": [str]}``. ``decode=False``
+    batches also hold ``"aug_keys"`` (the key each sample's augmentation generator is derived from) and, with a
+    ``param_sampler``, ``"params"``: ``param_sampler(encoded, sample_generator(seed, epoch, aug_key))`` per sample.
     """
 
     def __init__(
@@ -337,6 +339,7 @@ class ShardDataset(IterableDataset):
         epoch_length: int | None = None,
         shuffle_buffer: int = 1000,
         decode: bool = True,
+        param_sampler: Callable[[torch.Tensor, torch.Generator], Any] | None = None,
     ):
         super().__init__()
         _check_sizes(batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers)
@@ -350,6 +353,9 @@ class ShardDataset(IterableDataset):
         self.batch_size, self.transform, self.seed, self.epoch = batch_size, transform, int(seed), int(epoch)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.resampled, self.decode = resampled, decode
+        if param_sampler is not None and decode:
+            raise ValueError("param_sampler is for decode=False batches (augmentation done elsewhere, e.g. on a GPU)")
+        self.param_sampler = param_sampler
         self.shuffle_buffer = shuffle_buffer if self.source.needs_shuffle_buffer else 0
         self.plan = plan_epoch(
             self.source.units, batch_size=batch_size, seed=self.seed, epoch=self.epoch, rank=rank,
@@ -394,6 +400,10 @@ class ShardDataset(IterableDataset):
         batch: dict[str, Any] = {"keys": keys, "labels": torch.tensor([lab for _, _, _, lab in items], dtype=torch.long)}
         if not self.decode:
             batch["encoded"] = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for _, _, d, _ in items]
+            batch["aug_keys"] = [aug_key for _, aug_key, _, _ in items]
+            if self.param_sampler is not None:  # the random draws, here in the workers; the pixels elsewhere
+                batch["params"] = [self.param_sampler(enc, sample_generator(self.seed, self.epoch, aug_key))
+                                   for enc, aug_key in zip(batch["encoded"], batch["aug_keys"])]
             return batch
         images = [decode_image(d) for _, _, d, _ in items]
         if self.transform is None:
@@ -507,18 +517,20 @@ def build_loader(
     shuffle_buffer: int = 1000,
     decode: bool = True,
     pin_memory: bool = False,
+    param_sampler: Callable[[torch.Tensor, torch.Generator], Any] | None = None,
 ) -> TrainLoader:
     """One rank's loader for one epoch of a shard set (URI with ``manifest.json``) or an ImageFolder directory.
 
     ``epoch_length``: batches per rank (required to be <= the natural length unless ``resampled``; default the
     natural length ``(N // world_size) // batch_size``). ``start_batch``: resume cursor within the epoch.
     ``shuffle_buffer``: samples held per worker for shuffling (shard sources only). ``decode=False`` yields the
-    encoded bytes (``batch["encoded"]``) for decoding elsewhere (e.g. on the GPU).
+    encoded bytes (``batch["encoded"]``) for decoding elsewhere (e.g. on the GPU); ``param_sampler`` (with
+    ``decode=False``) draws each sample's augmentation parameters in the workers (``batch["params"]``).
     """
     dataset = ShardDataset(
         source, batch_size=batch_size, transform=transform, seed=seed, epoch=epoch, rank=rank,
         world_size=world_size, num_workers=num_workers, start_batch=start_batch, resampled=resampled,
-        epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, decode=decode,
+        epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, decode=decode, param_sampler=param_sampler,
     )
     if num_workers == 0 and not pin_memory:
         return TrainLoader(dataset, None)
