@@ -38,7 +38,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .tracking import get_or_create_experiment
+from .tracking import flatten, get_or_create_experiment
 
 #: Tag on the evaluation run that ties it to the Prefect flow run (a retried flow reuses the run).
 FLOW_RUN_TAG = "prefect.flow_run_id"
@@ -682,16 +682,6 @@ def davis_scores(model_uri: str, settings: EvaluationSettings) -> dict[str, floa
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-    return out
-
-
 @task(name="open-evaluation-run", cache_policy=NO_CACHE)
 def open_evaluation_run(experiment: str, model: dict[str, Any], settings: EvaluationSettings,
                         hashes: dict[str, str], flow_run_id: str) -> str:
@@ -712,7 +702,7 @@ def open_evaluation_run(experiment: str, model: dict[str, Any], settings: Evalua
     if model.get("run_id"):
         tags["training_run_id"] = model["run_id"]
     run = client.create_run(exp_id, run_name=f"eval-{model['name']}-v{model['version']}", tags=tags)
-    params = [Param(k, v[:6000]) for k, v in _flatten(settings.model_dump()).items()]
+    params = [Param(k, v[:6000]) for k, v in flatten(settings.model_dump()).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     _logger().info("MLflow evaluation run %s in experiment %r", run.info.run_id, experiment)

@@ -25,7 +25,7 @@ from dino_model.data.manifest import MANIFEST_NAME, load_manifest
 from dino_model.storage import StorageError, open_store
 
 from .listeners import Listeners
-from .tracking import get_or_create_experiment
+from .tracking import flatten, get_or_create_experiment
 from .trainer_process import LaunchSpec, run_trainer, torchrun_command
 
 #: Tag on the MLflow run that ties it to the Prefect flow run, so a retried flow finds and resumes the same run.
@@ -178,17 +178,6 @@ def _check_devices(cfg: DinoConfig, launch: LaunchSpec) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------------
 # MLflow run
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"optim": {"lr": 5e-4}}`` -> ``{"optim.lr": "0.0005"}`` (MLflow params are flat strings)."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-    return out
 
 
 def git_commit() -> str:

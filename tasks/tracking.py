@@ -7,8 +7,10 @@ tracking server's ``--artifacts-destination``).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -21,3 +23,14 @@ def get_or_create_experiment(client, name: str) -> str:
         f"{root.rstrip('/')}/{name}" if root else None
     )
     return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"optim": {"lr": 5e-4}}`` -> ``{"optim.lr": "0.0005"}`` (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out

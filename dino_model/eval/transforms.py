@@ -13,11 +13,12 @@ explicit :class:`torch.Generator`, so an epoch's augmentation is reproducible fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from dino_model.data.augment import sample_resized_crop
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms import InterpolationMode
@@ -117,26 +118,8 @@ def random_resized_crop_params(
     height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator: torch.Generator | None = None
 ) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params`` (10 tries, then a centre crop clamped to ``ratio``), drawing
-    from ``generator`` instead of the global RNG. Returns ``(top, left, h, w)``."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    from ``generator`` (the global RNG when None) — the training augmentation's own sampler. ``(top, left, h, w)``."""
+    return sample_resized_crop(generator, height, width, tuple(scale), tuple(ratio))
 
 
 @dataclass(frozen=True)
