@@ -11,7 +11,6 @@ In-process callers (the ``dino`` CLI's progress bar) can follow sample-level pro
 from __future__ import annotations
 
 import re
-import threading
 from collections import Counter
 from typing import Callable
 
@@ -35,27 +34,15 @@ from dino_model.data.shard_writer import (
 from dino_model.data.sources import Scan, SourceSpec, require_images, scan_source
 from dino_model.storage import ObjectNotFound, StorageError, open_store
 
+from .listeners import Listeners
+
 # -- in-process progress listeners (threads share them; tasks run in the flow's process) ----------------------
 
 ProgressListener = Callable[[str, int], None]  #: called with ("total", n) once, then ("advance", k) repeatedly
-_listeners: list[ProgressListener] = []
-_listeners_lock = threading.Lock()
-
-
-def add_progress_listener(fn: ProgressListener) -> None:
-    with _listeners_lock:
-        _listeners.append(fn)
-
-
-def remove_progress_listener(fn: ProgressListener) -> None:
-    with _listeners_lock:
-        if fn in _listeners:
-            _listeners.remove(fn)
-
-
-def emit_progress(event: str, value: int) -> None:
-    for fn in list(_listeners):
-        fn(event, value)
+shard_progress = Listeners()
+add_progress_listener = shard_progress.add
+remove_progress_listener = shard_progress.remove
+emit_progress = shard_progress.emit
 
 
 def _is_transient(task, task_run, state) -> bool:
