@@ -54,6 +54,7 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 CLIP_MODES = ("per_param", "global")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+AUGMENT_ON = ("auto", "workers", "device")
 
 
 class ConfigError(ValueError):
@@ -153,6 +154,12 @@ class DataConfig:
     """Batches per epoch when ``resampled`` (or to cap an epoch); ``null`` = one pass over the data."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    augment_on: str = "auto"
+    """Where images are decoded and augmented: ``workers`` (data-loader processes, per image, on the CPU),
+    ``device`` (the workers only read bytes and draw each sample's random parameters; the training process decodes
+    and augments whole batches on its device, see :mod:`dino_model.data.gpu_augment`) or ``auto`` (``device`` on
+    CUDA, ``workers`` otherwise). Both draw the same parameters from (seed, epoch, sample key), so resume stays
+    exact in either mode."""
 
     def _validate(self, p: str) -> None:
         if not isinstance(self.source, str):
@@ -164,6 +171,7 @@ class DataConfig:
             _positive_int(p, "epoch_length", self.epoch_length)
         if self.resampled and self.epoch_length is None:
             raise ConfigError(f"{p}epoch_length must be set when {p}resampled is true (the stream is infinite)")
+        _choice(p, "augment_on", self.augment_on, AUGMENT_ON)
 
 
 @dataclass
@@ -248,6 +256,10 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop (with a checkpoint) once this many global steps are done, without changing the schedules: used to
     interrupt a run on purpose and for short trials. ``null`` = run all epochs."""
+    compile: bool | str = "auto"
+    """``torch.compile`` the student and teacher forwards and the loss (``true``/``false``; ``auto`` = on for CUDA,
+    off on CPU, where compiling costs more than it saves on short runs). With it on CUDA the AdamW update is the
+    fused kernel too (see :mod:`dino_model.fast_step`)."""
     nonfinite_check_every: int = 0
     """Check the loss for NaN/inf (and, across ranks, for a stop signal) every this many steps; 0 = every step on
     CPU and every ``logging.log_every`` steps on GPU, where each check is a host-device sync. Steps between checks
@@ -263,6 +275,9 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive_int(p, "max_steps", self.max_steps)
         _nonneg_int(p, "nonfinite_check_every", self.nonfinite_check_every)
+        if self.compile not in (True, False, "auto") or isinstance(self.compile, int) and not isinstance(
+                self.compile, bool):
+            raise ConfigError(f"{p}compile must be true, false or 'auto', got {self.compile!r}")
 
 
 @dataclass
@@ -544,7 +559,12 @@ def _coerce(tp: Any, v: Any, name: str) -> Any:
         if v is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], v, name)
+        for a in inner[:-1]:  # e.g. ``bool | str``: the first type that accepts the value
+            try:
+                return _coerce(a, v, name)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], v, name)
     if origin is tuple:
         if not isinstance(v, (list, tuple)) or len(v) != len(args):
             raise ConfigError(f"{name} must be a list of {len(args)} values, got {v!r}")

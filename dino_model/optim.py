@@ -101,13 +101,17 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 0.0, momentum: float = 0.9,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """The reference's optimisers, lr 0 until the schedule sets it.
 
     adamw: torch AdamW (betas, eps); sgd: SGD with `momentum` (0.9); lars: `LARS` with `momentum`.
     Weight decay comes from the groups / the schedule (the not-regularized group stays at 0).
+    `fused` (AdamW only): PyTorch's single-kernel AdamW (the same update; used on CUDA by the fast step).
     """
     if name == "adamw":
+        if fused:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)

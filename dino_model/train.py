@@ -68,6 +68,7 @@ from dino_model.checkpoint import (
 )
 from dino_model.config import ConfigError, DinoConfig, load_config
 from dino_model.data.rng import derive_seed
+from dino_model.fast_step import FastForwardBackward, resolve_compile
 from dino_model.meta_arch import DINO, unwrap
 from dino_model.metrics import ConsoleLogger, MetricsLogger, MultiLogger, build_logger, emit_progress
 from dino_model.optim import (
@@ -177,18 +178,21 @@ def train_step(
     momentum: float,
     settings: StepSettings,
     grad_scaler: torch.amp.GradScaler | None = None,
+    forward_backward: Any = None,
 ) -> dict[str, torch.Tensor]:
     """One DINO update, in the reference's order; returns 0-dim device tensors (no host sync).
 
     lr / wd into the optimiser groups -> forward + backward (and the centre update) -> unscale (fp16) ->
     clip -> drop the last layer's gradients while frozen -> optimiser step -> teacher EMA with ``momentum``.
+    ``forward_backward`` replaces ``model.forward_backward`` (same signature), e.g. the compiled
+    :class:`dino_model.fast_step.FastForwardBackward`.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
         if group.get("apply_weight_decay", True):
             group["weight_decay"] = wd
     optimizer.zero_grad(set_to_none=True)
-    stats = model.forward_backward(
+    stats = (forward_backward or model.forward_backward)(
         crops,
         epoch,
         autocast_dtype=settings.autocast_dtype,
@@ -288,25 +292,40 @@ def build_model(cfg: DinoConfig, nepochs: int) -> DINO:
     )
 
 
-def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int, start_batch: int = 0):
-    """The reader for one epoch, positioned at ``start_batch`` (the saved cursor)."""
-    from dino_model.data.augment import MultiCropAugmentation, MultiCropConfig
-    from dino_model.data.reader import build_loader
+def multicrop_config(cfg: DinoConfig):
+    """The augmentation settings of ``cfg.crops`` (the rest are the paper's defaults)."""
+    from dino_model.data.augment import MultiCropConfig
 
     c = cfg.crops
-    transform = MultiCropAugmentation(
-        MultiCropConfig(
-            global_size=c.global_size,
-            local_size=c.local_size,
-            global_scale=tuple(c.global_scale),
-            local_scale=tuple(c.local_scale),
-            n_local=c.n_local,
-        )
+    return MultiCropConfig(
+        global_size=c.global_size,
+        local_size=c.local_size,
+        global_scale=tuple(c.global_scale),
+        local_scale=tuple(c.local_scale),
+        n_local=c.n_local,
     )
+
+
+def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
+    """``data.augment_on``: whether the training process decodes and augments batches on its device."""
+    mode = cfg.data.augment_on
+    return mode == "device" or (mode == "auto" and device.type == "cuda")
+
+
+def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int, start_batch: int = 0):
+    """The reader for one epoch, positioned at ``start_batch`` (the saved cursor). With ``data.augment_on``
+    resolving to ``device`` the workers yield encoded bytes plus each sample's drawn crop parameters."""
+    from dino_model.data.augment import MultiCropAugmentation
+    from dino_model.data.gpu_augment import CropParamSampler
+    from dino_model.data.reader import build_loader
+
+    on_device = augment_on_device(cfg, ctx.device)
     return build_loader(
         cfg.data.source,
         batch_size=cfg.data.batch_size_per_gpu,
-        transform=transform,
+        transform=None if on_device else MultiCropAugmentation(multicrop_config(cfg)),
+        decode=not on_device,
+        param_sampler=CropParamSampler(multicrop_config(cfg)) if on_device else None,
         seed=cfg.train.seed,
         epoch=epoch,
         rank=ctx.rank,
@@ -468,12 +487,22 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
     model = build_model(cfg, cfg.train.epochs).to(device)
     if ctx.world_size > 1 and cfg.model.sync_bn:
         model.convert_sync_batchnorm()
+    use_compile = resolve_compile(cfg.train.compile, device)
     optimizer = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()),
-                                momentum=cfg.optim.sgd_momentum)
+                                momentum=cfg.optim.sgd_momentum, fused=device.type == "cuda")
     if dist_utils.is_distributed():
         model.student = nn.parallel.DistributedDataParallel(
             model.student, device_ids=[device.index] if device.type == "cuda" else None
         )
+    # On CUDA or with train.compile on: the lean loss, and torch.compile of student, teacher and loss when
+    # train.compile resolves to on. Otherwise DINO.forward_backward, the reference formulation, as before.
+    fast_forward_backward = (FastForwardBackward(model, compile=use_compile)
+                             if use_compile or device.type == "cuda" else None)
+    device_augment = None
+    if augment_on_device(cfg, device):
+        from dino_model.data.gpu_augment import DeviceMultiCrop
+
+        device_augment = DeviceMultiCrop(multicrop_config(cfg), device)
     grad_scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
     # 5. schedules: arrays over every step of the run, indexed by the global step
@@ -577,10 +606,14 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
                     # everything drawn before: data-loader iterators take their base seed from the global RNG,
                     # so a resumed run would otherwise shift every later draw.
                     torch.manual_seed(derive_seed(cfg.train.seed, "step", ctx.rank, it))
-                    crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+                    if device_augment is not None:  # decode + augment the batch here, on the device
+                        crops = device_augment(batch["encoded"], batch["params"])
+                    else:
+                        crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
                     stats = train_step(
                         model, optimizer, crops, epoch=epoch, lr=float(sched.lr[it]), wd=float(sched.wd[it]),
                         momentum=float(sched.momentum[it]), settings=settings, grad_scaler=grad_scaler,
+                        forward_backward=fast_forward_backward,
                     )
                     step += 1
                     batch_index += 1
