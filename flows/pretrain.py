@@ -16,6 +16,8 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
+from tasks.kubernetes_job import KubernetesSettings, job_name
+from tasks.kubernetes_launch import train_on_kubernetes
 from tasks.pretrain import (
     end_mlflow_run,
     log_loss_curve,
@@ -44,6 +46,12 @@ def dino_pretrain(
     run_name: str | None = None,
     resume: Literal["auto", "never", "require"] = "auto",
     train_retries: int = 2,
+    launcher: Literal["local", "kubernetes"] = "local",
+    k8s_image: str = "",
+    k8s_namespace: str = "dino",
+    k8s_gpus_per_node: int | None = None,
+    k8s_secret: str = "dino-s3",
+    k8s_job_prefix: str = "dino-pretrain",
 ) -> dict[str, Any]:
     """Pretrain a DINO backbone and register its teacher in MLflow with alias ``candidate``.
 
@@ -56,25 +64,42 @@ def dino_pretrain(
         config_file: Optional YAML/JSON training config on the worker, applied after the preset.
         overrides: ``section.field=value`` overrides applied last, e.g. ``["train.epochs=10", "optim.lr=1e-3"]``.
         nproc_per_node: Training processes on this worker (one per GPU; gloo processes on CPU).
-        nnodes: Machines in the job; with more than one, each runs this flow's torchrun with ``rdzv_endpoint``.
-        rdzv_endpoint: ``HOST:PORT`` of the c10d rendezvous when ``nnodes > 1``.
+        nnodes: Machines in the job. ``launcher="local"``: each runs this flow's torchrun with ``rdzv_endpoint``;
+            ``launcher="kubernetes"``: the pods of the submitted Job.
+        rdzv_endpoint: ``HOST:PORT`` of the c10d rendezvous when ``nnodes > 1`` (``launcher="local"`` only).
         experiment: MLflow experiment name.
         registered_model: MLflow registered-model name that receives a new version.
         run_name: MLflow run name (default: generated).
         resume: ``auto`` resumes when checkpoints exist; ``never`` refuses a URI that holds checkpoints;
             ``require`` refuses one that holds none. Task retries always resume.
         train_retries: How many times a failed trainer is relaunched (resuming) before the flow fails.
+        launcher: ``local`` runs torchrun on this worker; ``kubernetes`` submits an Indexed Job of ``nnodes`` pods
+            (torchrun with a c10d rendezvous on pod 0) with kubectl and follows it (``infra/k8s/multinode-job.yaml``).
+        k8s_image: Trainer image for ``launcher="kubernetes"`` (``infra/docker/Dockerfile``); required there.
+        k8s_namespace: Namespace of the Job (must exist).
+        k8s_gpus_per_node: GPUs requested per pod (default ``nproc_per_node``; 0 = CPU pods, one gloo process).
+        k8s_secret: Name of an existing Secret loaded into the pods (S3 credentials, ``AWS_ENDPOINT_URL``).
+        k8s_job_prefix: Job name prefix; the name is ``<prefix>-<flow run id[:8]>``.
     """
     run_id_prefect = str(flow_run.get_id() or "local")
     config = resolve_training_config(data, checkpoint_uri, preset, config_file, overrides)
+    kubernetes = None
+    if launcher == "kubernetes":
+        kubernetes = KubernetesSettings(
+            image=k8s_image, job_name=job_name(k8s_job_prefix, run_id_prefect), namespace=k8s_namespace,
+            gpus_per_node=nproc_per_node if k8s_gpus_per_node is None else k8s_gpus_per_node, secret_name=k8s_secret)
+        rdzv_endpoint = kubernetes.rdzv_endpoint
     launch = LaunchSpec(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                         rdzv_id=run_id_prefect)
-    facts = preflight(config, launch, resume)
+    facts = preflight(config, launch, resume, kubernetes)
     tags = {"dataset_hash": str(facts.get("dataset_hash", "imagefolder")), "data": data,
             "architecture": f"{config['model']['arch']}/{config['model']['patch_size']}"}
     run_id = open_mlflow_run(experiment, config, run_id_prefect, run_name, tags)
     try:
-        end = train.with_options(retries=train_retries)(config, run_id, launch)
+        if kubernetes is None:
+            end = train.with_options(retries=train_retries)(config, run_id, launch)
+        else:
+            end = train_on_kubernetes.with_options(retries=train_retries)(config, run_id, launch, kubernetes)
     except BaseException:
         end_mlflow_run(run_id, "FAILED")
         raise

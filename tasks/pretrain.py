@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -24,9 +24,11 @@ from dino_model.config import ConfigError, DinoConfig, load_config
 from dino_model.data.manifest import MANIFEST_NAME, load_manifest
 from dino_model.storage import StorageError, open_store
 
+from .kubernetes_job import KubernetesSettings
+from .kubernetes_job import preflight_problems as kubernetes_preflight
 from .listeners import Listeners
 from .tracking import flatten, get_or_create_experiment
-from .trainer_process import LaunchSpec, run_trainer, torchrun_command
+from .trainer_process import LaunchSpec, run_trainer, torchrun_command, trainer_config
 
 #: Tag on the MLflow run that ties it to the Prefect flow run, so a retried flow finds and resumes the same run.
 FLOW_RUN_TAG = "prefect.flow_run_id"
@@ -64,10 +66,12 @@ def resolve_training_config(
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
-def preflight(config: dict[str, Any], launch: LaunchSpec, resume: str = "auto") -> dict[str, Any]:
+def preflight(config: dict[str, Any], launch: LaunchSpec, resume: str = "auto",
+              kubernetes: KubernetesSettings | None = None) -> dict[str, Any]:
     """Check, before any GPU time is spent, that the config is valid, the data readable and consistent, MLflow
     reachable and the checkpoint URI writable. Raises :class:`PreflightError` listing every failure. Returns facts
-    the flow tags the run with (dataset hash, sample count)."""
+    the flow tags the run with (dataset hash, sample count). With ``kubernetes``, the pods' GPUs replace this
+    worker's in the checks, and the launch's own requirements are checked (kubectl, addresses the pods reach)."""
     logger = get_run_logger()
     problems: list[str] = []
     facts: dict[str, Any] = {}
@@ -86,7 +90,13 @@ def preflight(config: dict[str, Any], launch: LaunchSpec, resume: str = "auto") 
     problems += _check_data(cfg, launch, facts)
     problems += _check_mlflow()
     problems += _check_checkpoints(cfg.checkpoint.uri, resume, facts)
-    problems += _check_devices(cfg, launch)
+    if kubernetes is None:
+        problems += _check_devices(cfg, launch)
+    else:
+        import mlflow
+
+        problems += kubernetes_preflight(kubernetes, launch, cfg.data.source, cfg.checkpoint.uri,
+                                         mlflow.get_tracking_uri())
     if problems:
         raise PreflightError("pre-flight failed:\n" + "\n".join(f" - {p}" for p in problems))
     logger.info("pre-flight ok: %s", ", ".join(f"{k}={v}" for k, v in facts.items()))
@@ -226,20 +236,9 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, Any]:
-    """Run ``torchrun -m dino_model.train`` on this worker until it finishes. A retry resumes from the latest
-    checkpoint (the trainer does that by itself) and logs into the same MLflow run, skipping steps it already has.
-    """
-    import mlflow
-
-    logger = get_run_logger()
-    config = json.loads(json.dumps(config))
-    loggers = [s for s in config["logging"]["loggers"] if not s.startswith("mlflow")]
-    config["logging"]["loggers"] = loggers + [f"mlflow:{run_id}"]
-    config["logging"]["progress"] = True
-    env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_RUN_ID": run_id, **launch.extra_env}
-
+def progress_reporter(logger) -> tuple[Any, Callable[[dict], None]]:
+    """A progress artifact and the callback that feeds it from the trainer's progress records (at most every 2 s),
+    logs the trainer's milestones and forwards every record to :data:`trainer_progress`. Used by both launchers."""
     progress_id = create_progress_artifact(0.0, description="DINO pretraining: steps done")
     last_update = [0.0]
 
@@ -254,6 +253,20 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
             logger.info("trainer %s: %s", event,
                         {k: v for k, v in record.items() if k not in ("event", "time", "config")})
 
+    return progress_id, on_progress
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, Any]:
+    """Run ``torchrun -m dino_model.train`` on this worker until it finishes. A retry resumes from the latest
+    checkpoint (the trainer does that by itself) and logs into the same MLflow run, skipping steps it already has.
+    """
+    import mlflow
+
+    logger = get_run_logger()
+    config = trainer_config(config, run_id)
+    env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_RUN_ID": run_id, **launch.extra_env}
+    progress_id, on_progress = progress_reporter(logger)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "config.json")
         Path(config_path).write_text(json.dumps(config))

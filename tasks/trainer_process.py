@@ -1,5 +1,8 @@
 """Launch ``torchrun -m dino_model.train`` as a child process and follow it (no Prefect here: the task wraps it).
 
+The same launcher runs other torchrun entry points (``module=``), e.g. the multi-process feature extraction
+``torchrun -m dino_model.eval.extract`` of the ``extract-features`` task.
+
 torch.distributed stays out of the orchestrating process: the trainer runs in its own process group of workers
 started by torchrun. This module builds the command line, streams the child's output line by line to a callback
 (the Prefect task forwards it to the flow-run logs and turns ``DINO_PROGRESS`` lines into a progress artifact),
@@ -11,6 +14,7 @@ half-written checkpoint). A trainer that ignores it is killed after a grace peri
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -46,8 +50,13 @@ class LaunchSpec:
             raise ValueError(f"rdzv_endpoint must be HOST:PORT when nnodes > 1, got {self.rdzv_endpoint!r}")
 
 
-def torchrun_command(spec: LaunchSpec, config_path: str, overrides: list[str] = ()) -> list[str]:
-    """The exact command line: ``python -m torch.distributed.run ... -m dino_model.train --config FILE``."""
+def torchrun_command(
+    spec: LaunchSpec, config_path: str | None, overrides: list[str] = (), module: str = "dino_model.train"
+) -> list[str]:
+    """The exact command line: ``python -m torch.distributed.run ... -m dino_model.train --config FILE``.
+
+    ``module`` runs another entry point; ``config_path=None`` leaves out ``--config`` (the module's arguments are
+    then all in ``overrides``)."""
     spec.validate()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}"]
     if spec.nnodes == 1:
@@ -60,8 +69,21 @@ def torchrun_command(spec: LaunchSpec, config_path: str, overrides: list[str] = 
             f"--rdzv-id={spec.rdzv_id}",
         ]
     # Failures are retried by the flow, which resumes from the latest checkpoint: torchrun itself does not restart.
-    cmd += ["--max-restarts=0", "-m", "dino_model.train", "--config", config_path, *overrides]
+    cmd += ["--max-restarts=0", "-m", module]
+    if config_path is not None:
+        cmd += ["--config", config_path]
+    cmd += list(overrides)
     return cmd
+
+
+def trainer_config(config: dict, run_id: str) -> dict:
+    """The config the trainer is launched with: the resolved ``config`` with rank 0 logging into MLflow run
+    ``run_id`` (its other loggers kept) and printing the progress lines the launchers follow."""
+    config = json.loads(json.dumps(config))
+    loggers = [s for s in config["logging"]["loggers"] if not s.startswith("mlflow")]
+    config["logging"]["loggers"] = loggers + [f"mlflow:{run_id}"]
+    config["logging"]["progress"] = True
+    return config
 
 
 class TrainerFailed(RuntimeError):
