@@ -1,0 +1,329 @@
+"""End-to-end DINO speed on one device: the data path alone, the step alone, both together, MFU, peak memory.
+
+On a GPU node (the whole default run is sized to finish within ~8 minutes, compile included)::
+
+    python benchmarks/speed.py                           # ViT-S/16 and ViT-B/16, 2x224+8x96 and 2x128+8x64
+    python benchmarks/speed.py --setting vit_small/16/128/224x2+96x8 --steps 30
+
+On a CPU (tiny settings, checks that everything runs; the numbers mean little)::
+
+    python benchmarks/speed.py --quick --device cpu
+
+What each column measures (images/s counts source images, each giving 2 + n_local crops):
+
+* ``data``: the GPU data path of ``data.augment_on=device`` on 500x375 JPEGs of quality 90 (ImageNet's typical
+  size; made from ``../shared/data/imagenet-sample`` when present, else synthetic): batched ``decode_jpeg`` on the
+  device + :class:`dino_model.data.gpu_augment.DeviceMultiCrop` (crop parameters drawn beforehand, as the workers
+  do). ``params/core``: the parameter draw + header read that each data-loader worker does, images/s on one core.
+* ``step``: :func:`dino_model.train.train_step` with :class:`dino_model.fast_step.FastForwardBackward` (compiled
+  on CUDA), fused AdamW on CUDA, bf16 autocast on GPUs (fp32 on CPU), K = 65,536 (``--out-dim``), on crops
+  already on the device.
+* ``e2e``: the real training input pipeline — :func:`dino_model.data.reader.build_loader` over an ImageFolder of
+  those JPEGs with ``--workers`` processes reading bytes and drawing parameters, then decode + augment + step in
+  the training process.
+* ``GFLOP/img`` (model FLOPs, matmuls only, 2 per multiply-add): for a ViT with width d, depth L, patch p and
+  n = (s/p)^2 + 1 tokens per crop of side s, one crop's forward is
+  L·(24·n·d² + 4·n²·d) + 2·(n-1)·3p²·d (patch embedding) + 2·(d·h + (nl-2)·h² + h·b + b·K) (head: hidden h = 2048,
+  bottleneck b = 256, nl = 3 layers). Per image: 3 x (student forward over all crops) [forward + backward] +
+  teacher forward over the 2 global crops. ViT-S/16, 2x224 + 8x96, K = 65,536: 114 GFLOP.
+* ``MFU``: the *step's* achieved FLOP/s over the device's dense bf16 peak (``--peak-tflops``, default
+  from the device name: H100/H200 989, A100 312), and ``TFLOP/s`` the achieved rate itself.
+* ``peak GiB``: the CUDA allocator's peak during the step (CPU: the process's peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dino_model.config import load_config  # noqa: E402
+from dino_model.data.augment import MultiCropConfig  # noqa: E402
+from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop  # noqa: E402
+from dino_model.data.reader import build_loader  # noqa: E402
+from dino_model.data.rng import sample_generator  # noqa: E402
+from dino_model.fast_step import FastForwardBackward, resolve_compile  # noqa: E402
+from dino_model.optim import build_optimizer, param_groups  # noqa: E402
+from dino_model.train import StepSettings, build_model, resolve_precision, train_step  # noqa: E402
+
+_SETTING = re.compile(r"^(\w+)/(\d+)/(\d+)/(\d+)x2\+(\d+)x(\d+)$")
+GPU_DEFAULTS = ["vit_small/16/128/224x2+96x8", "vit_small/16/128/128x2+64x8",
+                "vit_base/16/64/224x2+96x8", "vit_base/16/128/128x2+64x8"]
+CPU_QUICK = ["vit_tiny/16/4/64x2+32x2"]
+WIDTH_DEPTH = {"vit_tiny": (192, 12), "vit_small": (384, 12), "vit_base": (768, 12)}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+@dataclass
+class Setting:
+    arch: str
+    patch: int
+    batch: int
+    global_size: int
+    local_size: int
+    n_local: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        m = _SETTING.match(text)
+        if not m:
+            raise SystemExit(f"bad --setting {text!r}: expected arch/patch/batch/Gx2+LxM, e.g. vit_small/16/128/224x2+96x8")
+        a, p, b, g, loc, n = m.groups()
+        if a not in WIDTH_DEPTH:
+            raise SystemExit(f"bad --setting {text!r}: arch must be one of {sorted(WIDTH_DEPTH)}")
+        return cls(a, int(p), int(b), int(g), int(loc), int(n))
+
+    def __str__(self) -> str:
+        return f"{self.arch}/{self.patch} {self.global_size}x2+{self.local_size}x{self.n_local}"
+
+
+def gflop_per_image(s: Setting, out_dim: int, hidden: int = 2048, bottleneck: int = 256, nlayers: int = 3) -> float:
+    """Model FLOPs per source image (see the module docstring)."""
+    d, depth = WIDTH_DEPTH[s.arch]
+
+    def crop(side: int) -> float:
+        n = (side // s.patch) ** 2 + 1
+        blocks = depth * (24 * n * d * d + 4 * n * n * d)
+        embed = 2 * (n - 1) * 3 * s.patch ** 2 * d
+        head = 2 * (d * hidden + (nlayers - 2) * hidden * hidden + hidden * bottleneck + bottleneck * out_dim)
+        return blocks + embed + head
+
+    student = 2 * crop(s.global_size) + s.n_local * crop(s.local_size)
+    teacher = 2 * crop(s.global_size)
+    return (3 * student + teacher) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# images
+
+
+def make_jpegs(n: int, shared: Path, size=(500, 375), quality: int = 90) -> list[bytes]:
+    """``n`` distinct JPEGs of ``size`` (w, h): crops/flips of the imagenet-sample images, or synthetic."""
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    sources = sorted((shared / "imagenet-sample").glob("*/*.JPEG")) if shared.is_dir() else []
+    bases = [Image.open(p).convert("RGB") for p in sources[:40]]
+    out = []
+    for i in range(n):
+        if bases:
+            im = bases[i % len(bases)]
+            w, h = im.size
+            cw, ch = int(w * rng.uniform(0.8, 1.0)), int(h * rng.uniform(0.8, 1.0))
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            im = im.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC)
+            if rng.random() < 0.5:
+                im = ImageOps.mirror(im)
+        else:  # smooth colour fields plus texture: JPEG sizes like natural images'
+            yy, xx = np.mgrid[0: size[1], 0: size[0]]
+            arr = np.stack([np.sin(xx / rng.uniform(5, 60) + c) * np.cos(yy / rng.uniform(5, 60)) for c in range(3)], -1)
+            arr = ((arr + 1) * 110 + rng.normal(0, 12, arr.shape)).clip(0, 255).astype(np.uint8)
+            im = Image.fromarray(arr)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_folder(jpegs: list[bytes], root: Path) -> None:
+    for i, data in enumerate(jpegs):
+        d = root / f"class{i % 8}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"img{i:06d}.JPEG").write_bytes(data)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# measurements
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def timed(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` after ``warmup`` calls (device synchronised around the timed calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / iters
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    """A measured bf16 matmul rate (8192^3), the practical ceiling the issue quotes (~790 on an H200)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    sec = timed(lambda: a @ b, 20, 3, device)
+    return 2 * 8192**3 / sec / 1e12
+
+
+def measure(s: Setting, args, device: torch.device, jpegs: list[bytes], folder: Path) -> dict:
+    cfg = load_config(overrides=[
+        f"model.arch={s.arch}", f"model.patch_size={s.patch}", f"model.out_dim={args.out_dim}",
+        f"crops.global_size={s.global_size}", f"crops.local_size={s.local_size}", f"crops.n_local={s.n_local}",
+        f"data.batch_size_per_gpu={s.batch}", "train.epochs=10", "optim.warmup_epochs=0",
+    ])
+    mcfg = MultiCropConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
+    row: dict = {"setting": str(s), "batch": s.batch, "gflop": gflop_per_image(s, args.out_dim)}
+
+    # data path alone: bytes + pre-drawn params -> crops on the device
+    sampler = CropParamSampler(mcfg)
+    enc = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[: s.batch]]
+    t = time.perf_counter()
+    params = [sampler(e, sample_generator(0, 0, str(i))) for i, e in enumerate(enc)]
+    row["params_per_core"] = len(enc) / (time.perf_counter() - t)
+    aug = DeviceMultiCrop(mcfg, device)
+    row["data"] = s.batch / timed(lambda: aug(enc, params), args.data_iters, 1, device)
+
+    # the step alone
+    torch.manual_seed(0)
+    model = build_model(cfg, cfg.train.epochs).to(device)
+    optimizer = build_optimizer("adamw", param_groups(model.student_module()), fused=device.type == "cuda")
+    autocast_dtype, use_scaler = resolve_precision(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    settings = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, autocast_dtype)
+    fwd = FastForwardBackward(model, compile=resolve_compile(args.compile, device))
+    crops = aug(enc, params)
+
+    def step(batch_crops=crops):
+        return train_step(model, optimizer, batch_crops, epoch=1, lr=1e-4, wd=0.04, momentum=0.996,
+                          settings=settings, grad_scaler=scaler, forward_backward=fwd)["loss"]
+
+    t = time.perf_counter()
+    loss0 = step()
+    sync(device)
+    row["compile_s"] = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sec = timed(step, args.steps, args.warmup, device)
+    row["step"] = s.batch / sec
+    row["tflops"] = row["gflop"] * row["step"] / 1e3
+    row["peak_gib"] = peak_memory_gib(device)
+    row["loss_finite"] = bool(torch.isfinite(loss0).item())
+
+    # end to end: real loader (workers read bytes + draw params) -> decode + augment + step here
+    loader = build_loader(str(folder), batch_size=s.batch, transform=None, decode=False, param_sampler=sampler,
+                          seed=0, epoch=0, num_workers=args.workers, pin_memory=device.type == "cuda",
+                          shuffle_buffer=0)
+    it = iter(loader)
+    n_batches = min(len(loader), args.e2e_batches + 1)
+    batch = next(it)
+    step(aug(batch["encoded"], batch["params"]))  # first batch: worker start-up, not counted
+    sync(device)
+    t = time.perf_counter()
+    done = 0
+    for _ in range(n_batches - 1):
+        batch = next(it)
+        step(aug(batch["encoded"], batch["params"]))
+        done += 1
+    sync(device)
+    row["e2e"] = done * s.batch / (time.perf_counter() - t) if done else float("nan")
+    del it, loader, model, optimizer, fwd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--setting", action="append", help="arch/patch/batch/Gx2+LxM (repeatable)")
+    p.add_argument("--quick", action="store_true", help="tiny settings and few iterations (CPU smoke run)")
+    p.add_argument("--out-dim", type=int, default=None, help="prototypes K (default 65536; 1024 with --quick)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5; 1 quick)")
+    p.add_argument("--data-iters", type=int, default=None, help="timed data-path batches (default 10; 2 quick)")
+    p.add_argument("--e2e-batches", type=int, default=None, help="timed end-to-end batches (default 20; 3 quick)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data-loader workers")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default by name)")
+    p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="folder with imagenet-sample/")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.out_dim = args.out_dim or (1024 if q else 65536)
+    args.steps = args.steps or (3 if q else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
+    args.data_iters = args.data_iters or (2 if q else 10)
+    args.e2e_batches = args.e2e_batches or (3 if q else 20)
+    args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    if q:
+        args.workers = min(args.workers, 2)
+    device = torch.device(args.device)
+    settings = [Setting.parse(x) for x in (args.setting or (CPU_QUICK if q else GPU_DEFAULTS))]
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 resampling matmuls of the data path
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    measured_peak = matmul_peak_tflops(device)
+    t0 = time.perf_counter()
+    max_batch = max(s.batch for s in settings)
+    n_images = max_batch * (args.e2e_batches + 2)
+    jpegs = make_jpegs(n_images, Path(args.shared))
+    print(f"# device: {name}; torch {torch.__version__}; workers {args.workers}; K = {args.out_dim}; "
+          f"{n_images} JPEGs 500x375 q90 (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB) "
+          f"made in {time.perf_counter() - t0:.1f} s", flush=True)
+    if measured_peak:
+        print(f"# measured bf16 matmul peak: {measured_peak:.0f} TFLOP/s; spec dense bf16 peak used for MFU: "
+              f"{peak or 'unknown'}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_folder(jpegs, Path(tmp))
+        for s in settings:
+            rows.append(measure(s, args, device, jpegs, Path(tmp)))
+            r = rows[-1]
+            print(f"# done {r['setting']} (compile/first step {r['compile_s']:.0f} s)", flush=True)
+
+    print()
+    print("| setting | batch | params/core | data img/s | step img/s | e2e img/s | GFLOP/img | TFLOP/s | MFU | "
+          "peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    def num(x: float) -> str:  # CPU smoke runs give rates below 1
+        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+    for r in rows:
+        mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
+        print(f"| {r['setting']} | {r['batch']} | {num(r['params_per_core'])} | {num(r['data'])} | "
+              f"{num(r['step'])} | {num(r['e2e'])} | {r['gflop']:.1f} | {r['tflops']:.3g} | {mfu} | "
+              f"{r['peak_gib']:.2f} |")
+    print(f"\n# total {time.perf_counter() - t0:.0f} s")
+    bad = [r["setting"] for r in rows if not r["loss_finite"]]
+    if bad:
+        print(f"# non-finite loss in: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
