@@ -216,3 +216,21 @@ def test_unreachable_cluster_error_names_the_kubectl_command(tmp_path, monkeypat
         kubectl(apply_command("dino-train"), stdin=render_manifests(job), timeout=60)
     with pytest.raises(KubectlError, match=r"`kubectl -n dino-train delete job dino-pretrain-3f2b9c1e .*` failed"):
         run_kubernetes_job(job, on_line=print, on_progress=print)
+
+
+def test_flow_preflight_refuses_a_kubernetes_launch_the_pods_could_not_run(tmp_path, monkeypatch):
+    """Through the flow: nothing is opened in MLflow nor submitted when the launch cannot work."""
+    from flows.pretrain import dino_pretrain
+    from tasks.pretrain import PreflightError
+
+    (tmp_path / "images" / "class0").mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(PreflightError) as info:
+        dino_pretrain(data=str(tmp_path / "images"), checkpoint_uri=str(tmp_path / "ckpt"), preset="small",
+                      overrides=["train.device=cpu", "train.epochs=1", "optim.warmup_epochs=1"],
+                      launcher="kubernetes", nnodes=2, k8s_gpus_per_node=2)
+    message = str(info.value)
+    assert "k8s_image must be the trainer image reference" in message
+    assert "nproc_per_node=1 but each pod runs 2 process(es)" in message
+    assert "data must be an s3:// URI" in message and "checkpoint.uri must be an s3:// URI" in message
+    assert "MLFLOW_TRACKING_URI must be an http(s) MLflow server" in message
