@@ -133,3 +133,32 @@ def test_param_sampler_needs_undecoded_batches(shared_data):
     with pytest.raises(ValueError, match="param_sampler"):
         build_loader(str(shared_data / "imagenet-sample"), batch_size=2, transform=None, seed=0, epoch=0,
                      decode=True, param_sampler=CropParamSampler(MultiCropConfig()))
+
+
+def test_sync_free_augmentation_equals_augment_resized():
+    """Every operation on every row with identity parameters / torch.where == the masked row selection."""
+    from dino_model.data.augment import augment_resized
+    from dino_model.data.gpu_augment import augment_resized_sync_free
+
+    cfg = MultiCropConfig(global_size=40, local_size=24, n_local=6)
+    aug = MultiCropAugmentation(cfg)
+    g = torch.Generator().manual_seed(0)
+    params, crops = [], []
+    for i in range(10):
+        for p in aug.sample_params(sample_generator(1, 0, f"k{i}"), 60, 80)[2:]:
+            params.append(p)
+            crops.append(torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8, generator=g))
+    assert len({(p.flip, p.jitter, p.grayscale, p.blur) for p in params}) > 5  # the cases really mix
+    batch = torch.stack(crops)
+    torch.testing.assert_close(augment_resized_sync_free(batch, params, cfg), augment_resized(batch, params, cfg),
+                               atol=1e-5, rtol=0)
+
+
+def test_device_pipeline_sync_free_option_matches(jpegs):
+    cfg = MultiCropConfig(global_size=64, local_size=32, n_local=2)
+    params = sampled(cfg, jpegs[:3])
+    enc = [e for _, e in jpegs[:3]]
+    a = DeviceMultiCrop(cfg, "cpu", sync_free=True)(enc, params)
+    b = DeviceMultiCrop(cfg, "cpu")(enc, params)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
