@@ -251,6 +251,54 @@ def measure(s: Setting, args, device: torch.device, jpegs: list[bytes], folder: 
     return row
 
 
+def check_data_path(jpegs: list[bytes], device: torch.device) -> str:
+    """Device crops vs the CPU worker pipeline on the same JPEGs and parameters (nvjpeg + matmul resize +
+    sync-free colour on a GPU): mean and 99.9th-percentile absolute difference, in uint8 levels."""
+    from dino_model.data.augment import MultiCropAugmentation
+    from dino_model.data.reader import decode_image
+
+    cfg = MultiCropConfig()
+    enc = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:8]]
+    params = [CropParamSampler(cfg)(e, sample_generator(0, 0, f"check{i}")) for i, e in enumerate(enc)]
+    fast = DeviceMultiCrop(cfg, device)(enc, params)
+    aug = MultiCropAugmentation(cfg)
+    ref = [aug.apply(decode_image(j), p) for j, p in zip(jpegs[:8], params)]
+    level = 1 / 255 / min(cfg.std)
+    d = torch.cat([(fast[k].cpu() - torch.stack([r[k] for r in ref])).abs().flatten() for k in range(cfg.n_crops)])
+    q = torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999)
+    return f"data path vs CPU workers: mean {d.mean() / level:.3f} levels, 99.9% {q / level:.2f} levels, " \
+           f"max {d.max() / level:.1f} levels"
+
+
+def check_step(device: torch.device, args, steps: int = 5) -> str:
+    """Loss of the fast step (precision/compile as configured, fused AdamW on CUDA) vs the fp32 eager reference
+    step, from the same initial state on the same crops, over ``steps`` steps: the largest relative difference."""
+    s = Setting.parse(args.check_setting)
+    cfg = load_config(overrides=[
+        f"model.arch={s.arch}", f"model.patch_size={s.patch}", f"model.out_dim={args.out_dim}",
+        f"crops.global_size={s.global_size}", f"crops.local_size={s.local_size}", f"crops.n_local={s.n_local}",
+        "train.epochs=10", "optim.warmup_epochs=0", "model.drop_path_rate=0.0",
+    ])
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randn(s.batch, 3, s.global_size, s.global_size, generator=g) for _ in range(2)]
+    crops += [torch.randn(s.batch, 3, s.local_size, s.local_size, generator=g) for _ in range(s.n_local)]
+    crops = [c.to(device) for c in crops]
+    losses = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, cfg.train.epochs).to(device)
+        opt = build_optimizer("adamw", param_groups(model.student_module()), fused=fast and device.type == "cuda")
+        dtype = resolve_precision(args.precision, device)[0] if fast else None
+        st = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, dtype)
+        fwd = FastForwardBackward(model, compile=resolve_compile(args.compile, device)) if fast else None
+        losses.append([float(train_step(model, opt, crops, epoch=1, lr=5e-4, wd=0.04, momentum=0.996, settings=st,
+                                        forward_backward=fwd)["loss"]) for _ in range(steps)])
+    ref, fast = np.array(losses[0]), np.array(losses[1])
+    rel = np.abs(fast - ref) / np.abs(ref)
+    return (f"step vs fp32 eager ({s}, batch {s.batch}, {steps} steps): max relative loss difference "
+            f"{rel.max():.2e}; reference losses {np.round(ref, 4).tolist()}, fast {np.round(fast, 4).tolist()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -265,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-batches", type=int, default=None, help="timed end-to-end batches (default 20; 3 quick)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data-loader workers")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default by name)")
+    p.add_argument("--check", default="auto", choices=["auto", "true", "false"],
+                   help="correctness checks first (data path vs CPU workers, fast vs fp32 step); auto = on CUDA")
+    p.add_argument("--check-setting", default=None, help="setting of the step check (default vit_small/16/16/"
+                                                           "224x2+96x8; the quick setting with --quick)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="skip the remaining settings once this many seconds have passed (keeps the run ~8 min)")
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="folder with imagenet-sample/")
     args = p.parse_args(argv)
     q = args.quick
@@ -276,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     if q:
         args.workers = min(args.workers, 2)
+    args.check_setting = args.check_setting or (CPU_QUICK[0] if q else "vit_small/16/16/224x2+96x8")
     device = torch.device(args.device)
     settings = [Setting.parse(x) for x in (args.setting or (CPU_QUICK if q else GPU_DEFAULTS))]
 
@@ -297,10 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     if measured_peak:
         print(f"# measured bf16 matmul peak: {measured_peak:.0f} TFLOP/s; spec dense bf16 peak used for MFU: "
               f"{peak or 'unknown'}", flush=True)
-    rows = []
+    if args.check == "true" or (args.check == "auto" and device.type == "cuda"):
+        print("# check: " + check_data_path(jpegs, device), flush=True)
+        print("# check: " + check_step(device, args), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         write_folder(jpegs, Path(tmp))
         for s in settings:
+            if time.perf_counter() - t0 > args.budget_s:
+                skipped.append(str(s))
+                continue
             rows.append(measure(s, args, device, jpegs, Path(tmp)))
             r = rows[-1]
             print(f"# done {r['setting']} (compile/first step {r['compile_s']:.0f} s)", flush=True)
@@ -317,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['setting']} | {r['batch']} | {num(r['params_per_core'])} | {num(r['data'])} | "
               f"{num(r['step'])} | {num(r['e2e'])} | {r['gflop']:.1f} | {r['tflops']:.3g} | {mfu} | "
               f"{r['peak_gib']:.2f} |")
+    if skipped:
+        print(f"# skipped (past --budget-s {args.budget_s:.0f} s): {', '.join(skipped)}")
     print(f"\n# total {time.perf_counter() - t0:.0f} s")
     bad = [r["setting"] for r in rows if not r["loss_finite"]]
     if bad:
