@@ -121,16 +121,17 @@ def aa_bicubic_weights(offset: torch.Tensor, length: torch.Tensor, out_size: int
     [trunc(centre - support + 0.5) clamped to 0, trunc(centre + support + 0.5) clamped to length), weight
     bicubic((j - centre + 0.5) / max(scale, 1)), normalised to sum 1."""
     dev = offset.device
-    length = length.to(torch.float64)
+    # float32 as PyTorch's own kernel computes them for float images (positions < 2^24 are exact)
+    length = length.to(torch.float32)
     scale = (length / out_size)[:, None, None]  # [N, 1, 1]
-    o = torch.arange(out_size, dtype=torch.float64, device=dev)[None, :, None]
+    o = torch.arange(out_size, dtype=torch.float32, device=dev)[None, :, None]
     centre = scale * (o + 0.5)  # [N, s, 1]
     support = 2.0 * scale.clamp(min=1.0)
     lo = torch.trunc(centre - support + 0.5).clamp(min=0.0)
     hi = torch.minimum(torch.trunc(centre + support + 0.5), length[:, None, None])
-    j = torch.arange(total, dtype=torch.float64, device=dev)[None, None, :] - offset.to(torch.float64)[:, None, None]
+    j = torch.arange(total, dtype=torch.float32, device=dev)[None, None, :] - offset.to(torch.float32)[:, None, None]
     w = _bicubic((j - centre + 0.5) / scale.clamp(min=1.0)) * ((j >= lo) & (j < hi))
-    return (w / w.sum(dim=-1, keepdim=True)).to(torch.float32)
+    return w / w.sum(dim=-1, keepdim=True)
 
 
 def _param_table(params: Sequence[CropParams], device: torch.device) -> torch.Tensor:
@@ -259,18 +260,19 @@ class DeviceMultiCrop:
             padded[b, :, : im.shape[-2], : im.shape[-1]] = im
         # One small host tensor of boxes, copied once (pinned + non_blocking on CUDA): image-major [B * n, 4].
         boxes = torch.tensor([[params[b][k].top, params[b][k].left, params[b][k].height, params[b][k].width]
-                              for b in range(n_img) for k in crop_indices], dtype=torch.float64)
+                              for b in range(n_img) for k in crop_indices], dtype=torch.float32)
         if self.device.type == "cuda":
             boxes = boxes.pin_memory()
         boxes = boxes.to(self.device, non_blocking=True)
         wy = aa_bicubic_weights(boxes[:, 0], boxes[:, 2], size, h_max).reshape(n_img, n_crop, size, h_max)
         wx = aa_bicubic_weights(boxes[:, 1], boxes[:, 3], size, w_max).reshape(n_img, n_crop, size, w_max)
-        # [B, 1, 3, H, W] @ [B, n, 1, W, s] -> [B, n, 3, H, s]; then [B, n, 1, s, H] @ that -> [B, n, 3, s, s]
-        horizontal = padded[:, None] @ wx.transpose(-1, -2)[:, :, None]
+        # einsum keeps these plain batched matmuls without expanding the images over the n crops:
+        # [B, 3·H, W] @ [B, W, n·s] per image, then [B·n, s, H] @ [B·n, H, 3·s] per crop.
+        horizontal = torch.einsum("bchw,bnsw->bnchs", padded, wx)
         # Round + clamp between the passes as the uint8 kernel does: bicubic overshoots past 0/255 at hard edges,
         # and without the intermediate clamp such pixels would differ by several levels.
         horizontal = horizontal.round_().clamp_(0.0, 255.0)
-        out = wy[:, :, None] @ horizontal
+        out = torch.einsum("bnth,bnchs->bncts", wy, horizontal)
         out = out.round_().clamp_(0.0, 255.0)  # the CPU path's uint8 crop
         return out.transpose(0, 1).reshape(n_crop * n_img, 3, size, size)
 
