@@ -265,6 +265,8 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avgpool", action="store_true", help="append the average of the last block's patch tokens")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="inference precision (default fp32)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="extraction processes, one per GPU (default 1: in-process; >1: torchrun)")
 
 
 @command("extract", "write a backbone's features of a shard set as Parquet (the dino-extract flow)", _configure_extract)
@@ -280,6 +282,7 @@ def run_extract(args: argparse.Namespace) -> int:
             model=args.model, data=args.data, output=args.output, split=args.split, classes_from=args.classes_from,
             resize_size=args.resize, crop_size=args.crop, batch_size=args.batch_size,
             n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, precision=args.precision, device=args.device,
+            nproc_per_node=args.nproc_per_node,
         )
     except (EvaluationInputError, ModelVersionNotFound, StorageError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
@@ -303,6 +306,8 @@ def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="images per forward pass (64)")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="inference precision (fp32)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--nproc-per-node", dest="nproc_per_node", type=int,
+                   help="feature-extraction processes, one per GPU (1: in-process; >1: torchrun)")
     g.add_argument("--ks", dest="knn_ks", help="k-NN k values, comma-separated (10,20,100,200)")
     g.add_argument("--davis-sequences", help="comma-separated sequences (default: ImageSets/2017/val.txt)")
     g.add_argument("--davis-max-frames", type=int, help="first N frames per sequence (quick runs)")

@@ -2,6 +2,7 @@
 
     dino extract models:/dino-backbone@champion s3://bucket/imagenette/val s3://bucket/features/v3 --split val \\
         --classes-from s3://bucket/imagenette/train --resize 146 --crop 128
+    dino extract ... --nproc-per-node 8          # 8 GPUs: torchrun -m dino_model.eval.extract
 
 Output: ``<output>/<split>/part-*.parquet`` with columns ``key``, ``label``, ``split``, ``features``
 (fixed-size list of float32) and metadata (model URI and version, preprocessing, feature kind, precision,
@@ -33,6 +34,7 @@ def dino_extract(
     avgpool: bool = False,
     precision: Literal["fp32", "bf16"] = "fp32",
     device: str = "auto",
+    nproc_per_node: int = 1,
 ) -> dict[str, Any]:
     """Extract features of every sample of ``data`` (in order, none dropped) to ``<output>/<split>/``.
 
@@ -51,6 +53,9 @@ def dino_extract(
         avgpool: Append the average of the last block's patch tokens.
         precision: ``fp32`` (reference) or ``bf16`` autocast.
         device: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:1``...
+        nproc_per_node: Extraction processes: 1 = in the flow's process; G > 1 = ``torchrun --nproc_per_node=G
+            -m dino_model.eval.extract`` (one GPU each, ``device`` ``auto``/``cuda``/``cpu``), each over a
+            contiguous range of the samples, writing ``part-r<rank>-*.parquet``.
     """
     facts = check_extraction_input(data, classes_from)
     metadata: dict[str, Any] = {"classes_from": classes_from or data}
@@ -62,4 +67,4 @@ def dino_extract(
     return extract_split_features(model_uri, data, output, split, metadata, resize_size=resize_size,
                                   crop_size=crop_size, batch_size=batch_size, n_last_blocks=n_last_blocks,
                                   avgpool=avgpool, precision=precision, device=device,
-                                  label_map=facts["label_map"])
+                                  label_map=facts["label_map"], nproc_per_node=nproc_per_node)

@@ -20,6 +20,12 @@ protocol); ``linear_best_top1`` / ``linear_final_top1`` / ``linear_final_top5`` 
 ``attn_jaccard_best_head`` / ``attn_jaccard_mean_heads`` / ``attn_jaccard_union_heads``; ``davis_jf_mean``,
 ``davis_j_mean``, ``davis_f_mean``, ``davis_j_recall``, ``davis_f_recall``, ``davis_j_decay``, ``davis_f_decay``
 and ``davis_seq_<sequence>_jf``. Accuracies in percent, DAVIS and Jaccard scores in [0, 1].
+With ``precision="bf16"`` the k-NN also gets its parity check against the fp32 reference
+(:func:`knn_bf16_parity`): ``knn<k>_top1_bf16_minus_fp32`` (percentage points, on a bounded subset).
+
+Feature extraction runs in the task's process by default; ``nproc_per_node > 1`` launches
+``torchrun -m dino_model.eval.extract`` (one process per GPU, each over its own contiguous range of the samples,
+see :mod:`dino_model.eval.extract`) and follows its output like the trainer's.
 """
 
 from __future__ import annotations
@@ -89,6 +95,20 @@ class EvaluationSettings(BaseModel):
     crop_size: int = Field(224, description="Centre-crop side (also the probe's random-resized-crop side).")
     batch_size: int = Field(64, description="Images per forward pass.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Inference precision (fp32 = reference).")
+    bf16_parity: bool = Field(True, description="With precision bf16 and k-NN: also run the k-NN on fp32 features "
+                              "of a subset and record knn<k>_top1_bf16_minus_fp32 (see knn_bf16_parity).")
+    bf16_parity_train_samples: int | None = Field(
+        20000, description="Parity check: memory bank = the first N training samples in manifest order (shards "
+                           "are written globally shuffled, so a class-uniform random subset); None = all. 20000 = "
+                           "~20 per class on ImageNet-1k, the whole of Imagenette; ~1.6 % of an ImageNet extraction.")
+    bf16_parity_val_samples: int | None = Field(
+        2000, description="Parity check: the first N val samples (None = all). The same images are classified "
+                          "in both precisions (a paired comparison), so 2000 resolves 0.05 points: one changed "
+                          "prediction, 10x finer than the default tolerance.")
+    bf16_parity_tolerance: float = Field(0.5, description="Parity check: |bf16 - fp32| k-NN top-1 (points) above "
+                                                          "which a warning is logged.")
+    nproc_per_node: int = Field(1, description="Feature-extraction processes (one per GPU): 1 = in the task's "
+                                               "process; > 1 = torchrun -m dino_model.eval.extract.")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
     knn_ks: list[int] = Field([10, 20, 100, 200], description="k values of the weighted k-NN.")
     knn_temperature: float = Field(0.07, description="k-NN vote temperature T: weight exp(sim / T).")
@@ -118,7 +138,7 @@ class EvaluationSettings(BaseModel):
                                  "the champion's score on the same evaluation set; never: leave it.")
     higher_is_better: bool = Field(True, description="Direction of champion_metric.")
 
-    @field_validator("batch_size", "crop_size", "linear_n_last_blocks", "linear_epochs", "linear_fast_epochs",
+    @field_validator("batch_size", "crop_size", "linear_n_last_blocks", "nproc_per_node", "linear_epochs", "linear_fast_epochs",
                      "linear_batch_size", "davis_short_side", "davis_multiple", "attention_frame_step",
                      "attention_size")
     @classmethod
@@ -127,7 +147,8 @@ class EvaluationSettings(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 1, got {v}")
         return v
 
-    @field_validator("resize_size", "davis_max_frames", "attention_max_frames")
+    @field_validator("resize_size", "davis_max_frames", "attention_max_frames", "bf16_parity_train_samples",
+                     "bf16_parity_val_samples")
     @classmethod
     def _positive_or_none(cls, v: int | None, info):
         if v is not None and v < 1:
@@ -145,6 +166,8 @@ class EvaluationSettings(BaseModel):
     def _consistent(self):
         if not self.knn_temperature > 0 or not self.linear_base_lr > 0:
             raise ValueError("knn_temperature and linear_base_lr must be positive")
+        if not self.bf16_parity_tolerance >= 0:
+            raise ValueError(f"bf16_parity_tolerance must be >= 0, got {self.bf16_parity_tolerance}")
         if not 0 < self.attention_threshold <= 1:
             raise ValueError(f"attention_threshold must be in (0, 1], got {self.attention_threshold}")
         if self.davis_max_frames is not None and self.davis_max_frames < 3:
@@ -175,6 +198,10 @@ class EvaluationSettings(BaseModel):
             out += ["attention", "davis"]
         return out
 
+    def runs_bf16_parity(self) -> bool:
+        """Whether the k-NN's bf16-vs-fp32 parity check runs."""
+        return self.precision == "bf16" and self.bf16_parity and "knn" in self.selected()
+
 
 def _default_champion_metric(settings: EvaluationSettings) -> str:
     chosen = settings.selected()
@@ -192,6 +219,9 @@ def metric_family(metric: str, settings: EvaluationSettings) -> str | None:
     chosen = settings.selected()
     m = re.fullmatch(r"knn(\d+)_top[15]", metric)
     if m and "knn" in chosen and int(m.group(1)) in settings.knn_ks:
+        return "classification"
+    m = re.fullmatch(r"knn(\d+)_top1_bf16_minus_fp32", metric)
+    if m and settings.runs_bf16_parity() and int(m.group(1)) in settings.knn_ks:
         return "classification"
     if metric in {f"linear_approx_{s}" for s in ("best_top1", "final_top1", "final_top5")} and "linear_fast" in chosen:
         return "classification"
@@ -507,10 +537,12 @@ def extract_split_features(
     precision: str = "fp32",
     device: str = "auto",
     label_map: list[int] | None = None,
+    nproc_per_node: int = 1,
 ) -> dict[str, Any]:
     """Run the backbone over every sample of the shard set ``data`` (in order, none dropped) and write
     ``<out_uri>/<split>/part-*.parquet``. Labels go through ``label_map`` (val -> train class indices). Checks
-    that the rows written equal the manifest's sample count."""
+    that the rows written equal the manifest's sample count. ``nproc_per_node > 1``: the extraction runs as
+    ``torchrun -m dino_model.eval.extract`` child processes (one per GPU), rank 0 checking the total."""
     import numpy as np
 
     from dino_model.eval.features import extract_features
@@ -518,6 +550,11 @@ def extract_split_features(
     from dino_model.eval.transforms import EvalTransform
 
     logger = _logger()
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    if nproc_per_node > 1:
+        return _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_size, crop_size, batch_size,
+                                      n_last_blocks, avgpool, precision, device, label_map, nproc_per_node)
     device = resolve_device(device)
     shards = EvalShardSet(data)
     backbone = load_model(model_uri, device)
@@ -537,6 +574,56 @@ def extract_split_features(
                 res.uri)
     return {"uri": res.uri, "split": split, "num_rows": res.num_rows, "dim": res.dim, "files": res.files,
             "feature_kind": res.metadata["feature_kind"]}
+
+
+def _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_size, crop_size, batch_size,
+                           n_last_blocks, avgpool, precision, device, label_map, nproc_per_node) -> dict[str, Any]:
+    """The multi-process extraction: ``torchrun -m dino_model.eval.extract``, its output forwarded to the run logs
+    and its per-rank progress records summed into the progress artifact."""
+    import torch
+
+    from dino_model.eval.shard_source import EvalShardSet
+
+    from .trainer_process import LaunchSpec, run_trainer, torchrun_command
+
+    logger = _logger()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:"):
+        raise EvaluationInputError(f"device {device!r} names one GPU, but nproc_per_node={nproc_per_node} processes "
+                                   "take one GPU each (cuda:<local rank>): use device 'cuda' or 'auto'")
+    resolve_device(device)
+    shards = EvalShardSet(data)
+    args = ["--model", model_uri, "--data", data, "--out", out_uri, "--split", split,
+            "--resize", str(resize_size), "--crop", str(crop_size), "--batch-size", str(batch_size),
+            "--n-last-blocks", str(n_last_blocks), "--precision", precision, "--device", device,
+            "--metadata", json.dumps(metadata)]
+    if avgpool:
+        args.append("--avgpool")
+    if label_map is not None:
+        args += ["--label-map", ",".join(str(int(v)) for v in label_map)]
+    cmd = torchrun_command(LaunchSpec(nproc_per_node=nproc_per_node), None, args, module="dino_model.eval.extract")
+    progress = _Progress(shards.num_samples, f"features[{split}] of {model_uri} ({nproc_per_node} processes)")
+    done_by_rank: dict[int, int] = {}
+
+    def on_progress(record: dict) -> None:
+        if record.get("event") == "step":
+            done_by_rank[int(record["rank"])] = int(record["done"])
+            progress.done = sum(done_by_rank.values())
+            if progress.id is not None and time.monotonic() - progress.last > 2.0:
+                progress.last = time.monotonic()
+                update_progress_artifact(progress.id, 100.0 * progress.done / progress.total)
+
+    logger.info("launching %s", " ".join(cmd[:8]) + " ...")
+    end = run_trainer(cmd, {}, on_line=logger.info, on_progress=on_progress)
+    progress.finish()
+    if end is None or end.get("num_rows") != shards.num_samples:
+        raise RuntimeError(f"the torchrun extraction of {shards.uri} reported {end and end.get('num_rows')} rows "
+                           f"for {shards.num_samples} samples")
+    logger.info("%s: %d x %d features (%s) -> %s, %d processes", split, end["num_rows"], end["dim"],
+                end["feature_kind"], end["uri"], nproc_per_node)
+    return {"uri": end["uri"], "split": split, "num_rows": end["num_rows"], "dim": end["dim"],
+            "files": end["files"], "feature_kind": end["feature_kind"]}
 
 
 def _read_pair(features_uri: str, expected: dict[str, int] | None):
@@ -577,6 +664,75 @@ def knn_scores(features_uri: str, ks: list[int], temperature: float = 0.07, num_
         metrics[f"knn{k}_top1"] = r["top1"]
         metrics[f"knn{k}_top5"] = r["top5"]
     _logger().info("k-NN: %s", ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+    return metrics
+
+
+def bf16_parity_metrics(bf16: dict[int, dict[str, float]], fp32: dict[int, dict[str, float]],
+                        tolerance: float) -> tuple[dict[str, float], list[str]]:
+    """``knn<k>_top1_bf16_minus_fp32`` (points) for each k, and a warning for each k whose |difference| exceeds
+    ``tolerance``."""
+    metrics, warnings = {}, []
+    for k in sorted(bf16):
+        diff = bf16[k]["top1"] - fp32[k]["top1"]
+        metrics[f"knn{k}_top1_bf16_minus_fp32"] = diff
+        if abs(diff) > tolerance:
+            warnings.append(f"bf16 k-NN parity: knn{k}_top1 differs by {diff:+.2f} points from fp32 "
+                            f"({bf16[k]['top1']:.2f} vs {fp32[k]['top1']:.2f}), beyond the tolerance of "
+                            f"{tolerance} points: the bf16 scores are not comparable with fp32 ones")
+    return metrics, warnings
+
+
+@task(name="knn-bf16-parity", cache_policy=NO_CACHE)
+def knn_bf16_parity(model_uri: str, features_uri: str, label_map: list[int], num_classes: int,
+                    settings: EvaluationSettings) -> dict[str, float]:
+    """The parity check of a bf16 extraction: the weighted k-NN on the same subset (the first
+    ``bf16_parity_train_samples`` training and ``bf16_parity_val_samples`` val samples, manifest order) with the
+    stored bf16 features and with fp32 features computed here, in memory; returns
+    ``knn<k>_top1_bf16_minus_fp32`` (points) and logs a warning when one exceeds ``bf16_parity_tolerance``."""
+    import numpy as np
+
+    from dino_model.eval.features import compute_features, read_features
+    from dino_model.eval.knn import knn_classify
+    from dino_model.eval.shard_source import EvalShardSet
+    from dino_model.eval.transforms import EvalTransform
+
+    logger = _logger()
+    device = resolve_device(settings.device)
+    backbone = load_model(model_uri, device)
+    transform = EvalTransform(settings.resize_size, settings.crop_size)
+    subsets = {}
+    for split, data, limit, lmap in (("train", settings.train_data, settings.bf16_parity_train_samples, None),
+                                     ("val", settings.val_data, settings.bf16_parity_val_samples, label_map)):
+        shards = EvalShardSet(data)
+        n = min(limit or shards.num_samples, shards.num_samples)
+        keys, labels, fp32 = compute_features(
+            backbone, shards.batches(settings.batch_size, np.asarray(lmap) if lmap is not None else None,
+                                     sample_range=(0, n)),
+            transform=transform, precision="fp32", device=device)
+        stored_keys, stored_labels, stored, meta = read_features(features_uri, split)
+        if meta.get("precision") != "bf16":
+            raise ValueError(f"{features_uri}/{split} holds {meta.get('precision')} features, not bf16")
+        row = {k: i for i, k in enumerate(stored_keys)}
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"{features_uri}/{split} lacks {len(missing)} sample(s) of {data}, e.g. {missing[0]!r}: "
+                             "re-extract the features")
+        idx = np.array([row[k] for k in keys])
+        if not np.array_equal(stored_labels[idx], labels):
+            raise ValueError(f"{features_uri}/{split}: stored labels differ from the shard set's")
+        subsets[split] = (labels, fp32, stored[idx])
+    (train_labels, train_fp32, train_bf16), (val_labels, val_fp32, val_bf16) = subsets["train"], subsets["val"]
+    # a class of the val subset that the training subset happens to lack cannot be voted for in either precision
+    keep = np.isin(val_labels, train_labels)
+    val_labels, val_fp32, val_bf16 = val_labels[keep], val_fp32[keep], val_bf16[keep]
+    common = dict(ks=settings.knn_ks, T=settings.knn_temperature, num_classes=num_classes, device=device)
+    bf16 = knn_classify(train_bf16, train_labels, val_bf16, val_labels, **common)
+    fp32 = knn_classify(train_fp32, train_labels, val_fp32, val_labels, **common)
+    metrics, warnings = bf16_parity_metrics(bf16, fp32, settings.bf16_parity_tolerance)
+    logger.info("bf16 k-NN parity on %d train x %d val samples: %s", len(train_labels), len(val_labels),
+                ", ".join(f"{k}={v:+.2f}" for k, v in metrics.items()))
+    for w in warnings:
+        logger.warning(w)
     return metrics
 
 
@@ -827,6 +983,8 @@ __all__ = [
     "extract_split_features",
     "features_location",
     "find_versions_to_evaluate",
+    "bf16_parity_metrics",
+    "knn_bf16_parity",
     "knn_scores",
     "linear_probe_fast",
     "linear_probe_full",

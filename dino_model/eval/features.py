@@ -5,12 +5,17 @@ Layout under ``out_uri`` (a local folder, ``file://`` or ``s3://bucket/prefix``,
 
     <out_uri>/<split>/part-00000.parquet
     <out_uri>/<split>/part-00001.parquet  ...
+    <out_uri>/<split>/part-r0000-00000.parquet  ...   (rank 0 of a multi-process extraction)
+    <out_uri>/<split>/part-r0001-00000.parquet  ...   (rank 1; see dino_model.eval.extract)
 
 Schema: ``key`` string, ``label`` int64 (-1 = unlabelled), ``split`` string, ``features``
 ``fixed_size_list<float32>[D]``. Every file carries the same key-value metadata under ``dino_model.features``
 (JSON): the caller's ``metadata`` (model name/version/URI...), the preprocessing description, the feature kind,
 the inference precision, the dimension and the split. Re-extracting a split replaces its files (stale parts of a
-previous, longer extraction are deleted once the new ones are written).
+previous, longer extraction are deleted once the new ones are written). A multi-process extraction
+(``torchrun -m dino_model.eval.extract``) writes one series of parts per rank (``rank=`` of
+:func:`extract_features`), each rank over a contiguous range of the samples; :func:`read_features` reads the
+parts in (rank, part) order, so the rows come back in the same order whatever the number of processes.
 
 Features are the [CLS] token after the final norm (``backbone(x)``, the k-NN protocol) by default, or the
 linear-probe features: the [CLS] tokens of the last ``n_last_blocks`` blocks (each through the final norm)
@@ -45,7 +50,8 @@ from .transforms import EvalTransform, ImageBatch, as_image_list, normalize
 METADATA_KEY = b"dino_model.features"
 FORMAT_VERSION = 1
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+#: ``part-NNNNN.parquet`` (one process) or ``part-rRRRR-NNNNN.parquet`` (rank RRRR of a multi-process extraction).
+_PART_RE = re.compile(r"^part-(?:r(\d{4,})-)?(\d{5,})\.parquet$")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -74,6 +80,17 @@ def backbone_features(backbone: torch.nn.Module, x: torch.Tensor, n_last_blocks:
     if avgpool:
         feats.append(outs[-1][:, 1:].mean(dim=1))
     return torch.cat(feats, dim=-1)
+
+
+def part_name(index: int, rank: int | None = None) -> str:
+    """File name of part ``index``: ``part-00003.parquet``, or ``part-r0001-00003.parquet`` for ``rank`` 1."""
+    return f"part-{index:05d}.parquet" if rank is None else f"part-r{rank:04d}-{index:05d}.parquet"
+
+
+def _part_order(name: str) -> tuple[int, int]:
+    m = _PART_RE.match(name)
+    assert m is not None
+    return (int(m.group(1)) if m.group(1) is not None else -1, int(m.group(2)))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -109,6 +126,8 @@ class FeatureWriteResult:
     files: list[str] = field(default_factory=list)
     #: The metadata stored in every file.
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: File names (relative to ``<uri>/<split>/``) of the parts written, in order.
+    names: list[str] = field(default_factory=list)
 
 
 def _table(keys: list[str], labels: np.ndarray, split: str, feats: np.ndarray, meta: bytes) -> pa.Table:
@@ -135,6 +154,51 @@ def _write_part(store: ObjectStore, key: str, table: pa.Table) -> None:
     store.put_bytes(key, buf.getvalue())
 
 
+def _batch_features(backbone, images, transform, device, autocast, n_last_blocks, avgpool) -> np.ndarray:
+    x = prepare_batch(images, transform).to(device)
+    with autocast:
+        f = backbone_features(backbone, x, n_last_blocks, avgpool)
+    return f.float().cpu().numpy()
+
+
+def _batch_labels(keys, images, labels) -> tuple[list[str], np.ndarray]:
+    keys = [str(k) for k in keys]
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
+    n_img = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+    if not (len(keys) == n_img == len(labels)):
+        raise ValueError(f"batch has {len(keys)} keys, {n_img} images and {len(labels)} labels")
+    return keys, labels
+
+
+@torch.inference_mode()
+def compute_features(
+    backbone: torch.nn.Module,
+    batches: Iterable[tuple[Sequence[str], ImageBatch, Any]],
+    *,
+    transform: EvalTransform | None = EvalTransform(),
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The same features as :func:`extract_features`, kept in memory: ``(keys, labels int64 [N], features
+    float32 [N, D])``. For bounded subsets (e.g. the fp32 side of the bf16 parity check)."""
+    device = torch.device(device) if device is not None else _module_device(backbone)
+    autocast = _autocast(device, precision)
+    backbone.eval()
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
+    for batch_keys, images, batch_labels in batches:
+        batch_keys, batch_labels = _batch_labels(batch_keys, images, batch_labels)
+        keys.extend(batch_keys)
+        labels.append(batch_labels)
+        feats.append(_batch_features(backbone, images, transform, device, autocast, n_last_blocks, avgpool))
+    if not keys:
+        raise ValueError("no samples to compute features of")
+    return keys, np.concatenate(labels), np.concatenate(feats)
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: torch.nn.Module,
@@ -151,6 +215,7 @@ def extract_features(
     rows_per_file: int = 100_000,
     progress: bool = True,
     total: int | None = None,
+    rank: int | None = None,
 ) -> FeatureWriteResult:
     """Run ``backbone`` (put in eval mode) over ``batches`` and write ``<out_uri>/<split>/part-*.parquet``.
 
@@ -159,6 +224,8 @@ def extract_features(
     ``transform`` resizes/crops (default: resize 256 bicubic + centre crop 224); ``None`` only normalises.
     ``metadata`` (JSON-serialisable; e.g. model name, version, URI) is stored in every file with the
     preprocessing, feature kind and precision. ``total`` (number of images) sizes the progress bar.
+    ``rank`` (multi-process extraction): name the parts ``part-r<rank>-*.parquet`` and leave every other file
+    alone (the stale parts are then deleted by rank 0 with :func:`delete_stale_parts` once all ranks are done).
     Raises :class:`ValueError` for a bad split name, mismatched key/image/label counts, duplicate keys, or an
     empty input (nothing is written then).
     """
@@ -201,7 +268,7 @@ def extract_features(
             labels = np.concatenate(pending_labels)
             take = min(rows_per_file, len(pending_keys))
             meta_bytes = json.dumps({**meta, "dim": dim}, sort_keys=True).encode()
-            name = f"part-{len(written):05d}.parquet"
+            name = part_name(len(written), rank)
             _write_part(split_store, name, _table(pending_keys[:take], labels[:take], split, feats[:take], meta_bytes))
             written.append(name)
             pending_keys = pending_keys[take:]
@@ -211,20 +278,12 @@ def extract_features(
     bar = tqdm(total=total, disable=not progress, unit="img", desc=f"features[{split}]")
     try:
         for keys, images, labels in batches:
-            keys = [str(k) for k in keys]
-            labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
-            labels = labels.reshape(-1)
-            n_img = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
-            if not (len(keys) == n_img == len(labels)):
-                raise ValueError(f"batch has {len(keys)} keys, {n_img} images and {len(labels)} labels")
+            keys, labels = _batch_labels(keys, images, labels)
             for k in keys:
                 if k in seen:
                     raise ValueError(f"duplicate sample key {k!r} in split {split!r}")
                 seen.add(k)
-            x = prepare_batch(images, transform).to(device)
-            with autocast:
-                f = backbone_features(backbone, x, n_last_blocks, avgpool)
-            f = f.float().cpu().numpy()
+            f = _batch_features(backbone, images, transform, device, autocast, n_last_blocks, avgpool)
             if dim < 0:
                 dim = f.shape[1]
             pending_keys.extend(keys)
@@ -238,25 +297,38 @@ def extract_features(
         flush(final=True)
     finally:
         bar.close()
-    # drop parts of an earlier extraction of this split that the new one did not overwrite
-    for obj in list(split_store.list("part-")):
-        if _PART_RE.match(obj.key) and obj.key not in written:
-            split_store.delete(obj.key)
+    if rank is None:
+        delete_stale_parts(out_uri, split, written)
     meta["dim"] = dim
     return FeatureWriteResult(
-        uri=store.uri, split=split, num_rows=n_rows, dim=dim, files=[split_store.url(n) for n in written], metadata=meta
+        uri=store.uri, split=split, num_rows=n_rows, dim=dim, files=[split_store.url(n) for n in written], metadata=meta,
+        names=list(written),
     )
 
 
+def delete_stale_parts(uri: str, split: str, keep: Iterable[str]) -> list[str]:
+    """Delete the part files of ``<uri>/<split>/`` not named in ``keep`` (those of an earlier, longer or
+    differently-ranked extraction that the new one did not overwrite); returns the names deleted."""
+    split_store = open_store(uri).child(split)
+    keep = set(keep)
+    deleted = []
+    for obj in list(split_store.list("part-")):
+        if _PART_RE.match(obj.key) and obj.key not in keep:
+            split_store.delete(obj.key)
+            deleted.append(obj.key)
+    return deleted
+
+
 def list_feature_files(uri: str, split: str | None = None) -> list[tuple[str, str]]:
-    """``(split, key)`` of every part file under ``uri`` (optionally one split), in order."""
+    """``(split, key)`` of every part file under ``uri`` (optionally one split), in split then (rank, part)
+    order — the order the rows were produced in, whatever the number of processes."""
     store = open_store(uri)
     out = []
     for obj in store.list(f"{split}/" if split else ""):
         parts = obj.key.split("/")
         if len(parts) == 2 and _PART_RE.match(parts[1]):
             out.append((parts[0], obj.key))
-    return out
+    return sorted(out, key=lambda item: (item[0], _part_order(item[1].split("/")[1])))
 
 
 def read_features(

@@ -11,6 +11,10 @@ Shards are streamed through WebDataset's tar iterators (``s3://`` through :mod:`
 decoded with :func:`dino_model.data.reader.decode_image`. A shard holding fewer samples than its manifest entry
 is an error (the evaluation set would silently shrink otherwise).
 
+Several processes (``torchrun -m dino_model.eval.extract``) split the set with :meth:`EvalShardSet.rank_range`:
+contiguous, balanced sample ranges in manifest order, so every sample is read exactly once overall and the ranks'
+outputs concatenated in rank order are the single-process order.
+
 Labels are class indices into *this* shard set's ``manifest.classes``. Train and val shard sets are written
 separately, so their index spaces may differ (a class absent from val shifts every later index):
 :meth:`EvalShardSet.label_map_to` maps them onto the training set's classes by class id, and refuses a val class
@@ -69,21 +73,51 @@ class EvalShardSet:
             raise ValueError(f"{len(missing)} class(es) of {self.uri} have no training samples: {shown}")
         return np.array([where[c] for c in self.classes], dtype=np.int64)
 
-    def samples(self, shard_order: Sequence[int] | None = None) -> Iterator[tuple[str, bytes, int]]:
+    def rank_range(self, rank: int, world_size: int) -> tuple[int, int]:
+        """Sample range ``[start, stop)`` (manifest order) of process ``rank`` out of ``world_size``: contiguous,
+        disjoint, covering the set, sizes differing by at most one (empty when there are more ranks than
+        samples). Contiguous rather than strided so each rank opens only its own shards."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        n = self.num_samples
+        return n * rank // world_size, n * (rank + 1) // world_size
+
+    def samples(
+        self, shard_order: Sequence[int] | None = None, sample_range: tuple[int, int] | None = None
+    ) -> Iterator[tuple[str, bytes, int]]:
         """``(key, encoded image, label)`` of every sample, shard by shard (manifest order unless
-        ``shard_order`` permutes the shards)."""
-        order = range(self.num_shards) if shard_order is None else shard_order
-        for index in order:
-            yield from self._source.iter_unit(index)
+        ``shard_order`` permutes the shards), or only the samples ``[start, stop)`` of the manifest order given by
+        ``sample_range`` (only the shards overlapping it are opened)."""
+        if sample_range is None:
+            order = range(self.num_shards) if shard_order is None else shard_order
+            for index in order:
+                yield from self._source.iter_unit(index)
+            return
+        if shard_order is not None:
+            raise ValueError("shard_order and sample_range cannot be combined")
+        start, stop = sample_range
+        if not 0 <= start <= stop:
+            raise ValueError(f"sample_range must satisfy 0 <= start <= stop, got {sample_range}")
+        offset = 0
+        for index, unit in enumerate(self._source.units):
+            lo, hi = offset, offset + unit.samples
+            offset = hi
+            if hi <= start:
+                continue
+            if lo >= stop:
+                break
+            yield from self._source.iter_unit(index, max(start - lo, 0), min(stop, hi) - lo)
 
     def batches(
         self,
         batch_size: int,
         label_map: np.ndarray | None = None,
         shard_order: Sequence[int] | None = None,
+        sample_range: tuple[int, int] | None = None,
     ) -> Iterator[tuple[list[str], list[torch.Tensor], torch.Tensor]]:
         """``(keys, images, labels)`` batches of at most ``batch_size`` (the last one may be smaller); images are
-        uint8 ``[3, H, W]``; labels go through ``label_map`` when given (unlabelled samples stay -1)."""
+        uint8 ``[3, H, W]``; labels go through ``label_map`` when given (unlabelled samples stay -1).
+        ``shard_order`` / ``sample_range`` as in :meth:`samples`."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         keys: list[str] = []
@@ -99,7 +133,7 @@ class EvalShardSet:
                 lab[known] = torch.as_tensor(label_map)[lab[known]]
             return keys, images, lab
 
-        for key, data, label in self.samples(shard_order):
+        for key, data, label in self.samples(shard_order, sample_range):
             keys.append(key)
             images.append(decode_image(data))
             labels.append(label)
