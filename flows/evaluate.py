@@ -13,6 +13,9 @@ Run them
 running a model, extracts Parquet features (train and val, local or S3), runs the chosen evaluations, and records
 the scores: version tags ``eval.<set hash>.<metric>``, metrics of an MLflow evaluation run linked to the version's
 LoggedModel, attention overlays as run artifacts, a Prefect table artifact; then applies the champion policy.
+With ``precision="bf16"`` the k-NN is also run on fp32 features of a bounded subset and the difference recorded
+(``knn<k>_top1_bf16_minus_fp32``, a warning beyond ``bf16_parity_tolerance``); ``nproc_per_node > 1`` extracts
+the features with torchrun (one process per GPU).
 MLflow comes from ``MLFLOW_TRACKING_URI``. The flows only compose tasks from :mod:`tasks.evaluate`.
 """
 
@@ -35,6 +38,7 @@ from tasks.evaluate import (
     extract_split_features,
     features_location,
     find_versions_to_evaluate,
+    knn_bf16_parity,
     knn_scores,
     linear_probe_fast,
     linear_probe_full,
@@ -77,7 +81,8 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
         if any(e in chosen for e in ("knn", "linear_fast")):
             expected = {"train": facts["train_samples"], "val": facts["val_samples"]}
             common = dict(resize_size=settings.resize_size, crop_size=settings.crop_size,
-                          batch_size=settings.batch_size, precision=settings.precision, device=settings.device)
+                          batch_size=settings.batch_size, precision=settings.precision, device=settings.device,
+                          nproc_per_node=settings.nproc_per_node)
             meta = {"model_name": info["name"], "model_version": info["version"],
                     "evaluation_set": hashes["classification"], "classes_from": settings.train_data}
             kinds = []
@@ -97,6 +102,9 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
             if "knn" in chosen:
                 metrics |= knn_scores(features["cls"], settings.knn_ks, settings.knn_temperature,
                                       facts["num_classes"], settings.device, expected)
+                if settings.runs_bf16_parity():
+                    metrics |= knn_bf16_parity(info["uri"], features["cls"], facts["label_map"],
+                                               facts["num_classes"], settings)
             if "linear_fast" in chosen:
                 probe_kind = feature_kind(settings.linear_n_last_blocks, settings.linear_avgpool)
                 metrics |= linear_probe_fast(features[probe_kind], settings.linear_fast_epochs,

@@ -293,3 +293,46 @@ def test_cli_extract_and_evaluate_errors(toy, tracking, tmp_path, capsys):
     assert main(["evaluate", "models:/x/1", "--train", toy["train"], "--val", toy["val"], "--ks", "5",
                  "--champion-metric", "knn20_top1"]) == 2
     assert "champion_metric 'knn20_top1' is not produced" in capsys.readouterr().err
+
+
+def test_bf16_extraction_records_knn_parity_with_fp32(toy, tracking, tmp_path):
+    """precision=bf16: the k-NN is also run on fp32 features of a bounded subset (first 16 training samples, every
+    val sample) and the differences are recorded as metrics and version tags of the evaluation set."""
+    from dino_model.eval.features import read_features
+    from flows.evaluate import dino_evaluate
+    from tasks.evaluate import EvaluationSettings, metric_family
+
+    name = f"bf16-{secrets.token_hex(3)}"
+    version = _register(name, tmp_path, degenerate=False)
+    settings = EvaluationSettings(
+        train_data=toy["train"], val_data=toy["val"], features_root=str(tmp_path / "feats"), evaluations=["knn"],
+        knn_ks=[1, 20], precision="bf16", bf16_parity_train_samples=16, bf16_parity_val_samples=None,
+        champion_policy="never", **FAST)
+    res = dino_evaluate(f"models:/{name}/{version}", settings)
+    m = res["metrics"]
+    assert set(m) == {"knn1_top1", "knn1_top5", "knn20_top1", "knn20_top5", "knn1_top1_bf16_minus_fp32",
+                      "knn20_top1_bf16_minus_fp32"}
+    # the toy classes are far apart: bf16 rounding changes no prediction, so both precisions agree exactly
+    assert m["knn20_top1"] == pytest.approx(100.0) and m["knn20_top1_bf16_minus_fp32"] == 0.0
+    assert read_features(res["features"]["cls"], "val")[3]["precision"] == "bf16"
+    h = res["evaluation_sets"]["classification"]
+    tags = tracking.get_model_version(name, str(version)).tags
+    assert float(tags[f"eval.{h}.knn1_top1_bf16_minus_fp32"]) == m["knn1_top1_bf16_minus_fp32"]
+    # fp32 (the reference) has no parity metric
+    assert metric_family("knn20_top1_bf16_minus_fp32", settings.model_copy(update={"precision": "fp32"})) is None
+
+
+def test_bf16_parity_warns_beyond_tolerance():
+    from tasks.evaluate import EvaluationSettings, bf16_parity_metrics
+
+    bf16 = {10: {"top1": 71.0, "top5": 90.0}, 20: {"top1": 72.4, "top5": 91.0}}
+    fp32 = {10: {"top1": 70.8, "top5": 90.0}, 20: {"top1": 73.0, "top5": 91.2}}
+    metrics, warnings = bf16_parity_metrics(bf16, fp32, tolerance=0.5)
+    assert metrics == {"knn10_top1_bf16_minus_fp32": pytest.approx(0.2),
+                       "knn20_top1_bf16_minus_fp32": pytest.approx(-0.6)}
+    assert len(warnings) == 1 and "knn20_top1 differs by -0.60 points" in warnings[0] and "0.5 points" in warnings[0]
+    assert bf16_parity_metrics(bf16, fp32, tolerance=1.0)[1] == []
+    with pytest.raises(ValueError, match="bf16_parity_tolerance must be >= 0"):
+        EvaluationSettings(train_data="a", val_data="b", bf16_parity_tolerance=-1)
+    with pytest.raises(ValueError, match="bf16_parity_val_samples must be >= 1 or None"):
+        EvaluationSettings(train_data="a", val_data="b", bf16_parity_val_samples=0)
