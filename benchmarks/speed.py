@@ -190,6 +190,9 @@ def measure(s: Setting, args, device: torch.device, jpegs: list[bytes], folder: 
         f"crops.global_size={s.global_size}", f"crops.local_size={s.local_size}", f"crops.n_local={s.n_local}",
         f"data.batch_size_per_gpu={s.batch}", "train.epochs=10", "optim.warmup_epochs=0",
     ])
+    # A fresh compile cache per setting: otherwise a second batch size / crop size turns on dynamic shapes (and
+    # the compiled kernels would differ from a training run's, which sees one shape).
+    torch._dynamo.reset()
     mcfg = MultiCropConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
     row: dict = {"setting": str(s), "batch": s.batch, "gflop": gflop_per_image(s, args.out_dim)}
 
@@ -274,6 +277,7 @@ def check_step(device: torch.device, args, steps: int = 5) -> str:
     """Loss of the fast step (precision/compile as configured, fused AdamW on CUDA) vs the fp32 eager reference
     step, from the same initial state on the same crops, over ``steps`` steps: the largest relative difference."""
     s = Setting.parse(args.check_setting)
+    torch._dynamo.reset()
     cfg = load_config(overrides=[
         f"model.arch={s.arch}", f"model.patch_size={s.patch}", f"model.out_dim={args.out_dim}",
         f"crops.global_size={s.global_size}", f"crops.local_size={s.local_size}", f"crops.n_local={s.n_local}",
