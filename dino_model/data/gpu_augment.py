@@ -10,7 +10,13 @@ split differently:
 * **The training process** (:class:`DeviceMultiCrop`) decodes the batch with
   ``torchvision.io.decode_jpeg(list, device=...)`` (nvjpeg on CUDA, libjpeg-turbo on CPU — same call), takes
   every random-resized crop with a batched resampler, and runs flips, colour jitter, greyscale, blur, solarisation
-  and normalisation through :func:`dino_model.data.augment.augment_resized` on whole crop groups at once.
+  and normalisation on whole crop groups at once: :func:`augment_resized_sync_free` on CUDA (no host-device sync,
+  so the CPU can queue the next batch's work while the GPU still runs the step), the CPU path's own
+  :func:`dino_model.data.augment.augment_resized` elsewhere (same results, tested).
+
+Unverified on a GPU so far (no device in the session that wrote this): nvjpeg's output against libjpeg-turbo's,
+the speed of every piece, and whether torchvision's batched GPU ``decode_jpeg`` synchronises internally.
+``benchmarks/speed.py`` checks the first and measures the rest.
 
 Random-resized crop, batched (``resize="matmul"``, the default on CUDA): antialiased bicubic resampling is
 separable, so each crop is ``Wy @ image @ Wx^T`` with ``Wy`` [s, H] and ``Wx`` [s, W] holding the exact filter
@@ -28,7 +34,8 @@ pixels differ by up to 8 levels). Measured on the imagenet-sample JPEGs: ~0.4 % 
 1 level (rarely 2). After the rest of the chain 1 level is 1/255/std ≈ 0.017 in normalised units; the mean absolute
 difference is ~7e-5 and the largest seen 0.056. Solarisation (threshold 128) and hue at near-grey pixels can turn a
 1-level difference into a large one on the rare pixel right at an edge, so the test bounds the mean and the 99.9th
-percentile, not the maximum. On CUDA, nvjpeg's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels too (not testable here).
+percentile, not the maximum. On CUDA, nvjpeg's IDCT and chroma upsampling may differ from libjpeg-turbo's by a
+level or so too (not testable here; ``benchmarks/speed.py`` reports it).
 
     >>> sampler = CropParamSampler(MultiCropConfig())                 # in the workers (reader param_sampler=)
     >>> aug = DeviceMultiCrop(MultiCropConfig(), torch.device("cuda"))
