@@ -38,12 +38,10 @@ import io
 import math
 import os
 import platform
-import re
 import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,36 +58,12 @@ from dino_model.data.rng import sample_generator  # noqa: E402
 from dino_model.fast_step import FastForwardBackward, resolve_compile  # noqa: E402
 from dino_model.optim import build_optimizer, param_groups  # noqa: E402
 from dino_model.train import StepSettings, build_model, resolve_precision, train_step  # noqa: E402
+from settings import WIDTH_DEPTH, Setting  # noqa: E402  (benchmarks/settings.py)
 
-_SETTING = re.compile(r"^(\w+)/(\d+)/(\d+)/(\d+)x2\+(\d+)x(\d+)$")
 GPU_DEFAULTS = ["vit_small/16/128/224x2+96x8", "vit_small/16/128/128x2+64x8",
                 "vit_base/16/64/224x2+96x8", "vit_base/16/128/128x2+64x8"]
 CPU_QUICK = ["vit_tiny/16/4/64x2+32x2"]
-WIDTH_DEPTH = {"vit_tiny": (192, 12), "vit_small": (384, 12), "vit_base": (768, 12)}
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
-
-
-@dataclass
-class Setting:
-    arch: str
-    patch: int
-    batch: int
-    global_size: int
-    local_size: int
-    n_local: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Setting":
-        m = _SETTING.match(text)
-        if not m:
-            raise SystemExit(f"bad --setting {text!r}: expected arch/patch/batch/Gx2+LxM, e.g. vit_small/16/128/224x2+96x8")
-        a, p, b, g, loc, n = m.groups()
-        if a not in WIDTH_DEPTH:
-            raise SystemExit(f"bad --setting {text!r}: arch must be one of {sorted(WIDTH_DEPTH)}")
-        return cls(a, int(p), int(b), int(g), int(loc), int(n))
-
-    def __str__(self) -> str:
-        return f"{self.arch}/{self.patch} {self.global_size}x2+{self.local_size}x{self.n_local}"
 
 
 def gflop_per_image(s: Setting, out_dim: int, hidden: int = 2048, bottleneck: int = 256, nlayers: int = 3) -> float:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import resource
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,32 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dino_model.config import load_config  # noqa: E402
 from dino_model.optim import build_optimizer, param_groups  # noqa: E402
 from dino_model.train import StepSettings, build_model, resolve_precision, train_step  # noqa: E402
+from settings import Setting  # noqa: E402  (benchmarks/settings.py)
 
-_SETTING = re.compile(r"^(\w+)/(\d+)/(\d+)/(\d+)x2\+(\d+)x(\d+)$")
 
 GPU_DEFAULTS = ["vit_small/16/64/224x2+96x8", "vit_small/16/128/128x2+64x8", "vit_base/16/64/224x2+96x8"]
 CPU_DEFAULTS = ["vit_tiny/16/8/64x2+32x4", "vit_tiny/16/32/96x2+48x6"]
-
-
-@dataclass
-class Setting:
-    arch: str
-    patch: int
-    batch: int
-    global_size: int
-    local_size: int
-    n_local: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Setting":
-        m = _SETTING.match(text)
-        if not m:
-            raise SystemExit(f"bad --setting {text!r}: expected arch/patch/batch/GX2+LxM, e.g. vit_small/16/64/224x2+96x8")
-        a, p, b, g, lsz, n = m.groups()
-        return cls(a, int(p), int(b), int(g), int(lsz), int(n))
-
-    def __str__(self) -> str:
-        return f"{self.arch}/{self.patch} b{self.batch} {self.global_size}x2+{self.local_size}x{self.n_local}"
 
 
 def measure(s: Setting, device: torch.device, precision: str, out_dim: int, steps: int, warmup: int) -> dict:
