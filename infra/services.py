@@ -261,16 +261,22 @@ def start_mlflow(
         "--workers",
         "1",
     ]
-    log = work_dir / "mlflow.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
     url = f"http://{_url_host(host)}:{port}"
+    return _spawn_server("mlflow", args, server_env, work_dir / "mlflow.log", url, url + "/health", timeout)
+
+
+def _spawn_server(name: str, args: list[str], env: dict[str, str], log: Path, url: str, health_url: str,
+                  timeout: float) -> Server:
+    """Start ``args`` in its own session (so ``stop_pid`` ends its whole group), output to ``log``, and return once
+    ``health_url`` answers; a server that fails to come up is stopped before the error propagates."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_for_http(url + "/health", timeout, proc, log)
+        wait_for_http(health_url, timeout, proc, log)
     except BaseException:
         stop_pid(proc.pid)
         raise
-    return Server("mlflow", url, proc.pid, log)
+    return Server(name, url, proc.pid, log)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -320,16 +326,8 @@ def start_prefect_server(
     )
     args = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port), "--analytics-off",
             "--ui" if ui else "--no-ui"]
-    log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True)
     api = f"http://{_url_host(host)}:{port}/api"
-    try:
-        wait_for_http(api + "/health", timeout, proc, log)
-    except BaseException:
-        stop_pid(proc.pid)
-        raise
-    return Server("prefect", api, proc.pid, log)
+    return _spawn_server("prefect", args, server_env, home / "server.log", api, api + "/health", timeout)
 
 
 def _url_host(host: str) -> str:
