@@ -27,6 +27,18 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on a shared 2-core machine several threads spin against each other
+    (up to ~8x slower), and one thread keeps CPU maths bitwise reproducible between runs of the same test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (imagenette-128, imagenet-sample, davis-mini); CI has it beside the clone."""

@@ -29,13 +29,7 @@ from dino_model.meta_arch import DINO
 from dino_model.storage import open_store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine several threads per test spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_dino(out_dim: int = 64) -> DINO:

@@ -27,12 +27,7 @@ from dino_model.models import build_backbone
 from dino_model.storage import ObjectNotFound, open_store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomised(backbone: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

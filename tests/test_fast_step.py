@@ -25,12 +25,7 @@ from dino_model.optim import build_optimizer, param_groups
 from dino_model.train import StepSettings, build_model, train, train_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("ncrops", [2, 4])

@@ -52,13 +52,7 @@ METRIC_KEYS = {"loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "ima
                "teacher_kl_to_uniform", "teacher_kl_to_center", "kl_teacher_student", "epoch"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (and bitwise-reproducible CPU maths between runs of the same test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
