@@ -9,7 +9,6 @@ issue asks ("the fast path's loss tracks the fp32 eager path").
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from dino_model.fast_step import FastForwardBackward, dino_cross_entropy, dino_l
 from dino_model.losses import DINOLoss
 from dino_model.optim import build_optimizer, param_groups
 from dino_model.train import StepSettings, build_model, train, train_step
+from tests.test_train import tiny_config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -141,17 +141,8 @@ def jpeg_folder(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(source: Path, ckpt: Path, **extra):
-    base = {
-        "model.arch": "vit_tiny", "model.patch_size": 16, "model.out_dim": 64, "model.head_hidden_dim": 64,
-        "model.head_bottleneck_dim": 32, "model.drop_path_rate": 0.1,
-        "crops.global_size": 32, "crops.local_size": 16, "crops.n_local": 2,
-        "data.source": str(source), "data.batch_size_per_gpu": 8, "data.num_workers": 0,
-        "optim.lr": 0.005, "optim.warmup_epochs": 1, "train.epochs": 2, "train.device": "cpu",
-        "checkpoint.uri": str(ckpt), "checkpoint.every_n_steps": 3, "checkpoint.keep_last": 0,
-        "logging.log_every": 1, "logging.loggers": [], "export.enabled": False,
-    }
-    base.update(extra)
-    return load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in base.items()])
+    """test_train's tiny run, checkpointing every 3 steps and without the export."""
+    return tiny_config(source, ckpt, **{"checkpoint.every_n_steps": 3, "export.enabled": False, **extra})
 
 
 def final_state(ckpt: Path) -> dict:

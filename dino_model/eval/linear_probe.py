@@ -252,21 +252,8 @@ def linear_probe(
             yield feats_of(prepare_batch(images, cfg.val_transform)), checked(labels)
 
     torch.manual_seed(cfg.seed)
-    classifier = LinearClassifier(dim, num_classes).to(device)
-    lrs = cosine_lr_schedule(cfg.base_lr * batch_size / 256.0, cfg.epochs)
-    history, best, best_epoch = _train_classifier(
-        classifier, cfg.epochs, lrs, cfg.momentum, cfg.weight_decay, train_epoch, val_epoch, on_epoch_end
-    )
-    return LinearProbeResult(
-        best_top1=best,
-        best_epoch=best_epoch,
-        final_top1=history[-1]["val_top1"],
-        final_top5=history[-1]["val_top5"],
-        history=history,
-        classifier_state={k: v.detach().cpu() for k, v in classifier.state_dict().items()},
-        feature_dim=dim,
-        num_classes=num_classes,
-    )
+    return _fit(dim, num_classes, device, cfg.base_lr, batch_size, cfg.epochs, cfg.momentum, cfg.weight_decay,
+                train_epoch, val_epoch, on_epoch_end, approximate=False)
 
 
 def linear_probe_on_features(
@@ -313,7 +300,15 @@ def linear_probe_on_features(
             yield va_f[s : s + 4096], va_l[s : s + 4096]
 
     torch.manual_seed(seed)
-    classifier = LinearClassifier(tr_f.shape[1], num_classes).to(device)
+    return _fit(tr_f.shape[1], num_classes, device, base_lr, batch_size, epochs, momentum, weight_decay,
+                train_epoch, val_epoch, on_epoch_end, approximate=True)
+
+
+def _fit(dim, num_classes, device, base_lr, batch_size, epochs, momentum, weight_decay, train_epoch, val_epoch,
+         on_epoch_end, approximate: bool) -> "LinearProbeResult":
+    """Train a fresh linear classifier with the paper's schedule (lr = base_lr x batch / 256, cosine to 0) and
+    collect the result; shared by the full probe and the approximate one on cached features."""
+    classifier = LinearClassifier(dim, num_classes).to(device)
     lrs = cosine_lr_schedule(base_lr * batch_size / 256.0, epochs)
     history, best, best_epoch = _train_classifier(
         classifier, epochs, lrs, momentum, weight_decay, train_epoch, val_epoch, on_epoch_end
@@ -325,7 +320,7 @@ def linear_probe_on_features(
         final_top5=history[-1]["val_top5"],
         history=history,
         classifier_state={k: v.detach().cpu() for k, v in classifier.state_dict().items()},
-        feature_dim=tr_f.shape[1],
+        feature_dim=dim,
         num_classes=num_classes,
-        approximate=True,
+        approximate=approximate,
     )
