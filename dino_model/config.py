@@ -160,6 +160,10 @@ class DataConfig:
     and augments whole batches on its device, see :mod:`dino_model.data.gpu_augment`) or ``auto`` (``device`` on
     CUDA, ``workers`` otherwise). Both draw the same parameters from (seed, epoch, sample key), so resume stays
     exact in either mode."""
+    prefetch_batches: int = 1
+    """Batches made ready on the device ahead of the step, by a background thread on a side CUDA stream (decode +
+    augmentation with ``augment_on=device``, the host-to-device copy otherwise), so that work overlaps the step
+    (see :mod:`dino_model.data.device_prefetch`); 0 = prepare each batch inline. Results do not depend on it."""
 
     def _validate(self, p: str) -> None:
         if not isinstance(self.source, str):
@@ -172,6 +176,7 @@ class DataConfig:
         if self.resampled and self.epoch_length is None:
             raise ConfigError(f"{p}epoch_length must be set when {p}resampled is true (the stream is infinite)")
         _choice(p, "augment_on", self.augment_on, AUGMENT_ON)
+        _nonneg_int(p, "prefetch_batches", self.prefetch_batches)
 
 
 @dataclass

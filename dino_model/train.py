@@ -67,6 +67,7 @@ from dino_model.checkpoint import (
     save_checkpoint,
 )
 from dino_model.config import ConfigError, DinoConfig, load_config
+from dino_model.data.device_prefetch import DevicePrefetcher
 from dino_model.data.rng import derive_seed
 from dino_model.fast_step import FastForwardBackward, resolve_compile
 from dino_model.meta_arch import DINO, unwrap
@@ -505,6 +506,12 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
         device_augment = DeviceMultiCrop(multicrop_config(cfg), device)
     grad_scaler = torch.amp.GradScaler(device.type) if use_scaler else None
 
+    def prepare_batch(batch: dict[str, Any]) -> list[torch.Tensor]:
+        """A loader batch -> the step's crops on the device (runs on the prefetch thread)."""
+        if device_augment is not None:  # decode + augment the whole batch on the device
+            return device_augment(batch["encoded"], batch["params"])
+        return [c.to(device, non_blocking=True) for c in batch["crops"]]
+
     # 5. schedules: arrays over every step of the run, indexed by the global step
     sched: Schedules = build_schedules(
         epochs=cfg.train.epochs,
@@ -582,6 +589,7 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
         last_ckpt = dist_utils.broadcast_object(written)
         return last_ckpt
 
+    batches: DevicePrefetcher | None = None
     try:
         with StopSignals() as stop:
             # 8. the loop: epochs from the cursor, batches from the cursor within its epoch
@@ -600,16 +608,13 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
                 epoch_steps = 0
                 batch_index = cursor_batch
                 stop_requested = reached_max = False
-                for batch in loader:
+                # Batches arrive as crops on the device, prepared ahead on a side thread / CUDA stream.
+                batches = DevicePrefetcher(loader, prepare_batch, device, depth=cfg.data.prefetch_batches)
+                for crops in batches:
                     it = step  # schedule index of this update
                     # Randomness inside the step (drop-path) is a function of (seed, rank, step) rather than of
-                    # everything drawn before: data-loader iterators take their base seed from the global RNG,
-                    # so a resumed run would otherwise shift every later draw.
+                    # everything drawn before, so a resumed run draws what the uninterrupted one drew.
                     torch.manual_seed(derive_seed(cfg.train.seed, "step", ctx.rank, it))
-                    if device_augment is not None:  # decode + augment the batch here, on the device
-                        crops = device_augment(batch["encoded"], batch["params"])
-                    else:
-                        crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
                     stats = train_step(
                         model, optimizer, crops, epoch=epoch, lr=float(sched.lr[it]), wd=float(sched.wd[it]),
                         momentum=float(sched.momentum[it]), settings=settings, grad_scaler=grad_scaler,
@@ -661,7 +666,8 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
                         checkpoint_now(epoch, batch_index)
                     if reached_max or stop_requested:
                         break
-                loader = None  # its workers shut down before the next epoch's start
+                batches.close()  # drop what was prepared ahead (a resume re-reads it from the cursor)
+                loader = batches = None  # the workers shut down before the next epoch's start
 
                 if batch_index >= steps_per_epoch:  # the epoch is complete
                     mean_loss = dist_utils.all_reduce_mean((epoch_loss / max(epoch_steps, 1)).reshape(1))
@@ -707,6 +713,8 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
         return TrainResult(step=step, epoch=epoch, status=status, checkpoint=last_ckpt, export=export,
                            metrics=last_metrics)
     finally:
+        if batches is not None:  # left the loop by an exception: stop the prefetch thread
+            batches.close()
         loggers.close()
 
 

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..storage import ObjectStore, open_store
 from .image_folder import ImageFolderSource, Unit
 from .manifest import MANIFEST_NAME, load_manifest
-from .rng import python_random, sample_generator
+from .rng import derive_seed, python_random, sample_generator
 from .s3_handler import register_s3_handler
 
 __all__ = [
@@ -542,5 +542,9 @@ def build_loader(
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
         worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None,
+        # Its own generator: DataLoader otherwise draws its workers' base seed from the *global* RNG, which the
+        # training loop re-seeds every step and which the prefetch thread must not race on. (The samples do not
+        # depend on it: every draw in the workers uses an explicit (seed, epoch, key) generator.)
+        generator=torch.Generator().manual_seed(derive_seed(seed, "dataloader", rank, epoch)),
     )
     return TrainLoader(dataset, loader)
