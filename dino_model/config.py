@@ -55,6 +55,7 @@ CLIP_MODES = ("per_param", "global")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENT_ON = ("auto", "workers", "device")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -265,6 +266,12 @@ class TrainConfig:
     """``torch.compile`` the student and teacher forwards and the loss (``true``/``false``; ``auto`` = on for CUDA,
     off on CPU, where compiling costs more than it saves on short runs). With it on CUDA the AdamW update is the
     fused kernel too (see :mod:`dino_model.fast_step`)."""
+    compile_mode: str = "default"
+    """``torch.compile`` mode when ``compile`` is on: ``default``; ``reduce-overhead`` (CUDA graphs: the compiled
+    forwards, backwards and loss are replayed as graphs, which removes per-kernel launch overhead — worth it
+    when the step is launch-bound, i.e. small models or batches); ``max-autotune`` (autotuned kernels + CUDA
+    graphs, long compile); ``max-autotune-no-cudagraphs``. The modes with CUDA graphs are optional and have not
+    been measured on a GPU yet (docs/benchmarks.md)."""
     nonfinite_check_every: int = 0
     """Check the loss for NaN/inf (and, across ranks, for a stop signal) every this many steps; 0 = every step on
     CPU and every ``logging.log_every`` steps on GPU, where each check is a host-device sync. Steps between checks
@@ -280,6 +287,7 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive_int(p, "max_steps", self.max_steps)
         _nonneg_int(p, "nonfinite_check_every", self.nonfinite_check_every)
+        _choice(p, "compile_mode", self.compile_mode, COMPILE_MODES)
         if self.compile not in (True, False, "auto") or isinstance(self.compile, int) and not isinstance(
                 self.compile, bool):
             raise ConfigError(f"{p}compile must be true, false or 'auto', got {self.compile!r}")

@@ -18,9 +18,14 @@ drop-in for ``DINO.forward_backward`` that
 
 The centre update stays eager (its all-reduce), as do clipping (``torch._foreach_norm``), the EMA
 (``torch._foreach_mul_/add_``) and the optimiser (``fused=True`` AdamW on CUDA: one kernel for all parameters).
-CUDA graphs are not used: the per-step lr / weight decay are Python floats written into the optimiser groups and
-DDP's bucketing is outside the graph; capturing them cleanly would need the whole step restructured around
-static tensors.
+
+CUDA graphs (optional, ``train.compile_mode="reduce-overhead"``): the compiled student, teacher and loss are then
+captured and replayed by torch.compile's CUDA-graph trees; :meth:`FastForwardBackward.__call__` marks each
+step's start (``torch.compiler.cudagraph_mark_step_begin``) so outputs of the previous step may be overwritten.
+Nothing in the training loop keeps a step's output tensors past its step (the loss is accumulated into a separate
+tensor at once). The optimiser, clipping and EMA stay outside the graphs: the per-step lr / weight decay are
+Python floats written into the optimiser groups, and DDP's bucketed all-reduce runs between graph segments.
+Unmeasured on a GPU so far.
 
     fwd = FastForwardBackward(model, compile=True)
     stats = train_step(model, optimizer, crops, ..., forward_backward=fwd)
@@ -90,6 +95,10 @@ class FastForwardBackward:
     def __init__(self, model: DINO, compile: bool = False, **compile_kwargs: Any):
         self.model = model
         self.compiled = bool(compile)
+        if compile_kwargs.get("mode") == "default":
+            compile_kwargs.pop("mode")  # the same as passing no mode
+        # modes that capture CUDA graphs: each call marks a new step (see the module docstring)
+        self._cudagraph_steps = self.compiled and compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
         loss_fn = dino_loss_and_stats
         if self.compiled:  # compile_kwargs go to torch.compile (tests: fullgraph=True to prove no graph break)
             unwrap(model.student).compile(**compile_kwargs)
@@ -104,6 +113,8 @@ class FastForwardBackward:
         if len(crops) != crit.ncrops:
             raise ValueError(f"expected {crit.ncrops} crops (the loss's ncrops), got {len(crops)}")
         temp = crit.teacher_temperature(epoch if teacher_temp is None else float(teacher_temp))
+        if self._cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         ctx = (contextlib.nullcontext() if autocast_dtype is None
                else torch.autocast(device_type=crops[0].device.type, dtype=autocast_dtype))
         with ctx:

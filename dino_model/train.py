@@ -497,7 +497,7 @@ def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
         )
     # On CUDA or with train.compile on: the lean loss, and torch.compile of student, teacher and loss when
     # train.compile resolves to on. Otherwise DINO.forward_backward, the reference formulation, as before.
-    fast_forward_backward = (FastForwardBackward(model, compile=use_compile)
+    fast_forward_backward = (FastForwardBackward(model, compile=use_compile, mode=cfg.train.compile_mode)
                              if use_compile or device.type == "cuda" else None)
     device_augment = None
     if augment_on_device(cfg, device):

@@ -79,6 +79,8 @@ def test_file_then_overrides(tmp_path):
         ("optim.warmup_epochs=200", "optim.warmup_epochs"),
         ("data.resampled=true", "data.epoch_length"),
         ("optim.lrr=1", "optim.lrr"),
+        ("train.compile_mode=fastest", "train.compile_mode"),
+        ("data.prefetch_batches=-1", "data.prefetch_batches"),
         ("nosection.x=1", "nosection"),
     ],
 )
