@@ -232,7 +232,7 @@ def use_embedded_mlflow(folder: str) -> None:
         return
     os.makedirs(folder, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.abspath(folder)}/mlflow.db"
-    # Read by tasks.pretrain / tasks.evaluate when they create an experiment: keep artifacts beside the store.
+    # Read by tasks.pretrain / tasks.evaluation when they create an experiment: keep artifacts beside the store.
     os.environ.setdefault("DINO_MLFLOW_ARTIFACT_ROOT", os.path.join(os.path.abspath(folder), "artifacts"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -275,7 +275,7 @@ def run_extract(args: argparse.Namespace) -> int:
         use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     from flows.extract import dino_extract
     from dino_model.storage import StorageError
-    from tasks.evaluate import EvaluationInputError, ModelVersionNotFound
+    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
 
     try:
         out = dino_extract(
@@ -292,7 +292,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def _add_evaluation_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation settings (tasks.evaluate.EvaluationSettings; any field also via --set)")
+    g = p.add_argument_group("evaluation settings (tasks.evaluation.EvaluationSettings; any field also via --set)")
     g.add_argument("--train", dest="train_data", help="training shard set (k-NN memory bank, probe training)")
     g.add_argument("--val", dest="val_data", help="validation shard set")
     g.add_argument("--features", dest="features_root", help="Parquet features root, folder or s3:// (default "
@@ -328,7 +328,7 @@ def _evaluation_settings(args: argparse.Namespace):
 
     from pydantic import ValidationError
 
-    from tasks.evaluate import EvaluationSettings
+    from tasks.evaluation import EvaluationSettings
 
     fields = {}
     for name in EvaluationSettings.model_fields:
@@ -374,7 +374,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     from flows.evaluate import dino_evaluate
     from dino_model.storage import StorageError
-    from tasks.evaluate import EvaluationInputError, ModelVersionNotFound
+    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
 
     try:
         result = dino_evaluate(model=args.model, settings=settings)
@@ -403,7 +403,7 @@ def run_reevaluate(args: argparse.Namespace) -> int:
     use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     from flows.evaluate import dino_reevaluate
     from dino_model.storage import StorageError
-    from tasks.evaluate import EvaluationInputError, ModelVersionNotFound
+    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
 
     try:
         out = dino_reevaluate(registered_model=args.registered_model, settings=settings,

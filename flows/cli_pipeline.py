@@ -49,7 +49,7 @@ def _configure_pipeline(p: argparse.ArgumentParser) -> None:
 @command("pipeline", "shard, pretrain and evaluate in one run (the dino-pipeline flow)", _configure_pipeline)
 def run_pipeline(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
-    from tasks.evaluate import EvaluationSettings
+    from tasks.evaluation import EvaluationSettings
 
     evaluation = EvaluationSettings(davis_root=args.davis, **_workspace_paths(args.workspace),
                                     evaluations=["knn", "linear_fast"] + (["attention", "davis"] if args.davis else []))
@@ -70,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
     from dino_model.data.synthetic import make_synthetic_imagefolder
     from dino_model.data.synthetic_video import make_synthetic_davis
-    from tasks.evaluate import EvaluationSettings
+    from tasks.evaluation import EvaluationSettings
 
     work = Path(args.workdir).resolve()
     data = work / "data"
@@ -110,7 +110,7 @@ def _run(train, val, workspace, preset, overrides, shard_size, nproc, registered
                                      "mlflow"))
     from dino_model.storage import StorageError
     from flows.pipeline import dino_pipeline
-    from tasks.evaluate import EvaluationInputError, ModelVersionNotFound
+    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
     from tasks.pretrain import PreflightError
 
     print("2/4 sharding, 3/4 pretraining (progress below), 4/4 evaluating — this takes a few minutes")

@@ -16,7 +16,7 @@ LoggedModel, attention overlays as run artifacts, a Prefect table artifact; then
 With ``precision="bf16"`` the k-NN is also run on fp32 features of a bounded subset and the difference recorded
 (``knn<k>_top1_bf16_minus_fp32``, a warning beyond ``bf16_parity_tolerance``); ``nproc_per_node > 1`` extracts
 the features with torchrun (one process per GPU).
-MLflow comes from ``MLFLOW_TRACKING_URI``. The flows only compose tasks from :mod:`tasks.evaluate`.
+MLflow comes from ``MLFLOW_TRACKING_URI``. The flows only compose tasks from :mod:`tasks.evaluation`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 
 from dino_model.eval.features import feature_kind
 
-from tasks.evaluate import (
+from tasks.evaluation import (
     EvaluationSettings,
     attention_scores,
     check_evaluation_inputs,
@@ -61,7 +61,7 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
     Args:
         model: ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` (an alias is pinned to its version
             first, so moving it during the run changes nothing).
-        settings: What to evaluate and how (:class:`tasks.evaluate.EvaluationSettings`): the train/val shard sets
+        settings: What to evaluate and how (:class:`tasks.evaluation.EvaluationSettings`): the train/val shard sets
             for k-NN and the linear probes, the DAVIS folder for attention maps and label propagation, the
             preprocessing, the features location, the MLflow experiment and the champion policy (metric,
             direction, ``always``/``if_better``/``never``).

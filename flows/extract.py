@@ -8,7 +8,7 @@ Output: ``<output>/<split>/part-*.parquet`` with columns ``key``, ``label``, ``s
 (fixed-size list of float32) and metadata (model URI and version, preprocessing, feature kind, precision,
 dimension) — see :mod:`dino_model.eval.features`. ``dino-evaluate`` extracts its own features; this flow is for
 feature sets used elsewhere (notebooks, other classifiers). The flow only composes tasks from
-:mod:`tasks.evaluate`.
+:mod:`tasks.evaluation`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from tasks.evaluate import check_extraction_input, extract_split_features, resolve_model_version
+from tasks.evaluation import check_extraction_input, extract_split_features, resolve_model_version
 
 
 @flow(name="dino-extract", log_prints=True)

@@ -16,7 +16,7 @@ from prefect import flow
 from flows.evaluate import dino_evaluate
 from flows.pretrain import dino_pretrain
 from flows.shard import dino_shard
-from tasks.evaluate import EvaluationSettings
+from tasks.evaluation import EvaluationSettings
 
 
 @flow(name="dino-pipeline", log_prints=True)

@@ -93,7 +93,7 @@ def _prefect_table(key: str) -> list[dict]:
 def test_evaluate_and_reevaluate_move_champion(toy, tracking, s3_bucket, shared_data, tmp_path):
     from dino_model.eval.features import read_features
     from flows.evaluate import dino_evaluate, dino_reevaluate
-    from tasks.evaluate import EvaluationSettings, update_champion
+    from tasks.evaluation import EvaluationSettings, update_champion
 
     name = f"toy-{secrets.token_hex(3)}"
     v1 = _register(name, tmp_path, degenerate=True)
@@ -177,7 +177,7 @@ def _first_part(uri: str, split: str) -> bytes:
 
 def test_bad_inputs_fail_before_heavy_work(toy, tracking, shared_data, tmp_path):
     from flows.evaluate import dino_evaluate
-    from tasks.evaluate import (
+    from tasks.evaluation import (
         EvaluationInputError,
         EvaluationSettings,
         ModelVersionNotFound,
@@ -240,7 +240,7 @@ def test_feature_count_mismatch_is_refused(toy, tmp_path):
     from dino_model.eval.shard_source import EvalShardSet
     from dino_model.eval.transforms import EvalTransform
     from dino_model.models import build_backbone
-    from tasks.evaluate import knn_scores
+    from tasks.evaluation import knn_scores
 
     backbone = build_backbone("vit_tiny", patch_size=16)
     out = str(tmp_path / "feats")
@@ -300,7 +300,7 @@ def test_bf16_extraction_records_knn_parity_with_fp32(toy, tracking, tmp_path):
     val sample) and the differences are recorded as metrics and version tags of the evaluation set."""
     from dino_model.eval.features import read_features
     from flows.evaluate import dino_evaluate
-    from tasks.evaluate import EvaluationSettings, metric_family
+    from tasks.evaluation import EvaluationSettings, metric_family
 
     name = f"bf16-{secrets.token_hex(3)}"
     version = _register(name, tmp_path, degenerate=False)
@@ -323,7 +323,7 @@ def test_bf16_extraction_records_knn_parity_with_fp32(toy, tracking, tmp_path):
 
 
 def test_bf16_parity_warns_beyond_tolerance():
-    from tasks.evaluate import EvaluationSettings, bf16_parity_metrics
+    from tasks.evaluation import EvaluationSettings, bf16_parity_metrics
 
     bf16 = {10: {"top1": 71.0, "top5": 90.0}, 20: {"top1": 72.4, "top5": 91.0}}
     fp32 = {10: {"top1": 70.8, "top5": 90.0}, 20: {"top1": 73.0, "top5": 91.2}}

@@ -46,7 +46,7 @@ def test_torchrun_extraction_equals_single_process(uneven, tmp_path):
     give identical datasets; the 2-process run also replaces the parts of an earlier single-process extraction."""
     from dino_model.export import export_backbone
     from dino_model.models import build_backbone
-    from tasks.evaluate import extract_split_features
+    from tasks.evaluation import extract_split_features
 
     torch.manual_seed(0)
     export = tmp_path / "export"

@@ -95,7 +95,7 @@ def test_reevaluation_is_scheduled_with_cron_and_its_own_parameters():
     assert cron.cron == "0 3 * * *" and schedule["active"] is True
     settings = nightly["parameters"]["settings"]
     assert settings["train_data"] and settings["val_data"] and nightly["parameters"]["registered_model"]
-    from tasks.evaluate import EvaluationSettings
+    from tasks.evaluation import EvaluationSettings
 
     EvaluationSettings(**settings)  # extra="forbid": a misspelt field fails here, not at 03:00
 

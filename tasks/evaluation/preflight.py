@@ -1,0 +1,147 @@
+"""Pre-flight: every bad input (shard sets, classes, DAVIS sequences and masks, device, writable feature root) is
+reported before a model runs; and the evaluation-set hashes that make two scores comparable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from .common import EvaluationInputError, run_logger
+from .settings import CLASSIFICATION, VIDEO, EvaluationSettings, resolve_device
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _davis_listing(root: Path, names: list[str], frames: int | None) -> list[tuple[str, int]]:
+    out = []
+    for name in names:
+        for sub in ("JPEGImages", "Annotations"):
+            files = sorted((root / sub / "480p" / name).iterdir())
+            out += [(f"{sub}/{name}/{p.name}", p.stat().st_size) for p in files[: frames or None]]
+    return out
+
+
+@task(name="check-evaluation-inputs", cache_policy=NO_CACHE)
+def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
+    """Open every input and check it without running a model: shard sets readable and non-empty, every val class
+    present in the training set, DAVIS sequences with frames and a first-frame mask (and, for label propagation,
+    a mask for every frame), the device present. Raises :class:`EvaluationInputError` listing every problem.
+
+    Returns the facts the flow needs: the evaluation set hashes (:func:`evaluation_set_hashes`), sample counts,
+    the training classes and the val -> train label map."""
+    from dino_model.eval.davis_propagation import PropagationConfig, list_sequences, load_sequence
+    from dino_model.eval.shard_source import EvalShardSet
+    from dino_model.eval.transforms import EvalTransform
+    from dino_model.storage import StorageError
+
+    chosen = settings.selected()
+    problems: list[str] = []
+    facts: dict[str, Any] = {"evaluations": chosen}
+    try:
+        facts["device"] = resolve_device(settings.device)
+    except EvaluationInputError as e:
+        problems.append(str(e))
+
+    if any(e in CLASSIFICATION for e in chosen):
+        sets = {}
+        for split, uri in (("train", settings.train_data), ("val", settings.val_data)):
+            try:
+                sets[split] = EvalShardSet(uri)
+            except (ValueError, StorageError, OSError) as e:
+                problems.append(f"{split}_data: {e}")
+        if len(sets) == 2:
+            train, val = sets["train"], sets["val"]
+            try:
+                if not train.classes:
+                    raise ValueError(f"training shard set {train.uri} is unlabelled: k-NN and probes need labels")
+                facts["label_map"] = val.label_map_to(train.classes).tolist()
+            except ValueError as e:
+                problems.append(f"val_data: {e}")
+            facts.update(train_samples=train.num_samples, val_samples=val.num_samples,
+                         num_classes=len(train.classes))
+            transform = EvalTransform(settings.resize_size, settings.crop_size)
+            facts["classification_hash"] = _digest({
+                "train": train.digest(), "val": val.digest(), "preprocessing": transform.describe(),
+                "precision": settings.precision, "knn_temperature": settings.knn_temperature,
+                "linear": [settings.linear_n_last_blocks, settings.linear_avgpool, settings.linear_epochs,
+                           settings.linear_fast_epochs, settings.linear_batch_size, settings.linear_base_lr],
+            })
+            facts["classification_set"] = f"train={train.uri} ({train.num_samples}); val={val.uri} ({val.num_samples})"
+        try:
+            from dino_model.storage import open_store
+
+            open_store(settings.features_root).check_writable()
+        except (ValueError, StorageError, OSError) as e:
+            problems.append(f"features_root: {settings.features_root} is not writable: {e}")
+
+    if any(e in VIDEO for e in chosen):
+        root = Path(settings.davis_root)
+        names: list[str] = []
+        try:
+            names = list(settings.davis_sequences) if settings.davis_sequences else list_sequences(root)
+            if not names:
+                raise ValueError("no DAVIS sequence to evaluate")
+        except (OSError, ValueError) as e:
+            problems.append(f"davis_root: {e}")
+        for name in names:
+            try:
+                seq = load_sequence(root, name)  # frames present and a first-frame mask, else a clear error
+            except (OSError, ValueError) as e:
+                problems.append(f"davis: {e}")
+                continue
+            if "davis" in chosen:
+                kept = seq.annotations[: settings.davis_max_frames or None]
+                missing = [f for f, a in zip(seq.frame_names, kept) if a is None]
+                if missing:
+                    problems.append(f"davis: sequence {name!r} has no ground truth for frame(s) {missing[:5]}")
+                if len(kept) < 3:
+                    problems.append(f"davis: sequence {name!r} has {len(kept)} frames; at least 3 are needed")
+        if "davis" in chosen:
+            try:
+                PropagationConfig(short_side=settings.davis_short_side, multiple=settings.davis_multiple)
+            except ValueError as e:
+                problems.append(f"davis: {e}")
+        if not any(p.startswith(("davis", "davis_root")) for p in problems):
+            frames = max(settings.davis_max_frames or 0, settings.attention_max_frames or 0) or None
+            facts["video_hash"] = _digest({
+                "files": _davis_listing(root, names, frames), "precision": settings.precision,
+                "davis": [settings.davis_max_frames, settings.davis_short_side, settings.davis_multiple],
+                "attention": [settings.attention_frame_step, settings.attention_max_frames, settings.attention_size,
+                              settings.attention_threshold],
+            })
+            facts["video_set"] = f"davis={root} ({', '.join(names)})"
+            facts["davis_sequences"] = names
+    if problems:
+        raise EvaluationInputError("evaluation inputs are unusable:\n" + "\n".join(f" - {p}" for p in problems))
+    run_logger().info("inputs ok: %s", {k: v for k, v in facts.items() if k not in ("label_map",)})
+    return facts
+
+
+@task(name="check-extraction-input", cache_policy=NO_CACHE)
+def check_extraction_input(data: str, classes_from: str | None = None) -> dict[str, Any]:
+    """Open the shard set ``data`` (readable, non-empty) and, with ``classes_from`` (the training shard set),
+    map its labels onto that set's class indices (every class must be there). Returns ``samples``,
+    ``label_map`` (or None) and ``data_digest``."""
+    from dino_model.eval.shard_source import EvalShardSet
+    from dino_model.storage import StorageError
+
+    try:
+        shards = EvalShardSet(data)
+        label_map = shards.label_map_to(EvalShardSet(classes_from).classes).tolist() if classes_from else None
+    except (ValueError, StorageError, OSError) as e:
+        raise EvaluationInputError(f"extraction input is unusable: {e}") from e
+    return {"samples": shards.num_samples, "label_map": label_map, "data_digest": shards.digest()}
+
+
+def evaluation_set_hashes(facts: dict[str, Any]) -> dict[str, str]:
+    """``{"classification": H1, "video": H2}`` (those that apply): each hash covers the data (shard-set digests,
+    DAVIS file listing) and every setting that changes a score of that family, so two scores under the same
+    hash are comparable."""
+    return {fam: facts[f"{fam}_hash"] for fam in ("classification", "video") if f"{fam}_hash" in facts}

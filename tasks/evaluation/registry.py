@@ -1,0 +1,87 @@
+"""The MLflow model registry side of an evaluation: pin a ``models:/`` URI to one version, and list the versions
+that ``dino-reevaluate`` should evaluate."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from .common import ModelVersionNotFound, run_logger
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))/?$")
+
+
+def parse_model_uri(model: str) -> tuple[str, str | None, str | None]:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> (name, version, alias)."""
+    m = _MODEL_URI.match(model or "")
+    if not m:
+        raise ModelVersionNotFound(f"model must be models:/<name>/<version> or models:/<name>@<alias>, got {model!r}")
+    return m.group("name"), m.group("version"), m.group("alias")
+
+
+def logged_model_id(mv) -> str | None:
+    """The LoggedModel behind a model version: ``mv.model_id`` where the client fills it in, else the id in its
+    ``models:/m-...`` source (MLflow 3.17's REST client leaves ``model_id`` empty)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    m = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", mv.source or "")
+    return m.group(1) if m else None
+
+
+@task(name="resolve-model-version", cache_policy=NO_CACHE)
+def resolve_model_version(model: str) -> dict[str, Any]:
+    """Pin ``model`` (an alias or a version of a registered model) to one version, so an alias moving during the
+    evaluation changes nothing. Raises :class:`ModelVersionNotFound` naming the model, version or alias."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, version, alias = parse_model_uri(model)
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        what = f"version {version}" if version else f"alias {alias!r}"
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            raise ModelVersionNotFound(f"registered model {name!r} does not exist (asked for {model})") from e
+        raise ModelVersionNotFound(f"registered model {name!r} has no {what} (asked for {model})") from e
+    info = {"name": name, "version": int(mv.version), "uri": f"models:/{name}/{mv.version}",
+            "model_id": logged_model_id(mv), "run_id": mv.run_id, "tags": dict(mv.tags or {}),
+            "aliases": list(getattr(mv, "aliases", []) or [])}
+    run_logger().info("evaluating %s (from %s)", info["uri"], model)
+    return info
+
+
+@task(name="find-versions-to-evaluate", cache_policy=NO_CACHE)
+def find_versions_to_evaluate(registered_model: str, missing_tag: str | None = None,
+                              versions: list[int] | None = None) -> list[int]:
+    """Versions of ``registered_model`` (ascending) to evaluate: all of them (or those in ``versions``), keeping
+    only those without the tag ``missing_tag`` when it is given."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(registered_model)
+    except MlflowException as e:
+        raise ModelVersionNotFound(f"registered model {registered_model!r} does not exist") from e
+    found = []
+    for mv in client.search_model_versions(f"name = '{registered_model}'"):
+        if versions and int(mv.version) not in versions:
+            continue
+        if missing_tag and missing_tag in (mv.tags or {}):
+            continue
+        found.append(int(mv.version))
+    if versions:
+        unknown = sorted(set(versions) - {int(mv.version) for mv in
+                                         client.search_model_versions(f"name = '{registered_model}'")})
+        if unknown:
+            raise ModelVersionNotFound(f"registered model {registered_model!r} has no version(s) {unknown}")
+    found.sort()
+    run_logger().info("%d version(s) of %s to evaluate%s: %s", len(found), registered_model,
+                   f" (missing {missing_tag})" if missing_tag else "", found)
+    return found
