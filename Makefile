@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean stack-up stack-down stack-status
+.PHONY: setup demo test test-fast bench clean stack-up stack-down stack-status gpu-kit
 
 setup: $(STAMP)
 
@@ -40,3 +40,13 @@ stack-down:
 
 stack-status:
 	$(BIN)/python -m infra.stack status
+
+# What a lent GPU machine needs for benchmarks/gpu_session.sh (issue 7): the wheels its image lacks and the sample
+# JPEGs, in git-ignored folders that the device tool carries (carry: [".whl", ".gpu-data"]).
+gpu-kit:
+	rm -rf .whl && mkdir -p .whl .gpu-data
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
+		webdataset==1.0.2 braceexpand==0.1.7 timm==1.0.31
+	@if [ -d ../shared/data/imagenet-sample ]; then rm -rf .gpu-data/imagenet-sample; \
+		cp -r ../shared/data/imagenet-sample .gpu-data/; fi
+	@du -sh .whl .gpu-data
