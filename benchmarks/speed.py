@@ -4,6 +4,7 @@ On a GPU node (the whole default run is sized to finish within ~8 minutes, compi
 
     python benchmarks/speed.py                           # ViT-S/16 and ViT-B/16, 2x224+8x96 and 2x128+8x64
     python benchmarks/speed.py --setting vit_small/16/128/224x2+96x8 --steps 30
+    python benchmarks/speed.py --jpeg-sizes imagenet      # data path and e2e on the ImageNet-like size mix only
 
 On a CPU (tiny settings, checks that everything runs; the numbers mean little)::
 
@@ -15,12 +16,20 @@ What each column measures (images/s counts source images, each giving 2 + n_loca
   size; made from ``../shared/data/imagenet-sample`` when present, else synthetic): batched ``decode_jpeg`` on the
   device + :class:`dino_model.data.gpu_augment.DeviceMultiCrop` (crop parameters drawn beforehand, as the workers
   do). ``params/core``: the parameter draw + header read that each data-loader worker does, images/s on one core.
+* ``data mix``: the same on an ImageNet-like spread of sizes (``--jpeg-sizes``: ``uniform`` = only the 500x375 set,
+  ``imagenet`` = only the mix, ``both``, the default = both columns). The mix is fixed (seed 0), width x height:
+  every 33rd image large (3 %: long side 1000-2500, 4:3 or 3:2, 70 % landscape), every 50th small (2 %: long side
+  64-250), of the rest 75 % one of 500x375 / 375x500 / 500x333 / 333x500 (weights 55 / 20 / 15 / 10) and 25 %
+  another size with a 500-pixel long side (short side 200-500). Every batch of the column's first images holds
+  its share of large and small ones (batch 128: 4 large, 3 small), which is what the matmul resize's size buckets
+  (:func:`dino_model.data.gpu_augment.plan_buckets`) are for: one canvas padded to a batch's largest image would
+  hold ~15x the images' pixels. The header prints the buckets the mix's first batch gets.
 * ``step``: :func:`dino_model.train.train_step` with :class:`dino_model.fast_step.FastForwardBackward` (compiled
   on CUDA), fused AdamW on CUDA, bf16 autocast on GPUs (fp32 on CPU), K = 65,536 (``--out-dim``), on crops
   already on the device.
 * ``e2e``: the real training input pipeline — :func:`dino_model.data.reader.build_loader` over an ImageFolder of
-  those JPEGs with ``--workers`` processes reading bytes and drawing parameters, then decode + augment + step in
-  the training process.
+  those JPEGs (the 500x375 set, or the mix with ``--jpeg-sizes imagenet``) with ``--workers`` processes reading
+  bytes and drawing parameters, then decode + augment + step in the training process.
 * ``GFLOP/img`` (model FLOPs, matmuls only, 2 per multiply-add): for a ViT with width d, depth L, patch p and
   n = (s/p)^2 + 1 tokens per crop of side s, one crop's forward is
   L·(24·n·d² + 4·n²·d) + 2·(n-1)·3p²·d (patch embedding) + 2·(d·h + (nl-2)·h² + h·b + b·K) (head: hidden h = 2048,
@@ -52,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from dino_model.config import load_config  # noqa: E402
 from dino_model.data.augment import MultiCropConfig  # noqa: E402
-from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop  # noqa: E402
+from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop, plan_buckets  # noqa: E402
 from dino_model.data.reader import build_loader  # noqa: E402
 from dino_model.data.rng import sample_generator  # noqa: E402
 from dino_model.fast_step import FastForwardBackward, resolve_compile  # noqa: E402
@@ -86,15 +95,40 @@ def gflop_per_image(s: Setting, out_dim: int, hidden: int = 2048, bottleneck: in
 # images
 
 
-def make_jpegs(n: int, shared: Path, size=(500, 375), quality: int = 90) -> list[bytes]:
-    """``n`` distinct JPEGs of ``size`` (w, h): crops/flips of the imagenet-sample images, or synthetic."""
+UNIFORM_SIZE = (500, 375)  # (width, height): ImageNet's most common size
+
+
+def imagenet_mix_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(width, height) of ``n`` images, a fixed ImageNet-like mix (see the module docstring): large ones at every
+    33rd position and small ones at every 50th, so any batch-size prefix holds its share of both."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for i in range(n):
+        if i % 33 == 0:
+            long = int(rng.integers(1000, 2501))
+            short = int(round(long / rng.choice([4 / 3, 3 / 2])))
+            sizes.append((long, short) if rng.random() < 0.7 else (short, long))
+        elif i % 50 == 1:
+            long = int(rng.integers(64, 251))
+            short = int(round(long * rng.uniform(0.6, 1.0)))
+            sizes.append((long, short) if rng.random() < 0.7 else (short, long))
+        elif rng.random() < 0.75:
+            sizes.append([(500, 375), (375, 500), (500, 333), (333, 500)][rng.choice(4, p=[0.55, 0.2, 0.15, 0.1])])
+        else:
+            short = int(rng.integers(200, 501))
+            sizes.append((500, short) if rng.random() < 0.75 else (short, 500))
+    return sizes
+
+
+def make_jpegs(sizes: list[tuple[int, int]], shared: Path, quality: int = 90) -> list[bytes]:
+    """One distinct JPEG per (width, height) in ``sizes``: crops/flips of the imagenet-sample images, or synthetic."""
     from PIL import Image, ImageOps
 
     rng = np.random.default_rng(0)
     sources = sorted((shared / "imagenet-sample").glob("*/*.JPEG")) if shared.is_dir() else []
     bases = [Image.open(p).convert("RGB") for p in sources[:40]]
     out = []
-    for i in range(n):
+    for i, size in enumerate(sizes):
         if bases:
             im = bases[i % len(bases)]
             w, h = im.size
@@ -112,6 +146,18 @@ def make_jpegs(n: int, shared: Path, size=(500, 375), quality: int = 90) -> list
         im.save(buf, format="JPEG", quality=quality)
         out.append(buf.getvalue())
     return out
+
+
+def describe_mix(sizes: list[tuple[int, int]], s: Setting) -> str:
+    """The matmul resize's size buckets for one batch of the mix (local crop group of setting ``s``)."""
+    hw = [(h, w) for w, h in sizes]
+    own = sum(h * w for h, w in hw)
+    plan = plan_buckets(hw, n_crop=s.n_local, crop_size=s.local_size)
+    padded = sum(len(b.indices) * b.height * b.width for b in plan)
+    one = len(hw) * max(h for h, _ in hw) * max(w for _, w in hw)
+    return (f"batch {len(hw)} of the mix ({len(set(hw))} distinct sizes): {len(plan)} size buckets for the "
+            f"{s.n_local}x{s.local_size} crops, {100 * (padded / own - 1):.0f} % padding; one canvas "
+            f"({max(w for _, w in hw)} x {max(h for h, _ in hw)}) would hold {one / own:.1f}x the images' pixels")
 
 
 def write_folder(jpegs: list[bytes], root: Path) -> None:
@@ -158,7 +204,17 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 / sec / 1e12
 
 
-def measure(s: Setting, args, device: torch.device, jpegs: list[bytes], folder: Path) -> dict:
+def data_rate(aug: DeviceMultiCrop, sampler: CropParamSampler, jpegs: list[bytes], batch: int, iters: int):
+    """The device data path on the first ``batch`` JPEGs: (images/s, params/core, encoded batch, its params)."""
+    enc = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:batch]]
+    t = time.perf_counter()
+    params = [sampler(e, sample_generator(0, 0, str(i))) for i, e in enumerate(enc)]
+    per_core = len(enc) / (time.perf_counter() - t)
+    return batch / timed(lambda: aug(enc, params), iters, 1, aug.device), per_core, enc, params
+
+
+def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[bytes]], folder: Path) -> dict:
+    """One table row; ``jpeg_sets``: "uniform" and/or "imagenet" JPEGs, the first of them also in ``folder``."""
     cfg = load_config(overrides=[
         f"model.arch={s.arch}", f"model.patch_size={s.patch}", f"model.out_dim={args.out_dim}",
         f"crops.global_size={s.global_size}", f"crops.local_size={s.local_size}", f"crops.n_local={s.n_local}",
@@ -170,14 +226,16 @@ def measure(s: Setting, args, device: torch.device, jpegs: list[bytes], folder: 
     mcfg = MultiCropConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
     row: dict = {"setting": str(s), "batch": s.batch, "gflop": gflop_per_image(s, args.out_dim)}
 
-    # data path alone: bytes + pre-drawn params -> crops on the device
+    # data path alone: bytes + pre-drawn params -> crops on the device, per JPEG set
     sampler = CropParamSampler(mcfg)
-    enc = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[: s.batch]]
-    t = time.perf_counter()
-    params = [sampler(e, sample_generator(0, 0, str(i))) for i, e in enumerate(enc)]
-    row["params_per_core"] = len(enc) / (time.perf_counter() - t)
     aug = DeviceMultiCrop(mcfg, device)
-    row["data"] = s.batch / timed(lambda: aug(enc, params), args.data_iters, 1, device)
+    step_inputs = None
+    for name, jpegs in jpeg_sets.items():
+        rate, per_core, enc, params = data_rate(aug, sampler, jpegs, s.batch, args.data_iters)
+        row["data" if name == "uniform" else "data_mix"] = rate
+        if step_inputs is None:  # the first set also feeds the step and gives params/core
+            row["params_per_core"], step_inputs = per_core, (enc, params)
+    enc, params = step_inputs
 
     # the step alone
     torch.manual_seed(0)
@@ -228,9 +286,10 @@ def measure(s: Setting, args, device: torch.device, jpegs: list[bytes], folder: 
     return row
 
 
-def check_data_path(jpegs: list[bytes], device: torch.device) -> str:
-    """Device crops vs the CPU worker pipeline on the same JPEGs and parameters (nvjpeg + matmul resize +
-    sync-free colour on a GPU): mean and 99.9th-percentile absolute difference, in uint8 levels."""
+def check_data_path(jpegs: list[bytes], device: torch.device, label: str = "data path") -> str:
+    """Device crops vs the CPU worker pipeline on the same JPEGs and parameters (nvjpeg + matmul resize with its
+    size buckets + sync-free colour on a GPU) for the first 8 JPEGs: mean and 99.9th-percentile absolute
+    difference, in uint8 levels."""
     from dino_model.data.augment import MultiCropAugmentation
     from dino_model.data.reader import decode_image
 
@@ -243,7 +302,7 @@ def check_data_path(jpegs: list[bytes], device: torch.device) -> str:
     level = 1 / 255 / min(cfg.std)
     d = torch.cat([(fast[k].cpu() - torch.stack([r[k] for r in ref])).abs().flatten() for k in range(cfg.n_crops)])
     q = torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999)
-    return f"data path vs CPU workers: mean {d.mean() / level:.3f} levels, 99.9% {q / level:.2f} levels, " \
+    return f"{label} vs CPU workers: mean {d.mean() / level:.3f} levels, 99.9% {q / level:.2f} levels, " \
            f"max {d.max() / level:.1f} levels"
 
 
@@ -298,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the remaining settings once this many seconds have passed (keeps the run ~8 min)")
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="folder with imagenet-sample/")
+    p.add_argument("--jpeg-sizes", default="both", choices=["uniform", "imagenet", "both"],
+                   help="data-path JPEGs: uniform 500x375, the ImageNet-like size mix, or both (two data columns; "
+                        "e2e uses the 500x375 set unless only imagenet)")
     args = p.parse_args(argv)
     q = args.quick
     args.out_dim = args.out_dim or (1024 if q else 65536)
@@ -313,49 +375,63 @@ def main(argv: list[str] | None = None) -> int:
     settings = [Setting.parse(x) for x in (args.setting or (CPU_QUICK if q else GPU_DEFAULTS))]
 
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name_of_device = torch.cuda.get_device_name(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 resampling matmuls of the data path
         torch.backends.cudnn.allow_tf32 = True
     else:
-        name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        name_of_device = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name_of_device), None)
     measured_peak = matmul_peak_tflops(device)
     t0 = time.perf_counter()
     max_batch = max(s.batch for s in settings)
-    n_images = max_batch * (args.e2e_batches + 2)
-    jpegs = make_jpegs(n_images, Path(args.shared))
-    print(f"# device: {name}; torch {torch.__version__}; workers {args.workers}; K = {args.out_dim}; "
-          f"{n_images} JPEGs 500x375 q90 (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB) "
-          f"made in {time.perf_counter() - t0:.1f} s", flush=True)
+    n_images = max_batch * (args.e2e_batches + 2)  # the set e2e reads needs this many; a data-only set one batch
+    names = ["uniform", "imagenet"] if args.jpeg_sizes == "both" else [args.jpeg_sizes]
+    jpeg_sets: dict[str, list[bytes]] = {}
+    for name in names:
+        t = time.perf_counter()
+        n = n_images if name == names[0] else max_batch
+        sizes = [UNIFORM_SIZE] * n if name == "uniform" else imagenet_mix_sizes(n)
+        jpeg_sets[name] = make_jpegs(sizes, Path(args.shared))
+        what = "500x375" if name == "uniform" else f"ImageNet-like size mix ({len(set(sizes))} distinct sizes)"
+        kib = np.mean([len(j) for j in jpeg_sets[name]]) / 1024
+        print(f"# {'e2e + data' if name == names[0] else 'data'} set: {n} JPEGs {what} q90 (mean {kib:.0f} KiB) "
+              f"made in {time.perf_counter() - t:.1f} s", flush=True)
+        if name == "imagenet":
+            print("# " + describe_mix(sizes[:max_batch], settings[0]), flush=True)
+    print(f"# device: {name_of_device}; torch {torch.__version__}; workers {args.workers}; K = {args.out_dim}",
+          flush=True)
     if measured_peak:
         print(f"# measured bf16 matmul peak: {measured_peak:.0f} TFLOP/s; spec dense bf16 peak used for MFU: "
               f"{peak or 'unknown'}", flush=True)
     if args.check == "true" or (args.check == "auto" and device.type == "cuda"):
-        print("# check: " + check_data_path(jpegs, device), flush=True)
+        for name, jpegs in jpeg_sets.items():
+            label = "data path (500x375)" if name == "uniform" else "data path (size mix, large + small included)"
+            print("# check: " + check_data_path(jpegs, device, label), flush=True)
         print("# check: " + check_step(device, args), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        write_folder(jpegs, Path(tmp))
+        write_folder(jpeg_sets[names[0]], Path(tmp))
         for s in settings:
             if time.perf_counter() - t0 > args.budget_s:
                 skipped.append(str(s))
                 continue
-            rows.append(measure(s, args, device, jpegs, Path(tmp)))
+            rows.append(measure(s, args, device, jpeg_sets, Path(tmp)))
             r = rows[-1]
             print(f"# done {r['setting']} (compile/first step {r['compile_s']:.0f} s)", flush=True)
 
     print()
-    print("| setting | batch | params/core | data img/s | step img/s | e2e img/s | GFLOP/img | TFLOP/s | MFU | "
-          "peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    def num(x: float) -> str:  # CPU smoke runs give rates below 1
-        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+    print("| setting | batch | params/core | data img/s (500x375) | data img/s (size mix) | step img/s | "
+          f"e2e img/s ({'500x375' if names[0] == 'uniform' else 'size mix'}) | GFLOP/img | TFLOP/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    def num(x: float | None) -> str:  # CPU smoke runs give rates below 1
+        return "—" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
     for r in rows:
         mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
-        print(f"| {r['setting']} | {r['batch']} | {num(r['params_per_core'])} | {num(r['data'])} | "
+        print(f"| {r['setting']} | {r['batch']} | {num(r['params_per_core'])} | {num(r.get('data'))} | "
+              f"{num(r.get('data_mix'))} | "
               f"{num(r['step'])} | {num(r['e2e'])} | {r['gflop']:.1f} | {r['tflops']:.3g} | {mfu} | "
               f"{r['peak_gib']:.2f} |")
     if skipped:
