@@ -29,7 +29,11 @@ What each column measures (images/s counts source images, each giving 2 + n_loca
   already on the device.
 * ``e2e``: the real training input pipeline — :func:`dino_model.data.reader.build_loader` over an ImageFolder of
   those JPEGs (the 500x375 set, or the mix with ``--jpeg-sizes imagenet``) with ``--workers`` processes reading
-  bytes and drawing parameters, then decode + augment + step in the training process.
+  bytes and drawing parameters, then decode + augment on the prefetch thread's side stream (``--prefetch``
+  batches ahead, as ``data.prefetch_batches`` in training) + step in the training process.
+* checks (``--check``, on by default on CUDA; printed before the table): the data path against the CPU workers,
+  the data path on the prefetch thread beside a busy main stream against the same batches made alone (must be
+  identical: cross-stream memory reuse would show here), and the fast step's loss against the fp32 eager step.
 * ``GFLOP/img`` (model FLOPs, matmuls only, 2 per multiply-add): for a ViT with width d, depth L, patch p and
   n = (s/p)^2 + 1 tokens per crop of side s, one crop's forward is
   L·(24·n·d² + 4·n²·d) + 2·(n-1)·3p²·d (patch embedding) + 2·(d·h + (nl-2)·h² + h·b + b·K) (head: hidden h = 2048,
@@ -61,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from dino_model.config import load_config  # noqa: E402
 from dino_model.data.augment import MultiCropConfig  # noqa: E402
+from dino_model.data.device_prefetch import DevicePrefetcher  # noqa: E402
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop, plan_buckets  # noqa: E402
 from dino_model.data.reader import build_loader  # noqa: E402
 from dino_model.data.rng import sample_generator  # noqa: E402
@@ -244,7 +249,7 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
     autocast_dtype, use_scaler = resolve_precision(args.precision, device)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     settings = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, autocast_dtype)
-    fwd = FastForwardBackward(model, compile=resolve_compile(args.compile, device))
+    fwd = FastForwardBackward(model, compile=resolve_compile(args.compile, device), mode=args.compile_mode)
     crops = aug(enc, params)
 
     def step(batch_crops=crops):
@@ -267,20 +272,20 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
     loader = build_loader(str(folder), batch_size=s.batch, transform=None, decode=False, param_sampler=sampler,
                           seed=0, epoch=0, num_workers=args.workers, pin_memory=device.type == "cuda",
                           shuffle_buffer=0)
-    it = iter(loader)
     n_batches = min(len(loader), args.e2e_batches + 1)
-    batch = next(it)
-    step(aug(batch["encoded"], batch["params"]))  # first batch: worker start-up, not counted
-    sync(device)
-    t = time.perf_counter()
     done = 0
-    for _ in range(n_batches - 1):
-        batch = next(it)
-        step(aug(batch["encoded"], batch["params"]))
-        done += 1
-    sync(device)
-    row["e2e"] = done * s.batch / (time.perf_counter() - t) if done else float("nan")
-    del it, loader, model, optimizer, fwd
+    # as in train.py: decode + augment run --prefetch batches ahead on a thread and a side CUDA stream
+    with DevicePrefetcher(loader, lambda b: aug(b["encoded"], b["params"]), device, depth=args.prefetch) as batches:
+        it = iter(batches)
+        step(next(it))  # first batch: worker start-up, not counted
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n_batches - 1):
+            step(next(it))
+            done += 1
+        sync(device)
+        row["e2e"] = done * s.batch / (time.perf_counter() - t) if done else float("nan")
+    del it, batches, loader, model, optimizer, fwd
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -304,6 +309,33 @@ def check_data_path(jpegs: list[bytes], device: torch.device, label: str = "data
     q = torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999)
     return f"{label} vs CPU workers: mean {d.mean() / level:.3f} levels, 99.9% {q / level:.2f} levels, " \
            f"max {d.max() / level:.1f} levels"
+
+
+def check_concurrent_data_path(jpegs: list[bytes], device: torch.device, batch: int = 32, n: int = 6) -> str:
+    """The device data path run as training runs it — on the prefetch thread's side stream, two batches ahead,
+    while the main stream is busy and frees its own temporaries — against the same batches made one at a time
+    with nothing else running. Catches cross-stream memory reuse (e.g. nvjpeg writing into blocks that queued
+    kernels still read, see ``DeviceMultiCrop.decode``): the crops must be identical."""
+    cfg = MultiCropConfig()
+    sampler, aug = CropParamSampler(cfg), DeviceMultiCrop(cfg, device)
+    work = []
+    for i in range(n):
+        enc = [torch.frombuffer(bytearray(jpegs[(i * batch + j) % len(jpegs)]), dtype=torch.uint8)
+               for j in range(batch)]
+        work.append((enc, [sampler(e, sample_generator(0, 0, f"race{i}-{j}")) for j, e in enumerate(enc)]))
+    alone = []
+    for enc, params in work:
+        alone.append([c.clone() for c in aug(enc, params)])
+        sync(device)
+    busy = torch.randn(4096, 4096, device=device)
+    worst = 0.0
+    with DevicePrefetcher(work, lambda w: aug(*w), device, depth=2) as batches:
+        for k, crops in enumerate(batches):
+            for _ in range(10):  # queue work on the main stream; its temporaries are freed while it runs
+                busy = torch.tanh(busy @ busy) * 0.5
+            worst = max(worst, max(float((c - r).abs().max()) for c, r in zip(crops, alone[k])))
+    return f"data path on the prefetch thread beside a busy main stream vs alone: max |diff| {worst:.3g} " \
+           f"({n} batches of {batch}; must be 0)"
 
 
 def check_step(device: torch.device, args, steps: int = 5) -> str:
@@ -360,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpeg-sizes", default="both", choices=["uniform", "imagenet", "both"],
                    help="data-path JPEGs: uniform 500x375, the ImageNet-like size mix, or both (two data columns; "
                         "e2e uses the 500x375 set unless only imagenet)")
+    p.add_argument("--prefetch", type=int, default=1, help="e2e: batches prepared ahead (data.prefetch_batches)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode (train.compile_mode), e.g. "
+                                                              "reduce-overhead for CUDA graphs")
     args = p.parse_args(argv)
     q = args.quick
     args.out_dim = args.out_dim or (1024 if q else 65536)
@@ -375,9 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = [Setting.parse(x) for x in (args.setting or (CPU_QUICK if q else GPU_DEFAULTS))]
 
     if device.type == "cuda":
+        # TF32 stays at PyTorch's defaults, as in train.py (the data path's fp32 resampling matmuls need fp32)
         name_of_device = torch.cuda.get_device_name(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 resampling matmuls of the data path
-        torch.backends.cudnn.allow_tf32 = True
     else:
         name_of_device = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name_of_device), None)
@@ -407,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, jpegs in jpeg_sets.items():
             label = "data path (500x375)" if name == "uniform" else "data path (size mix, large + small included)"
             print("# check: " + check_data_path(jpegs, device, label), flush=True)
+        if device.type == "cuda":
+            print("# check: " + check_concurrent_data_path(jpeg_sets[names[0]], device), flush=True)
         print("# check: " + check_step(device, args), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

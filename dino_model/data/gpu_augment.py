@@ -351,12 +351,34 @@ class DeviceMultiCrop:
         #: colour/blur/solarise via augment_resized_sync_free (default on CUDA) or augment_resized (elsewhere)
         self.sync_free = self.device.type == "cuda" if sync_free is None else bool(sync_free)
         self._aug = MultiCropAugmentation(cfg)
+        self._decode_stream: "torch.cuda.Stream | None" = None  # CUDA: see decode()
 
     # -- decoding ------------------------------------------------------------------------------------------------
     def decode(self, encoded: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """uint8 [3, H, W] images on the device. JPEGs go through one batched ``decode_jpeg`` call (nvjpeg on
         CUDA); anything else (PNG in an ImageFolder, CMYK JPEGs nvjpeg refuses) is decoded by the CPU reader's
-        decoder and copied over."""
+        decoder and copied over.
+
+        On CUDA the decode runs with a stream of its own current. torchvision's CUDA decoder allocates its output
+        on the caller's current stream but writes it from a private stream that does not wait for the caller's
+        queued kernels (pytorch/vision PR #9606: with blocks just freed on the caller's stream still being read by
+        queued kernels, nvjpeg overwrote them — corrupted inputs of earlier work). On a stream used for nothing
+        else, every block the allocator can hand out is a decoded image of an earlier call, and those are
+        ``record_stream``-ed to the consumer below, so none is reused before the consumer has read it. The
+        consumer's stream then waits for the decode on the GPU (no host sync)."""
+        if self.device.type != "cuda":
+            return self._decode_batch(encoded)
+        consumer = torch.cuda.current_stream(self.device)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            images = self._decode_batch(encoded)
+        consumer.wait_stream(self._decode_stream)
+        for image in images:
+            image.record_stream(consumer)
+        return images
+
+    def _decode_batch(self, encoded: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         from .reader import decode_image
 
         images: list[torch.Tensor | None] = [None] * len(encoded)
