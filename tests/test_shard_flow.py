@@ -34,7 +34,7 @@ from dino_model.data.shard_writer import (
 from dino_model.data.sources import SourceSpec, scan_source
 from dino_model.storage import StorageError, open_store
 from flows.cli import main as cli_main
-from flows.cli import parse_bytes
+from flows.cli.common import parse_bytes
 from flows.shard import dino_shard
 
 ROOT = Path(__file__).resolve().parents[1]

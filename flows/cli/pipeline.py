@@ -3,7 +3,7 @@
     dino pipeline /data/train /data/val ./run1 --preset small --set train.epochs=20
     dino demo                   # generated data, embedded MLflow (sqlite), in-process Prefect: no servers
 
-Registered into :data:`flows.cli.COMMANDS` on import (``flows.cli`` imports this module).
+Registered into :data:`flows.cli.common.COMMANDS` on import (``flows/cli/__init__.py`` imports this module).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from flows.cli import UsageError, command, print_mlflow_hint, trainer_progress_bar, use_embedded_mlflow
+from .common import UsageError, command, print_mlflow_hint, trainer_progress_bar, use_embedded_mlflow
 
 #: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) at a
 #: size a 2-core laptop trains in a few minutes: ViT-Tiny/16 on 64-px crops, K = 4096 prototypes.

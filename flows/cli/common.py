@@ -1,0 +1,116 @@
+"""What every ``dino`` subcommand shares: the subcommand registry (:func:`command`), :class:`UsageError`, argument
+parsers for sizes, the trainer's progress bar, and the embedded-MLflow environment of local runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``dino`` subcommand."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: name -> subcommand, in the order they appear in ``dino --help``.
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register ``run(args) -> int`` as ``dino <name>``."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        if name in COMMANDS:
+            raise ValueError(f"dino subcommand {name!r} registered twice")
+        COMMANDS[name] = Command(help, configure, run)
+        return run
+
+    return register
+
+
+class UsageError(Exception):
+    """A bad command line or unusable input: printed as ``dino <cmd>: error: ...`` with exit status 2."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"200MB"`` -> 200_000_000, ``"1GiB"`` -> 1_073_741_824, ``"4096"`` -> 4096."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GiB, 1048576)")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+
+class trainer_progress_bar:
+    """A tqdm bar over the trainer's steps, fed by its ``DINO_PROGRESS`` records while the flow runs."""
+
+    def __enter__(self):
+        from tasks.pretrain import trainer_progress
+
+        self.bar = None
+        trainer_progress.add(self.update)
+        return self
+
+    def update(self, record: dict) -> None:
+        from tqdm import tqdm
+
+        event = record.get("event")
+        if event == "start":
+            if self.bar is None:
+                self.bar = tqdm(total=record.get("total_steps"), unit="step", desc="dino pretrain", dynamic_ncols=True)
+            self.bar.n = record.get("step", 0)
+            self.bar.refresh()
+        elif self.bar is not None and event == "step":
+            self.bar.n = record["step"]
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", epoch=record.get("epoch"),
+                                 refresh=False)
+            self.bar.refresh()
+        elif self.bar is not None and event == "error":
+            self.bar.write(f"trainer error: {record.get('message') or record}")
+
+    def __exit__(self, *exc):
+        from tasks.pretrain import trainer_progress
+
+        trainer_progress.remove(self.update)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def use_embedded_mlflow(folder: str) -> None:
+    """Without ``MLFLOW_TRACKING_URI``, track into an embedded sqlite store (and local artifacts) in ``folder``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    os.makedirs(folder, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.abspath(folder)}/mlflow.db"
+    # Read by tasks.pretrain / tasks.evaluation when they create an experiment: keep artifacts beside the store.
+    os.environ.setdefault("DINO_MLFLOW_ARTIFACT_ROOT", os.path.join(os.path.abspath(folder), "artifacts"))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def print_mlflow_hint() -> None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:"):
+        print(f"browse the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    elif uri:
+        print(f"browse the runs: {uri}")
+
+
+
+def size_or_none(text: str) -> int | None:
+    """``none`` or ``0`` -> None (no resize / no crop), else the integer."""
+    return None if text.lower() in ("none", "0") else int(text)
+

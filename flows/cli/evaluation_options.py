@@ -1,0 +1,84 @@
+"""The evaluation options that ``dino evaluate`` and ``dino reevaluate`` share: the flags of
+:class:`tasks.evaluation.EvaluationSettings` (plus ``--set FIELD=VALUE``), their parsing into settings, and the
+printed score table."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import UsageError, size_or_none
+
+
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation settings (tasks.evaluation.EvaluationSettings; any field also via --set)")
+    g.add_argument("--train", dest="train_data", help="training shard set (k-NN memory bank, probe training)")
+    g.add_argument("--val", dest="val_data", help="validation shard set")
+    g.add_argument("--features", dest="features_root", help="Parquet features root, folder or s3:// (default "
+                                                             "./dino-features)")
+    g.add_argument("--davis", dest="davis_root", help="DAVIS-2017 folder (attention maps, label propagation)")
+    g.add_argument("--eval", dest="evaluations", help="comma-separated: knn,linear_fast,linear,attention,davis "
+                                                      "(default: knn,linear_fast with --train/--val; attention,davis "
+                                                      "with --davis)")
+    g.add_argument("--resize", dest="resize_size", type=size_or_none, help="short side before the crop (256; none)")
+    g.add_argument("--crop", dest="crop_size", type=int, help="centre-crop side (224)")
+    g.add_argument("--batch-size", type=int, help="images per forward pass (64)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="inference precision (fp32)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--nproc-per-node", dest="nproc_per_node", type=int,
+                   help="feature-extraction processes, one per GPU (1: in-process; >1: torchrun)")
+    g.add_argument("--ks", dest="knn_ks", help="k-NN k values, comma-separated (10,20,100,200)")
+    g.add_argument("--davis-sequences", help="comma-separated sequences (default: ImageSets/2017/val.txt)")
+    g.add_argument("--davis-max-frames", type=int, help="first N frames per sequence (quick runs)")
+    g.add_argument("--experiment", help="MLflow experiment of the evaluation runs (dino-evaluate)")
+    g.add_argument("--champion-metric", help="metric deciding alias 'champion' (knn20_top1)")
+    g.add_argument("--champion-policy", choices=["always", "if_better", "never"], help="(if_better)")
+    g.add_argument("--lower-is-better", dest="higher_is_better", action="store_false", default=None,
+                   help="the champion metric is better when lower")
+    g.add_argument("--set", dest="settings_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any settings field, value as JSON when it parses, e.g. --set linear_epochs=10 (repeatable)")
+
+
+_LIST_FIELDS = {"evaluations": str, "knn_ks": int, "davis_sequences": str}
+
+
+def evaluation_settings(args: argparse.Namespace):
+    import json
+
+    from pydantic import ValidationError
+
+    from tasks.evaluation import EvaluationSettings
+
+    fields = {}
+    for name in EvaluationSettings.model_fields:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        fields[name] = [_LIST_FIELDS[name](v.strip()) for v in value.split(",") if v.strip()] \
+            if name in _LIST_FIELDS else value
+    for item in args.settings_overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in EvaluationSettings.model_fields:
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(EvaluationSettings.model_fields)}")
+        try:
+            fields[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key] = raw
+    try:
+        return EvaluationSettings(**fields)
+    except ValidationError as e:
+        raise UsageError("; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+                                   for err in e.errors())) from e
+
+
+def print_scores(result: dict) -> None:
+    print(f"{result['model_uri']}  (MLflow evaluation run {result['run_id']})")
+    for fam, h in result["evaluation_sets"].items():
+        print(f"  evaluation set {fam}: {h}  (version tags eval.{h}.<metric>)")
+    width = max([len(m) for m in result["metrics"]] + [6])
+    print(f"  {'metric':<{width}}  value")
+    for metric, value in sorted(result["metrics"].items()):
+        note = "  (approximate: cached features)" if metric.startswith("linear_approx_") else ""
+        print(f"  {metric:<{width}}  {value:.4f}{note}")
+    c = result["champion"]
+    print(f"  champion: {'moved to v' + str(result['version']) if c['moved'] else 'unchanged'} ({c['reason']})")

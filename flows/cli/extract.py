@@ -1,0 +1,51 @@
+"""``dino extract``: a backbone's features of one shard set written as Parquet (the ``dino-extract`` flow).
+
+    dino extract models:/dino-backbone@champion s3://bucket/imagenette/val s3://bucket/features/v3 --split val \\
+        --classes-from s3://bucket/imagenette/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import UsageError, command, size_or_none, use_embedded_mlflow
+
+
+def _configure_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="models:/NAME/VERSION, models:/NAME@ALIAS, a checkpoint or an export")
+    p.add_argument("data", metavar="DATA", help="shard set (folder or s3:// prefix with manifest.json)")
+    p.add_argument("output", metavar="OUTPUT", help="Parquet dataset root (folder or s3:// prefix)")
+    p.add_argument("--split", default="train", help="split name: rows' split and the sub-folder (default train)")
+    p.add_argument("--classes-from", metavar="TRAIN", help="training shard set whose class indices the labels use")
+    p.add_argument("--resize", type=size_or_none, default=256, help="short side before the crop (default 256; none)")
+    p.add_argument("--crop", type=size_or_none, default=224, help="centre-crop side (default 224; none)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--n-last-blocks", type=int, default=1, help="[CLS] of the last n blocks (default 1: k-NN features)")
+    p.add_argument("--avgpool", action="store_true", help="append the average of the last block's patch tokens")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="inference precision (default fp32)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="extraction processes, one per GPU (default 1: in-process; >1: torchrun)")
+
+
+@command("extract", "write a backbone's features of a shard set as Parquet (the dino-extract flow)", _configure_extract)
+def run_extract(args: argparse.Namespace) -> int:
+    if args.model.startswith("models:/"):
+        use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
+    from flows.extract import dino_extract
+    from dino_model.storage import StorageError
+    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
+
+    try:
+        out = dino_extract(
+            model=args.model, data=args.data, output=args.output, split=args.split, classes_from=args.classes_from,
+            resize_size=args.resize, crop_size=args.crop, batch_size=args.batch_size,
+            n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, precision=args.precision, device=args.device,
+            nproc_per_node=args.nproc_per_node,
+        )
+    except (EvaluationInputError, ModelVersionNotFound, StorageError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    print(f"{out['num_rows']} x {out['dim']} {out['feature_kind']} features of split {out['split']!r} -> {out['uri']}"
+          f" ({len(out['files'])} file(s))")
+    return 0
