@@ -349,3 +349,17 @@ def test_stack_scripts_wrap_the_cli():
         path = ROOT / "infra" / name
         assert os.access(path, os.X_OK), f"{path} is not executable"
         assert f"-m infra.stack {action}" in path.read_text()
+
+
+def test_installed_entry_points_import_without_the_checkout_on_the_path(tmp_path):
+    """`dino demo` / `dino pretrain` run as the installed command, from any folder: every package the flows
+    import (infra included, for the Kubernetes launcher's templates) must be part of the installed project."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import flows.cli, flows.pipeline, flows.pretrain, flows.evaluate, flows.extract, flows.shard, "
+            "infra.stack, infra.k8s.render as r; assert r.HERE.joinpath('multinode-job.yaml').is_file()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
