@@ -11,6 +11,7 @@ from typing import Any, Iterable
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 
 from .common import EvaluationInputError, run_logger
 from .settings import resolve_device
@@ -51,10 +52,13 @@ class _Progress:
 
     def __init__(self, total: int, description: str):
         self.total, self.done, self.last = max(total, 1), 0, 0.0
+        self.id = None
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return  # called outside a run (the task's .fn): nothing to report to
         try:
             self.id = create_progress_artifact(0.0, description=description)
-        except Exception:  # noqa: BLE001 - outside a flow run there is nothing to report to
-            self.id = None
+        except Exception as e:  # noqa: BLE001 - progress is a convenience; the extraction goes on without it
+            run_logger().warning("no progress artifact: %s", e)
 
     def wrap(self, batches: Iterable):
         for batch in batches:
