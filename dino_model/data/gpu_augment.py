@@ -220,6 +220,18 @@ def bucket_bytes(n_images: int, height: int, width: int, n_crop: int, crop_size:
     return 4 * n_images * per_image
 
 
+def _check_bucket_options(**options: float) -> None:
+    """The three bucket options, in the caller's own names (in order): bucket count >= 1, padding waste >= 0,
+    byte bound > 0; a ValueError names the bad one."""
+    (n_name, n), (w_name, w), (b_name, b) = options.items()
+    if n < 1:
+        raise ValueError(f"{n_name} must be >= 1, got {n}")
+    if w < 0:
+        raise ValueError(f"{w_name} must be >= 0, got {w}")
+    if b <= 0:
+        raise ValueError(f"{b_name} must be > 0, got {b}")
+
+
 def plan_buckets(sizes: Sequence[tuple[int, int]], *, n_crop: int, crop_size: int, max_buckets: int = 8,
                  max_waste: float = 0.1, max_bytes: int = 2 << 30) -> list[ResizeBucket]:
     """Group a batch's images (``sizes[i]`` = (height, width)) into few buckets with little zero padding.
@@ -252,12 +264,7 @@ def plan_buckets(sizes: Sequence[tuple[int, int]], *, n_crop: int, crop_size: in
     """
     if not sizes:
         raise ValueError("plan_buckets needs at least one image size")
-    if max_buckets < 1:
-        raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
-    if max_waste < 0:
-        raise ValueError(f"max_waste must be >= 0, got {max_waste}")
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+    _check_bucket_options(max_buckets=max_buckets, max_waste=max_waste, max_bytes=max_bytes)
     order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] > sizes[i][1], min(sizes[i]), max(sizes[i]), i))
     # distinct sizes in that order (equal sizes are adjacent) and how many images each has
     run_start = [j for j in range(len(order)) if j == 0 or sizes[order[j]] != sizes[order[j - 1]]]
@@ -333,12 +340,7 @@ class DeviceMultiCrop:
                  max_bucket_bytes: int = 2 << 30):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
-        if max_buckets < 1:
-            raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
-        if bucket_waste < 0:
-            raise ValueError(f"bucket_waste must be >= 0, got {bucket_waste}")
-        if max_bucket_bytes <= 0:
-            raise ValueError(f"max_bucket_bytes must be > 0, got {max_bucket_bytes}")
+        _check_bucket_options(max_buckets=max_buckets, bucket_waste=bucket_waste, max_bucket_bytes=max_bucket_bytes)
         #: matmul resize: at most this many size buckets per crop group (more only where max_bucket_bytes forces)
         self.max_buckets = int(max_buckets)
         #: matmul resize: stop adding buckets once padded pixels are within this fraction of the images' own

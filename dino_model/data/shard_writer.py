@@ -203,7 +203,7 @@ class _HashingWriter:
         return self.count
 
     def flush(self) -> None:
-        pass
+        """Nothing is buffered here; ``raw`` is flushed and closed by the store that opened it."""
 
 
 _BLOCK = 512
