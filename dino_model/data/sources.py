@@ -15,7 +15,9 @@ Supported layouts (``kind``):
 
 ``detect_kind`` picks one from the path. A scan returns :class:`SourceItem` s (a key, a label, and where the bytes
 are) plus the rejects it can decide without reading images: empty class folders, duplicate keys, broken links,
-non-regular files, unsafe archive member names, validation images without a label.
+non-regular files, unsafe archive member names, validation images without a label. Folders are walked by real
+path (:mod:`.tree_walk`): an image is labelled only by the class folder it really lies in, a link that would
+relabel images or loop is rejected rather than followed, and a file reached twice is stored once.
 
     >>> scan = scan_source(SourceSpec("/data/imagenette-128/train"))
     >>> len(scan.items), scan.classes[:2], scan.rejects[:1]
@@ -25,15 +27,16 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 import posixpath
 import re
-import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import UNREADABLE, looks_like_image
 from .manifest import Reject
+from .tree_walk import FoundFile, TreeWalker
 
 KINDS = ("auto", "imagefolder", "ilsvrc-train", "ilsvrc-val", "flat")
 
@@ -212,48 +215,8 @@ def scan_source(spec: SourceSpec) -> Scan:
     return scan
 
 
-def _walk_files(folder: str, root: str, scan: Scan) -> list[tuple[str, os.stat_result]]:
-    """Every non-hidden file under ``folder`` (following symlinked folders once); broken links and special files
-    become ``unreadable`` rejects."""
-    found: list[tuple[str, os.stat_result]] = []
-    seen: set[tuple[int, int]] = set()
-    stack = [folder]
-    while stack:
-        current = stack.pop()
-        try:
-            st = os.stat(current)
-        except OSError as e:
-            scan.rejects.append(Reject(os.path.relpath(current, root), f"{UNREADABLE}: {e.strerror or e}"))
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            continue  # a symlink loop or a folder linked twice
-        seen.add((st.st_dev, st.st_ino))
-        try:
-            entries = sorted(os.scandir(current), key=lambda e: e.name)
-        except OSError as e:
-            scan.rejects.append(Reject(os.path.relpath(current, root), f"{UNREADABLE}: {e.strerror or e}"))
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue  # hidden files (.DS_Store, our own temp files) are not inputs
-            rel = os.path.relpath(entry.path, root)
-            try:
-                est = entry.stat()  # follows symlinks: a dangling one raises
-            except OSError as e:
-                scan.rejects.append(Reject(rel, f"{UNREADABLE}: {e.strerror or e}"))
-                continue
-            if stat.S_ISDIR(est.st_mode):
-                stack.append(entry.path)
-            elif stat.S_ISREG(est.st_mode):
-                found.append((entry.path, est))
-            else:  # FIFO, socket, device: reading could block or make no sense
-                scan.rejects.append(Reject(rel, f"{UNREADABLE}: not a regular file"))
-    return found
-
-
-def _file_item(path: str, st: os.stat_result, root: str, label: int) -> SourceItem:
-    rel = os.path.relpath(path, root).replace(os.sep, "/")
-    return SourceItem(make_key(rel), rel, label, path, st.st_size, st.st_mtime_ns)
+def _file_item(found: FoundFile, root: str, label: int) -> SourceItem:
+    return SourceItem(make_key(found.rel), found.rel, label, found.path, found.st.st_size, found.st.st_mtime_ns)
 
 
 def _scan_imagefolder(root: str) -> Scan:
@@ -274,12 +237,28 @@ def _scan_imagefolder(root: str) -> Scan:
             continue
         if is_image:
             scan.rejects.append(Reject(e.name, f"{NO_CLASS_FOLDER}: image at the top level of an ImageFolder tree"))
+    # One walk for all classes: an image is labelled by the class folder it really lies in (see tree_walk.py).
+    walker = TreeWalker(root)
+    # Real class folders first, so a linked class folder that overlaps one of them is the one refused.
+    order = sorted(range(len(class_dirs)), key=lambda i: (class_dirs[i].is_symlink(), class_dirs[i].name))
+    registered = {i for i in order if walker.add_folder(class_dirs[i].path, i)}
+    files, rejects = walker.walk()
+    scan.rejects.extend(rejects)
+    per_class = Counter(f.label for f in files)
     for label, d in enumerate(class_dirs):
-        files = _walk_files(d.path, root, scan)
-        if not files:
-            scan.rejects.append(Reject(d.name, f"{EMPTY_CLASS}: class {d.name!r} has no files"))
-        scan.items.extend(_file_item(p, st, root, label) for p, st in files)
+        if label in registered and not per_class[label]:
+            scan.rejects.append(Reject(d.name, f"{EMPTY_CLASS}: class {d.name!r} has no files of its own"))
+    scan.items.extend(_file_item(f, root, f.label) for f in files)
     return scan
+
+
+def _walk_root(root: str, scan: Scan) -> list[FoundFile]:
+    """Every file of a folder whose layout carries no class folders (flat, ILSVRC val): the root is the boundary."""
+    walker = TreeWalker(root)
+    walker.add_folder(root, -1)
+    files, rejects = walker.walk()
+    scan.rejects.extend(rejects)
+    return files
 
 
 def _scan_flat(root: str) -> Scan:
@@ -288,7 +267,7 @@ def _scan_flat(root: str) -> Scan:
         _scan_image_tar(root, scan, lambda name: -1)
         return scan
     scan = Scan("flat", root)
-    scan.items = [_file_item(p, st, root, -1) for p, st in _walk_files(root, root, scan)]
+    scan.items = [_file_item(f, root, -1) for f in _walk_root(root, scan)]
     return scan
 
 
@@ -465,13 +444,12 @@ def _scan_val(root: str, spec: SourceSpec) -> Scan:
     if os.path.isfile(root):
         _scan_image_tar(root, scan, label_of)
     else:
-        for path, st in _walk_files(root, root, scan):
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
-            label = label_of(rel)
+        for found in _walk_root(root, scan):
+            label = label_of(found.rel)
             if isinstance(label, Reject):
-                scan.rejects.append(Reject(rel, label.reason))
+                scan.rejects.append(Reject(found.rel, label.reason))
             else:
-                scan.items.append(_file_item(path, st, root, label))
+                scan.items.append(_file_item(found, root, label))
     scan.inputs["labels"] = labels_path
     return scan
 
