@@ -222,6 +222,20 @@ def test_build_manifest_checks_bookkeeping(tmp_path, shared_data):
     assert finish(store, load_manifest(store), load_manifest(store)) is False
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_shard_set_files_get_the_mode_open_gives(tmp_path, shared_data, mask):
+    """Shards and manifest.json are readable by whoever the umask allows (another uid, a pod), not 0600."""
+    root = copy_subset(shared_data / "imagenette-128" / "train", tmp_path / "src", classes=2, per_class=3)
+    old = os.umask(mask)
+    try:
+        write_dataset(scan_source(SourceSpec(str(root))), str(tmp_path / "shards"), ShardOptions(shard_size=4))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "shards").iterdir()}
+    assert modes == {"train-000000.tar": oct(0o666 & ~mask), "train-000001.tar": oct(0o666 & ~mask),
+                     MANIFEST_NAME: oct(0o666 & ~mask)}
+
+
 def test_parse_bytes():
     assert parse_bytes("500MB") == 500_000_000
     assert parse_bytes("1GiB") == 1 << 30

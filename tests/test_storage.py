@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 
 import pytest
@@ -116,3 +118,43 @@ def test_s3_errors_are_clear_and_secret_free(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(StorageError, match="cannot reach"):
         open_store("s3://b/p").size("k")
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it after (only masks at least as strict as 022 are used,
+    so nothing else running meanwhile can create a file more open than usual)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_local_writes_get_the_mode_open_gives(tmp_path, umask, mask):
+    umask(mask)
+    store = open_store(tmp_path / "store")
+    store.put_bytes("a/b/manifest.json", b"{}")
+    with store.open_write("shard-000000.tar") as f:
+        f.write(b"x" * 10)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"y")  # written by open(): the reference mode
+    store.put_file("copy.bin", str(src))
+    store.put_bytes("copy.bin", b"replaced")  # replacing an object gives it the same mode again
+    expected = stat.S_IMODE(src.stat().st_mode)
+    assert expected == 0o666 & ~mask
+    for key in ["a/b/manifest.json", "shard-000000.tar", "copy.bin"]:
+        assert oct(stat.S_IMODE(store.local_path(key).stat().st_mode)) == oct(expected), key
+    assert oct(stat.S_IMODE((tmp_path / "store" / "a" / "b").stat().st_mode)) == oct(0o777 & ~mask)
+    assert os.umask(mask) == mask  # writing never changes the process's umask
+    assert [p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_local_temp_files_are_distinct_and_hidden(tmp_path):
+    from dino_model.storage.local import create_temp_file
+
+    fds = [create_temp_file(tmp_path, "x.bin") for _ in range(20)]
+    assert len({path for _, path in fds}) == 20
+    for fd, _ in fds:
+        os.close(fd)
+    assert all(os.path.basename(p).startswith(".tmp-x.bin.") for _, p in fds)

@@ -1,14 +1,17 @@
 """Local-disk object store: plain paths and ``file://`` URIs.
 
 Atomic writes go to a hidden temp file in the destination folder (same filesystem) and are renamed into place
-with :func:`os.replace`, so a reader sees either the old object, the new one, or none — never half of one.
+with :func:`os.replace`, so a reader sees either the old object, the new one, or none — never half of one. The
+temp file is created with mode ``0o666`` filtered by the process umask, as ``open(path, "wb")`` would: shards,
+manifests, checkpoints and exports stay readable by the other users, containers and pods the umask allows
+(``tempfile.mkstemp`` would make every object ``0600``, readable by its writer only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -16,6 +19,22 @@ from .base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, clean_k
 
 #: Prefix of in-progress temp files; listing skips them.
 TEMP_PREFIX = ".tmp-"
+# O_EXCL: never reuse an existing file; O_NOFOLLOW: never write through a link planted at the temp name.
+_TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
+def create_temp_file(folder: Path, name: str) -> tuple[int, str]:
+    """A new hidden temp file ``<TEMP_PREFIX><name>.<random>`` in ``folder``: (fd, path). Its mode is ``0o666``
+    less the umask, exactly as ``open`` gives a new file (the kernel applies the umask, so no thread ever changes
+    the process's umask to read it)."""
+    for _ in range(100):
+        path = os.path.join(folder, f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}")
+        try:
+            return os.open(path, _TEMP_FLAGS, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name for {name!r} in {folder}")
 
 
 class LocalStore(ObjectStore):
@@ -33,7 +52,7 @@ class LocalStore(ObjectStore):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+            fd, tmp = create_temp_file(path.parent, path.name)
         except OSError as e:
             raise StorageError(f"cannot write under {path.parent}: {e.strerror or e}") from e
         try:
