@@ -3,6 +3,15 @@
 ``manifest.json`` sits beside the shards at the destination URI. It records, per shard, the sample count, byte
 size and sha256 (so a re-run can skip finished shards and a reader can check what it reads); the class-index
 mapping; the inputs and options that produced the set; totals; and every rejected input with its reason.
+
+``inputs`` holds absolute paths or URIs only (``root``, ``labels``, ``meta``, ``classes``, ``classes_from``), so
+the manifest still says what was read when it is opened from another folder or machine, plus:
+
+* ``class_map``: where the class-index mapping came from — ``{"source", "path", "classes", "sha256"}``, with
+  ``source`` one of :data:`CLASS_MAP_SOURCES` and ``sha256`` = :func:`class_map_sha256` of ``classes`` (the
+  sha256 of a text file listing the class ids one per line, so ``sha256sum classes.txt`` can be compared);
+  ``None`` for unlabelled data. Two shard sets index their classes alike exactly when these hashes match.
+* ``warnings``: what the writer warned about (e.g. a class map derived from a partial label file).
 """
 
 from __future__ import annotations
@@ -16,6 +25,18 @@ from ..storage import ObjectStore, open_store
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dino-shards/1"
+#: Where a shard set's class map can come from: an explicit ``classes`` file, another shard set's manifest
+#: (``classes_from``), the ILSVRC devkit's ``meta.mat``, the ``LOC_synset_mapping.txt`` beside the val labels,
+#: the class folders (ImageFolder) or per-class archives (ILSVRC train tar), or — the one that can silently differ
+#: from train's — the classes present in the val label file itself.
+CLASS_MAP_SOURCES = ("classes-file", "shard-set", "devkit-meta", "synset-mapping", "folders", "class-archives",
+                     "labels")
+
+
+def class_map_sha256(classes: list[str]) -> str:
+    """The class map's identity: sha256 of the class ids, one per line in index order (each line ends in
+    ``\n``)."""
+    return hashlib.sha256("".join(f"{c}\n" for c in classes).encode()).hexdigest()
 
 
 @dataclass
@@ -58,6 +79,15 @@ class Manifest:
     @property
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    @property
+    def classes_sha256(self) -> str | None:
+        """:func:`class_map_sha256` of ``classes`` (None when unlabelled)."""
+        return class_map_sha256(self.classes) if self.classes else None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.inputs.get("warnings") or [])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=False)

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -49,6 +50,7 @@ TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 ProgressFn = Callable[[int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class ShardSummary:
     reencoded: int
     bytes: int
     manifest_written: bool
+    #: what the scan warned about (e.g. val class indices derived from a partial label file); also in the manifest
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_name(source: str) -> str:
@@ -481,6 +485,7 @@ def summarize(store: ObjectStore, manifest: Manifest, outcomes: Iterable[ShardOu
         reencoded=t["reencoded"],
         bytes=t["bytes"],
         manifest_written=manifest_written,
+        warnings=manifest.warnings,
     )
 
 
@@ -494,6 +499,8 @@ def write_dataset(
     """Plan, write (with a thread pool, no Prefect) and finish a shard set — the library path the flow mirrors;
     used by the benchmark and by tests of the writer alone."""
     store = open_store(destination) if isinstance(destination, str) else destination
+    for warning in scan.warnings:
+        log.warning("%s", warning)
     plans = plan_shards(scan.items, options, scan.classes, scan.class_names)
     previous, old_manifest = load_previous(store, plans)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

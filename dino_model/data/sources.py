@@ -13,6 +13,14 @@ Supported layouts (``kind``):
                  the devkit's own ILSVRC2012_ID numbering.
 ``flat``         a folder (or plain tar) of unlabelled images; class index -1.
 
+The class map (class index -> class id) comes from an explicit source when one is given — ``classes`` (a text
+file of class ids in index order) or ``classes_from`` (a shard set, usually train's: its manifest's classes) —
+else from the layout: the sorted class folders or class archives, the devkit's ``meta.mat``, the
+``LOC_synset_mapping.txt`` beside a ``LOC_val_solution.csv``, and as a last resort the classes present in the val
+label file itself. That last one agrees with train only when both hold the same classes, so a scan that falls
+back to it with fewer than ILSVRC-2012's 1000 classes carries a warning (``Scan.warnings``, recorded in the
+manifest). ``Scan.class_map`` says which source was used, and its hash.
+
 ``detect_kind`` picks one from the path. A scan returns :class:`SourceItem` s (a key, a label, and where the bytes
 are) plus the rejects it can decide without reading images: empty class folders, duplicate keys, broken links,
 non-regular files, unsafe archive member names, validation images without a label. Folders are walked by real
@@ -35,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import UNREADABLE, looks_like_image
-from .manifest import Reject
+from ..storage import StorageError, open_store
+from .manifest import Reject, class_map_sha256, load_manifest
 from .tree_walk import FoundFile, TreeWalker
 
 KINDS = ("auto", "imagefolder", "ilsvrc-train", "ilsvrc-val", "flat")
@@ -48,6 +57,9 @@ UNKNOWN_CLASS = "unknown-class"
 UNSAFE_PATH = "unsafe-path"
 NOT_A_CLASS_ARCHIVE = "not-a-class-archive"
 CORRUPT_ARCHIVE = "corrupt-archive"
+
+#: Classes of ILSVRC-2012: a val class map derived from its labels with fewer classes is a subset of train's.
+ILSVRC_NUM_CLASSES = 1000
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _VAL_NUMBER = re.compile(r"(\d+)$")
@@ -90,12 +102,31 @@ class SourceSpec:
     labels: str | None = None  #: val label file: ``LOC_val_solution.csv`` or the devkit ground-truth ``.txt``
     meta: str | None = None  #: devkit ``meta.mat`` (ILSVRC2012_ID -> WNID), needed with the devkit ground truth
     classes: str | None = None  #: optional text file whose lines start with the class ids, in index order
+    #: optional shard set (local path or URI; usually the train set's) whose manifest's classes give the class map
+    classes_from: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if not self.root:
             raise ValueError("source root is empty")
+        if self.classes and self.classes_from:
+            raise ValueError("classes and classes_from both give the class map: pass one of them "
+                             "(--classes FILE or --classes-from SHARDS)")
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """A class-index mapping and where it came from (the manifest's ``inputs.class_map``)."""
+
+    classes: list[str]  #: class index -> class id
+    names: dict[str, str]  #: class id -> human name, when known
+    source: str  #: one of ``manifest.CLASS_MAP_SOURCES``
+    path: str | None  #: absolute path or URI it was read from
+
+    def record(self) -> dict:
+        return {"source": self.source, "path": self.path, "classes": len(self.classes),
+                "sha256": class_map_sha256(self.classes)}
 
 
 @dataclass
@@ -108,6 +139,8 @@ class Scan:
     rejects: list[Reject] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)  #: class index -> class id
     class_names: dict[str, str] = field(default_factory=dict)  #: class id -> human-readable name
+    class_map: ClassMap | None = None  #: where ``classes`` came from (None: unlabelled)
+    warnings: list[str] = field(default_factory=list)  #: problems that do not stop the scan, for a human
     inputs: dict = field(default_factory=dict)  #: what was read (for the manifest)
 
     @property
@@ -166,8 +199,40 @@ def check_source(spec: SourceSpec) -> None:
             raise FileNotFoundError(
                 f"meta must name the devkit's meta.mat to read the ground truth {spec.labels} (got {spec.meta!r})"
             )
-    if spec.classes and not Path(spec.classes).is_file():
-        raise FileNotFoundError(f"classes file {spec.classes} does not exist")
+    if kind == "flat" and (spec.classes or spec.classes_from):
+        raise ValueError(f"classes / classes_from give class indices to labelled data; {spec.root} is a flat folder "
+                         "of unlabelled images (use an ImageFolder tree, or --labels for ILSVRC val images)")
+    explicit_class_map(spec)  # a missing or unusable class source fails here, with its own message
+
+
+def explicit_class_map(spec: SourceSpec) -> ClassMap | None:
+    """The class map the caller gave (``classes`` file or ``classes_from`` shard set), or None. Raises
+    ``FileNotFoundError`` / ``ValueError`` naming the option when it cannot be used."""
+    if spec.classes:
+        path = os.path.abspath(spec.classes)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"classes file {spec.classes} does not exist")
+        ids, names = _read_class_file(path)
+        if not ids:
+            raise ValueError(f"classes file {path} lists no class id")
+        twice = sorted({c for c in ids if ids.count(c) > 1}) if len(set(ids)) != len(ids) else []
+        if twice:
+            raise ValueError(f"classes file {path} lists class id(s) {twice[:5]} more than once")
+        return ClassMap(ids, names, "classes-file", path)
+    if spec.classes_from:
+        try:
+            store = open_store(spec.classes_from)
+            manifest = load_manifest(store)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"classes_from {spec.classes_from}: no shard set there ({e}); give the train "
+                                    "shard set's path or URI") from e
+        except (ValueError, StorageError) as e:
+            raise ValueError(f"classes_from {spec.classes_from}: {e}") from e
+        if not manifest.classes:
+            raise ValueError(f"classes_from {spec.classes_from} is a shard set of unlabelled images: it has no "
+                             "class map to copy")
+        return ClassMap(list(manifest.classes), dict(manifest.class_names), "shard-set", store.uri)
+    return None
 
 
 def require_images(scan: Scan, probe_limit: int | None = None) -> None:
@@ -196,6 +261,7 @@ def scan_source(spec: SourceSpec) -> Scan:
     check_source(spec)
     kind = detect_kind(spec)
     root = os.path.abspath(spec.root)
+    explicit = explicit_class_map(spec)
     if kind == "imagefolder":
         scan = _scan_imagefolder(root)
     elif kind == "flat":
@@ -203,16 +269,29 @@ def scan_source(spec: SourceSpec) -> Scan:
     elif kind == "ilsvrc-train":
         scan = _scan_train_tar(root)
     else:
-        scan = _scan_val(root, spec)
-    if spec.classes:
-        _apply_class_file(scan, spec.classes)
-    elif kind in ("imagefolder", "ilsvrc-train"):
-        scan.class_names = _find_class_names(Path(root), scan.classes)
-    scan.inputs = {"kind": kind, "root": root, "labels": spec.labels, "meta": spec.meta, "classes": spec.classes}
+        scan = _scan_val(root, spec, explicit)
+    if kind in ("imagefolder", "ilsvrc-train"):
+        if explicit is not None:
+            _reindex(scan, explicit)
+        else:
+            scan.class_names = _find_class_names(Path(root), scan.classes)
+            source = "folders" if kind == "imagefolder" else "class-archives"
+            scan.class_map = ClassMap(list(scan.classes), dict(scan.class_names), source, root)
+    scan.inputs = {
+        "kind": kind, "root": root, "labels": _absolute(spec.labels), "meta": _absolute(spec.meta),
+        "classes": _absolute(spec.classes),
+        "classes_from": explicit.path if explicit is not None and explicit.source == "shard-set" else None,
+        "class_map": scan.class_map.record() if scan.class_map is not None else None,
+        "warnings": list(scan.warnings),
+    }
     _drop_duplicate_keys(scan)
     scan.items.sort(key=lambda it: it.key)
     scan.rejects.sort(key=lambda r: r.path)
     return scan
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def _file_item(found: FoundFile, root: str, label: int) -> SourceItem:
@@ -414,22 +493,35 @@ def _read_class_file(path: str) -> tuple[list[str], dict[str, str]]:
     return ids, names
 
 
-def _scan_val(root: str, spec: SourceSpec) -> Scan:
+def _scan_val(root: str, spec: SourceSpec, explicit: ClassMap | None) -> Scan:
     scan = Scan("ilsvrc-val", root)
-    labels_path = str(spec.labels)
+    labels_path = os.path.abspath(str(spec.labels))
     if labels_path.endswith(".csv"):
         by_image = read_loc_val_solution(labels_path)
         mapping = Path(labels_path).with_name("LOC_synset_mapping.txt")
         if mapping.is_file():
-            scan.classes, scan.class_names = _read_class_file(str(mapping))
+            ids, names = _read_class_file(str(mapping))
+            found = ClassMap(ids, names, "synset-mapping", str(mapping))
         else:
-            scan.classes = sorted(set(by_image.values()))
+            found = ClassMap(sorted(set(by_image.values())), {}, "labels", labels_path)
     else:
         id_to_wnid, words, leaves = read_devkit_meta(str(spec.meta))
         by_image = read_devkit_ground_truth(labels_path, id_to_wnid)
-        scan.classes, scan.class_names = leaves, {w: words[w] for w in leaves}
-    if spec.classes:  # the caller's class list (e.g. train's) wins; applied again in scan_source for names
-        scan.classes, _ = _read_class_file(spec.classes)
+        found = ClassMap(leaves, {w: words[w] for w in leaves}, "devkit-meta", os.path.abspath(str(spec.meta)))
+    if explicit is not None:  # the caller's class map (e.g. train's) wins; names from either
+        known = set(explicit.classes)
+        names = {k: v for k, v in {**found.names, **explicit.names}.items() if k in known}
+        scan.class_map = ClassMap(explicit.classes, names, explicit.source, explicit.path)
+    else:
+        scan.class_map = found
+        if found.source == "labels" and len(found.classes) < ILSVRC_NUM_CLASSES:
+            scan.warnings.append(
+                f"class indices of {labels_path} come from the labels themselves: {len(found.classes)} classes, "
+                f"fewer than ILSVRC-2012's {ILSVRC_NUM_CLASSES}, and no LOC_synset_mapping.txt beside it, so they "
+                "differ from the indices of a train set with more classes. Give the train set's class map: "
+                "--classes-from TRAIN_SHARDS (flow parameter classes_from) or --classes FILE."
+            )
+    scan.classes, scan.class_names = list(scan.class_map.classes), dict(scan.class_map.names)
     index = {wnid: i for i, wnid in enumerate(scan.classes)}
 
     def label_of(name: str) -> int | Reject:
@@ -450,27 +542,29 @@ def _scan_val(root: str, spec: SourceSpec) -> Scan:
                 scan.rejects.append(Reject(found.rel, label.reason))
             else:
                 scan.items.append(_file_item(found, root, label))
-    scan.inputs["labels"] = labels_path
     return scan
 
 
 # -- classes ---------------------------------------------------------------------------------------------------
 
 
-def _apply_class_file(scan: Scan, path: str) -> None:
-    ids, names = _read_class_file(path)
-    if scan.kind in ("imagefolder", "ilsvrc-train") and ids != scan.classes:
-        # Re-index folder labels through the given order; folders missing from the file are refused clearly.
+def _reindex(scan: Scan, class_map: ClassMap) -> None:
+    """Re-index folder / archive labels through the given class order; a folder the map lacks is refused."""
+    ids = class_map.classes
+    what = f"classes file {class_map.path}" if class_map.source == "classes-file" else f"shard set {class_map.path}"
+    if ids != scan.classes:
         missing = sorted(set(scan.classes) - set(ids))
         if missing:
-            raise ValueError(f"classes file {path} lacks the class folders {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        remap = {old: ids.index(c) for old, c in enumerate(scan.classes)}
+            raise ValueError(f"{what} lacks the class folders {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        position = {c: i for i, c in enumerate(ids)}
+        remap = {old: position[c] for old, c in enumerate(scan.classes)}
         scan.items = [
             SourceItem(it.key, it.source, remap[it.label], it.path, it.size, it.mtime, it.offset) for it in scan.items
         ]
-        scan.classes = ids
+        scan.classes = list(ids)
     known = set(scan.classes)
-    scan.class_names = {k: v for k, v in {**scan.class_names, **names}.items() if k in known}
+    scan.class_names = {k: v for k, v in {**scan.class_names, **class_map.names}.items() if k in known}
+    scan.class_map = ClassMap(list(scan.classes), dict(scan.class_names), class_map.source, class_map.path)
 
 
 def _find_class_names(root: Path, classes: list[str]) -> dict[str, str]:
