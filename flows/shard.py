@@ -50,6 +50,7 @@ def dino_shard(
     labels: str | None = None,
     meta: str | None = None,
     classes: str | None = None,
+    classes_from: str | None = None,
     shard_size: int | None = 1000,
     shard_bytes: int | None = None,
     seed: int = 0,
@@ -69,6 +70,9 @@ def dino_shard(
         labels: ILSVRC val label file: ``LOC_val_solution.csv`` or the devkit's ground-truth ``.txt``.
         meta: the devkit's ``meta.mat`` (needed with the devkit ground truth).
         classes: optional text file listing class ids in index order (e.g. to align val with a train subset).
+        classes_from: optional shard set (path or URI, usually the train set's) whose manifest's classes give the
+            class indices; one of ``classes`` / ``classes_from`` at most. Without either, an ILSVRC val set whose
+            labels cover fewer than 1000 classes is indexed by its own classes, with a warning.
         shard_size: at most this many samples per shard (None: only ``shard_bytes`` limits).
         shard_bytes: close a shard once its input bytes reach this (None: only ``shard_size`` limits).
         seed: seed of the global shuffle that mixes classes across shards.
@@ -86,7 +90,7 @@ def dino_shard(
         name=name or default_name(source), shard_size=shard_size, shard_bytes=shard_bytes, seed=seed,
         quality=quality, max_pixels=max_pixels,
     )
-    spec = SourceSpec(source, kind, labels, meta, classes)
+    spec = SourceSpec(source, kind, labels, meta, classes, classes_from)
     validate_request(spec, destination, options)  # bad URI, missing root or label file
     scan = scan_source_task(spec)  # fails when there is no image at all
     # Last check: the probe write creates the destination folder, so it runs only once everything else passed.

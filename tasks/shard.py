@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import Callable
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -71,9 +71,12 @@ def check_destination(destination: str) -> str:
 
 @task(name="scan-source", cache_policy=NO_CACHE)
 def scan_source_task(spec: SourceSpec) -> Scan:
-    """Find every candidate image and the scan-time rejects; fail if there is no image at all."""
+    """Find every candidate image and the scan-time rejects; fail if there is no image at all. The scan's warnings
+    (e.g. val class indices that may differ from train's) are logged as WARNING."""
     scan = scan_source(spec)
     require_images(scan)
+    for warning in scan.warnings:
+        get_run_logger().warning("%s", warning)
     return scan
 
 
@@ -172,6 +175,12 @@ def summary_markdown(manifest: Manifest, summary: ShardSummary, max_rejects: int
         f"Source: `{manifest.inputs.get('root')}` ({manifest.inputs.get('kind')}), {len(manifest.classes)} classes.",
         "",
     ]
+    class_map = manifest.inputs.get("class_map")
+    if class_map:
+        lines += [f"Class map: {class_map['classes']} classes from {class_map['source']} `{class_map['path']}`, "
+                  f"sha256 `{class_map['sha256'][:16]}`.", ""]
+    if manifest.warnings:
+        lines += [f"> **Warning:** {w}" for w in manifest.warnings] + [""]
     if manifest.rejects:
         by_reason = Counter(r.reason.split(":")[0] for r in manifest.rejects)
         lines += ["| reject reason | count |", "|---|---|"]

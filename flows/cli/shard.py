@@ -24,6 +24,9 @@ def _configure_shard(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="ILSVRC val labels: LOC_val_solution.csv or the devkit ground-truth .txt")
     p.add_argument("--meta", help="the devkit's meta.mat (with the devkit ground truth)")
     p.add_argument("--classes", help="text file of class ids in index order (e.g. LOC_synset_mapping.txt)")
+    p.add_argument("--classes-from", metavar="SHARDS",
+                   help="take the class indices from this shard set's manifest (path or URI; usually the train "
+                        "set's), so val labels use train's indices")
     p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000; 0: no limit)")
     p.add_argument("--shard-bytes", type=parse_bytes, default=None, help="target input bytes per shard, e.g. 500MB")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
@@ -57,7 +60,7 @@ def run_shard(args: argparse.Namespace) -> int:
 
     try:  # the same cheap checks the flow starts with, before paying for Prefect's start-up
         validate_request(
-            SourceSpec(args.source, args.kind, args.labels, args.meta, args.classes),
+            SourceSpec(args.source, args.kind, args.labels, args.meta, args.classes, args.classes_from),
             args.destination,
             ShardOptions(args.name or default_name(args.source), args.shard_size or None, args.shard_bytes,
                          args.seed, args.quality, args.max_pixels),
@@ -72,7 +75,7 @@ def run_shard(args: argparse.Namespace) -> int:
     try:
         summary = dino_shard(
             source=args.source, destination=args.destination, name=args.name, kind=args.kind, labels=args.labels,
-            meta=args.meta, classes=args.classes, shard_size=args.shard_size or None, shard_bytes=args.shard_bytes,
+            meta=args.meta, classes=args.classes, classes_from=args.classes_from, shard_size=args.shard_size or None, shard_bytes=args.shard_bytes,
             seed=args.seed, quality=args.quality, max_pixels=args.max_pixels, parallelism=args.parallelism,
         )
     except (ValueError, OSError, StorageError) as e:
@@ -87,4 +90,6 @@ def run_shard(args: argparse.Namespace) -> int:
         f"{s['shards']} shards ({s['written']} written, {s['skipped']} already there), {s['bytes'] / 1e6:.1f} MB\n"
         f"manifest: {s['manifest']}"
     )
+    for warning in s["warnings"]:
+        print(f"WARNING: {warning}")
     return 0
