@@ -74,7 +74,8 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
     info = resolve_model_version(model)  # unknown model/version/alias fails here, before anything heavy
     facts = check_evaluation_inputs(settings)
     hashes = evaluation_set_hashes(facts)
-    run_id = open_evaluation_run(settings.experiment, info, settings, hashes, str(flow_run.get_id() or "local"))
+    run_id = open_evaluation_run(settings.experiment, info, settings, hashes, str(flow_run.get_id() or "local"),
+                                 facts.get("class_alignment"))
     metrics: dict[str, float] = {}
     features: dict[str, str] = {}
     try:

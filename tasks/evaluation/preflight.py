@@ -62,6 +62,10 @@ def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
                 if not train.classes:
                     raise ValueError(f"training shard set {train.uri} is unlabelled: k-NN and probes need labels")
                 facts["label_map"] = val.label_map_to(train.classes).tolist()
+                facts["class_alignment"] = class_alignment(train.classes, val.classes, facts["label_map"])
+                if facts["class_alignment"]["classes.val_to_train"] == "remapped":
+                    run_logger().info("val class indices differ from train's (%s): val labels are re-mapped to "
+                                      "train's by class id", facts["class_alignment"]["classes.remapped"])
             except ValueError as e:
                 problems.append(f"val_data: {e}")
             facts.update(train_samples=train.num_samples, val_samples=val.num_samples,
@@ -120,7 +124,7 @@ def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
             facts["davis_sequences"] = names
     if problems:
         raise EvaluationInputError("evaluation inputs are unusable:\n" + "\n".join(f" - {p}" for p in problems))
-    run_logger().info("inputs ok: %s", {k: v for k, v in facts.items() if k not in ("label_map",)})
+    run_logger().info("inputs ok: %s", {k: v for k, v in facts.items() if k not in ("label_map", "class_alignment")})
     return facts
 
 
@@ -138,6 +142,22 @@ def check_extraction_input(data: str, classes_from: str | None = None) -> dict[s
     except (ValueError, StorageError, OSError) as e:
         raise EvaluationInputError(f"extraction input is unusable: {e}") from e
     return {"samples": shards.num_samples, "label_map": label_map, "data_digest": shards.digest()}
+
+
+def class_alignment(train_classes: list[str], val_classes: list[str], label_map: list[int]) -> dict[str, str]:
+    """How val labels were aligned with train's, as evaluation-run tags: ``classes.val_to_train`` is ``remapped``
+    when some val class index differs from the train index of the same class id (the val shard set was indexed
+    by another class map), else ``identity``; ``classes.remapped`` counts them; ``classes.{train,val}_sha256``
+    are the two class maps' hashes (equal hashes: identical class maps)."""
+    from dino_model.data.manifest import class_map_sha256
+
+    moved = sum(1 for i, j in enumerate(label_map) if i != j)
+    return {
+        "classes.val_to_train": "remapped" if moved else "identity",
+        "classes.remapped": f"{moved} of {len(val_classes)} val classes",
+        "classes.train_sha256": class_map_sha256(list(train_classes)),
+        "classes.val_sha256": class_map_sha256(list(val_classes)),
+    }
 
 
 def evaluation_set_hashes(facts: dict[str, Any]) -> dict[str, str]:

@@ -23,9 +23,12 @@ POLICIES = ("always", "if_better", "never")
 
 @task(name="open-evaluation-run", cache_policy=NO_CACHE)
 def open_evaluation_run(experiment: str, model: dict[str, Any], settings: EvaluationSettings,
-                        hashes: dict[str, str], flow_run_id: str) -> str:
+                        hashes: dict[str, str], flow_run_id: str,
+                        class_alignment: dict[str, str] | None = None) -> str:
     """The MLflow run of this evaluation (found again by its flow-run tag when the flow is retried), tagged with
-    the model version and the evaluation-set hashes, with the settings as params."""
+    the model version, the evaluation-set hashes and how val labels were aligned with train's
+    (``class_alignment``: the ``classes.*`` tags of :func:`tasks.evaluation.preflight.class_alignment`), with the
+    settings as params."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -37,7 +40,7 @@ def open_evaluation_run(experiment: str, model: dict[str, Any], settings: Evalua
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
     tags = {FLOW_RUN_TAG: flow_run_id, "model_name": model["name"], "model_version": str(model["version"]),
-            "model_uri": model["uri"], **{f"evalset.{k}": v for k, v in hashes.items()}}
+            "model_uri": model["uri"], **{f"evalset.{k}": v for k, v in hashes.items()}, **(class_alignment or {})}
     if model.get("run_id"):
         tags["training_run_id"] = model["run_id"]
     run = client.create_run(exp_id, run_name=f"eval-{model['name']}-v{model['version']}", tags=tags)
