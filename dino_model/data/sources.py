@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import Counter
 import posixpath
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .images import UNREADABLE, looks_like_image
 from ..storage import StorageError, open_store
+from .images import UNREADABLE, looks_like_image
 from .manifest import Reject, class_map_sha256, load_manifest
 from .tree_walk import FoundFile, TreeWalker
 
@@ -215,7 +215,7 @@ def explicit_class_map(spec: SourceSpec) -> ClassMap | None:
         ids, names = _read_class_file(path)
         if not ids:
             raise ValueError(f"classes file {path} lists no class id")
-        twice = sorted({c for c in ids if ids.count(c) > 1}) if len(set(ids)) != len(ids) else []
+        twice = sorted(c for c, n in Counter(ids).items() if n > 1)
         if twice:
             raise ValueError(f"classes file {path} lists class id(s) {twice[:5]} more than once")
         return ClassMap(ids, names, "classes-file", path)
