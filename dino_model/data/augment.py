@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as nnf
@@ -44,6 +44,7 @@ __all__ = [
     "CropParams",
     "MultiCropAugmentation",
     "sample_resized_crop",
+    "PostCropParams",
     "augment_resized",
     "adjust_brightness",
     "adjust_contrast",
@@ -304,17 +305,24 @@ def _blur_kernels(sigma: torch.Tensor, max_radius: int) -> torch.Tensor:
     return w / w.sum(dim=1, keepdim=True)
 
 
-def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of [N, C, H, W] (or [C, H, W]) with a per-image ``sigma``; kernel size
-    2·ceil(3σ) + 1, reflect padding (as torchvision's ``gaussian_blur``). The radius is capped at the image side
-    minus one (reflect padding cannot be wider), which only matters for images under ~19 px at σ = 2."""
+def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of [N, C, H, W] (or [C, H, W]) with a per-image ``sigma``; each image's kernel spans
+    2·ceil(3σ) + 1 pixels, with reflect padding (as torchvision's ``gaussian_blur``).
+
+    ``radius``: the half-width every kernel is padded to (zero weights beyond an image's own ceil(3σ), so the result
+    does not depend on it); default ceil(3 · max σ), which reads σ on the host and checks it is positive. A device
+    pipeline passes a fixed radius so that σ is never read back (no host-device sync); σ must then be positive.
+    The radius is capped at the image side minus one (reflect padding cannot be wider), which only matters for
+    images under ~19 px at σ = 2."""
     squeeze = img.ndim == 3
     x = img[None] if squeeze else img
     n, c, hgt, wid = x.shape
     sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(n).contiguous()
-    if bool((sig <= 0).any()):
-        raise ValueError(f"blur sigma must be positive, got {sig.tolist()}")
-    radius = min(int(math.ceil(3.0 * float(sig.max()))), hgt - 1, wid - 1)
+    if radius is None:
+        if bool((sig <= 0).any()):
+            raise ValueError(f"blur sigma must be positive, got {sig.tolist()}")
+        radius = int(math.ceil(3.0 * float(sig.max())))
+    radius = min(radius, hgt - 1, wid - 1)
     if radius < 1:
         return img
     k = _blur_kernels(sig, radius).to(x.dtype).repeat_interleave(c, dim=0)  # [N*C, K]
@@ -337,50 +345,111 @@ def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (img - m) / s
 
 
-_JITTER_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation, HUE: adjust_hue}
+@dataclass(frozen=True)
+class PostCropParams:
+    """The parameters of everything after the resized crop for a batch of N crops, as named columns: one tensor per
+    field, first dimension N, all on the crops' device. :meth:`stack` builds it from :class:`CropParams`."""
+
+    flip: torch.Tensor  #: bool [N]
+    jitter_order: torch.Tensor  #: float32 [N, 4]: operation ids (BRIGHTNESS ... HUE) in order; -1 rows: no jitter
+    brightness: torch.Tensor  #: float32 [N] factor (1 without jitter)
+    contrast: torch.Tensor  #: float32 [N] factor (1 without jitter)
+    saturation: torch.Tensor  #: float32 [N] factor (1 without jitter)
+    hue: torch.Tensor  #: float32 [N] shift in turns (0 without jitter)
+    grayscale: torch.Tensor  #: bool [N]
+    blur: torch.Tensor  #: bool [N]
+    sigma: torch.Tensor  #: float32 [N] blur standard deviation in pixels (0 when not blurred)
+    solarize: torch.Tensor  #: bool [N]
+
+    #: the host table's layout: (field, number of columns), in order; flags are stored as 0 / 1
+    LAYOUT: ClassVar[tuple[tuple[str, int], ...]] = (
+        ("flip", 1), ("jitter_order", 4), ("brightness", 1), ("contrast", 1), ("saturation", 1), ("hue", 1),
+        ("grayscale", 1), ("blur", 1), ("sigma", 1), ("solarize", 1),
+    )
+    FLAGS: ClassVar[tuple[str, ...]] = ("flip", "grayscale", "blur", "solarize")
+
+    @classmethod
+    def stack(cls, params: Sequence[CropParams], device: torch.device | str = "cpu") -> "PostCropParams":
+        """One float32 host table from the records, one copy to ``device`` (pinned and non-blocking on CUDA, so the
+        host never waits for the device), then split into the named columns."""
+        def row(p: CropParams) -> list[float]:
+            values: list[float] = []
+            for name, _ in cls.LAYOUT:
+                if name == "jitter_order":
+                    values.extend(p.jitter_order if p.jitter else (-1,) * 4)
+                else:
+                    values.append(float(getattr(p, name)))
+            return values
+
+        table = torch.tensor([row(p) for p in params], dtype=torch.float32).reshape(len(params), -1)
+        device = torch.device(device)
+        if device.type == "cuda":
+            table = table.pin_memory()
+        table = table.to(device, non_blocking=True)
+        named = {}
+        for (name, width), column in zip(cls.LAYOUT, table.split([width for _, width in cls.LAYOUT], dim=1)):
+            column = column if width > 1 else column.squeeze(1)
+            named[name] = column > 0.5 if name in cls.FLAGS else column
+        return cls(**named)
+
+
+def _all_rows(column: torch.Tensor) -> torch.Tensor:
+    return column
+
+
+def _on_selected_rows(x: torch.Tensor, rows: torch.Tensor, op) -> torch.Tensor:
+    """``op`` on the rows of ``x`` where ``rows`` holds, gathered (none: no work; all: no gather). The row sets are
+    read on the host: free on the CPU, a host-device sync per operation on a GPU."""
+    if bool(rows.all()):
+        return op(x, _all_rows)
+    if not bool(rows.any()):
+        return x
+    idx = rows.nonzero().squeeze(1)
+    return x.index_copy(0, idx, op(x.index_select(0, idx), lambda column: column[idx]))
+
+
+def _on_all_rows(x: torch.Tensor, rows: torch.Tensor, op) -> torch.Tensor:
+    """``op`` on every row of ``x``, kept where ``rows`` holds: more arithmetic, but nothing is read back on the host,
+    so a GPU's queue never drains while the host waits."""
+    return torch.where(rows.view(-1, 1, 1, 1), op(x, _all_rows), x)
+
+
+_JITTER_OPS = ((BRIGHTNESS, adjust_brightness, "brightness"), (CONTRAST, adjust_contrast, "contrast"),
+               (SATURATION, adjust_saturation, "saturation"), (HUE, adjust_hue, "hue"))
 
 
 def augment_resized(
-    crops: torch.Tensor, params: Sequence[CropParams], cfg: MultiCropConfig
+    crops: torch.Tensor, params: Sequence[CropParams], cfg: MultiCropConfig, *, sync_free: bool = False
 ) -> torch.Tensor:
     """Everything after the resized crop, batched: flip, colour jitter (per-image order), greyscale, blur,
     solarise, normalise. ``crops`` is [N, 3, s, s] (uint8 0–255 or float 0–1) with ``params[i]`` for crop i;
-    returns float32 [N, 3, s, s], normalised. Works on any device."""
+    returns float32 [N, 3, s, s], normalised. Works on any device; the CPU workers and the device path
+    (:class:`dino_model.data.gpu_augment.DeviceMultiCrop`) both run this chain.
+
+    How each operation reaches its rows: by default only the rows that need it are computed, which reads the row
+    sets on the host. ``sync_free=True`` (the device path's default on CUDA) computes every operation on every row
+    and keeps the result with ``torch.where`` where it applies, and blurs with the radius of the config's largest
+    σ (each row's kernel still truncated at its own ceil(3σ)): nothing is read back, so the host can queue the next
+    batch while the GPU still runs the step. Both give the same result up to fp32 rounding (tested)."""
     if crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[0] != len(params):
         raise ValueError(f"augment_resized needs [N, 3, H, W] crops and N params, got {tuple(crops.shape)} / {len(params)}")
     x = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
-    dev = x.device
+    p = PostCropParams.stack(params, x.device)
+    on_rows = _on_all_rows if sync_free else _on_selected_rows
 
-    def mask(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.bool, device=dev)
-
-    def where_rows(m: torch.Tensor, fn) -> None:
-        # Apply fn only to the rows selected by m (no work at all when none is selected).
-        nonlocal x
-        if bool(m.all()):
-            x = fn(x, None)
-        elif bool(m.any()):
-            idx = m.nonzero().squeeze(1)
-            x = x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
-
-    where_rows(mask([p.flip for p in params]), lambda t, idx: t.flip(-1))
-
-    factors = {
-        BRIGHTNESS: torch.tensor([p.brightness for p in params], device=dev),
-        CONTRAST: torch.tensor([p.contrast for p in params], device=dev),
-        SATURATION: torch.tensor([p.saturation for p in params], device=dev),
-        HUE: torch.tensor([p.hue for p in params], device=dev),
-    }
-    jitter = [p.jitter for p in params]
+    x = on_rows(x, p.flip, lambda t, rows: t.flip(-1))
     for slot in range(4):
-        for op, fn in _JITTER_OPS.items():
-            sel = mask([j and p.jitter_order[slot] == op for j, p in zip(jitter, params)])
-            where_rows(sel, lambda t, idx, fn=fn, op=op: fn(t, factors[op] if idx is None else factors[op][idx]))
-
-    where_rows(mask([p.grayscale for p in params]), lambda t, idx: to_grayscale(t).expand_as(t).contiguous())
-    sig = torch.tensor([p.sigma for p in params], device=dev)
-    where_rows(mask([p.blur for p in params]), lambda t, idx: gaussian_blur(t, sig if idx is None else sig[idx]))
-    where_rows(mask([p.solarize for p in params]), lambda t, idx: solarize(t, cfg.solarize_threshold / 255.0))
+        for op, adjust, name in _JITTER_OPS:
+            factor = getattr(p, name)
+            x = on_rows(x, p.jitter_order[:, slot] == op,
+                        lambda t, rows, adjust=adjust, factor=factor: adjust(t, rows(factor)))
+    x = on_rows(x, p.grayscale, lambda t, rows: to_grayscale(t).expand_as(t).contiguous())
+    if sync_free:  # σ = 1 (any valid value) on the rows that are not blurred; their result is discarded
+        sigma, radius = torch.where(p.blur, p.sigma, 1.0), int(math.ceil(3.0 * cfg.blur_sigma[1]))
+    else:
+        sigma, radius = p.sigma, None
+    x = on_rows(x, p.blur, lambda t, rows: gaussian_blur(t, rows(sigma), radius))
+    x = on_rows(x, p.solarize, lambda t, rows: solarize(t, cfg.solarize_threshold / 255.0))
     return normalize(x, cfg.mean, cfg.std)
 
 
