@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as nnf
@@ -219,6 +219,12 @@ def sample_resized_crop(
 # ----------------------------------------------------------------------------------------------------------------
 # Operations on float images in [0, 1], shape [..., 3, H, W]. Factors are Python floats or tensors with one value
 # per leading index (shape [N] for [N, 3, H, W]), so the same code runs per image on the CPU or batched on a GPU.
+#
+# Written for the CPU worker, where these ops on one 96-224 px crop at a time are what an image costs: no bool
+# tensors (on the CPU a comparison into a bool tensor, and torch.where reading one, cost ~10x a float op; see
+# _indicator and _select), and few fresh image-sized temporaries (each new buffer is memory the allocator may
+# have handed back to the OS, i.e. page faults). Every rewrite keeps the arithmetic, so results are bit for bit
+# those of the plain formulas (PIL/torchvision parity is tested in tests/test_augment.py).
 
 
 def _factor(f: float | torch.Tensor, img: torch.Tensor) -> torch.Tensor | float:
@@ -227,20 +233,37 @@ def _factor(f: float | torch.Tensor, img: torch.Tensor) -> torch.Tensor | float:
     return f.to(device=img.device, dtype=img.dtype).reshape(f.shape + (1,) * (img.ndim - f.ndim))
 
 
+def _indicator(compare, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """``compare(a, b)`` (``torch.eq``, ``torch.ge``, ...) as 0.0 / 1.0 in ``a``'s dtype and shape, written straight
+    into a float tensor instead of a bool one."""
+    return compare(a, b, out=torch.empty_like(a))
+
+
+def _select(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(cond, a, b)`` for a 0/1 float ``cond`` and finite ``a``, ``b``, bit for bit:
+    ``lerp(b, a, 1)`` is ``a - (a - b) * 0`` = ``a`` and ``lerp(b, a, 0)`` is ``b + 0 * (a - b)`` = ``b``."""
+    return torch.lerp(b, a, cond)
+
+
 def to_grayscale(img: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, shape [..., 1, H, W]."""
     r, g, b = img.unbind(dim=-3)
-    return (LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b).unsqueeze(-3)
+    luma = LUMA_WEIGHTS[0] * r
+    luma += LUMA_WEIGHTS[1] * g
+    luma += LUMA_WEIGHTS[2] * b
+    return luma.unsqueeze(-3)
 
 
 def _blend(img: torch.Tensor, other: torch.Tensor, f) -> torch.Tensor:
     f = _factor(f, img)
-    return (f * img + (1.0 - f) * other).clamp_(0.0, 1.0)
+    out = f * img
+    out += (1.0 - f) * other
+    return out.clamp_(0.0, 1.0)
 
 
 def adjust_brightness(img: torch.Tensor, factor) -> torch.Tensor:
     """Blend with black (PIL ``ImageEnhance.Brightness``)."""
-    return (img * _factor(factor, img)).clamp(0.0, 1.0)
+    return (img * _factor(factor, img)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(img: torch.Tensor, factor) -> torch.Tensor:
@@ -253,46 +276,54 @@ def adjust_saturation(img: torch.Tensor, factor) -> torch.Tensor:
     return _blend(img, to_grayscale(img), factor)
 
 
-def _rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+def _rgb_to_hsv(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hue in turns [0, 1), saturation, value), each [..., H, W]; hue and saturation 0 where r = g = b."""
     r, g, b = img.unbind(dim=-3)
-    maxc, _ = img.max(dim=-3)
-    minc, _ = img.min(dim=-3)
-    delta = maxc - minc
-    grey = delta == 0  # hue and saturation are undefined: set to 0 without dividing by zero
-    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    d = torch.where(grey, torch.ones_like(delta), delta)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)
+    grey = _indicator(torch.eq, delta, 0.0)
+    one = torch.ones_like(delta)
+    s = delta / _select(grey, one, maxc)  # max = 0 only where grey: delta / 1 = 0 there, no 0 / 0
+    d = _select(grey, one, delta)
     h_r = (g - b) / d
-    h_g = 2.0 + (b - r) / d
-    h_b = 4.0 + (r - g) / d
-    h = torch.where(maxc == r, h_r, torch.where(maxc == g, h_g, h_b))
-    h = torch.where(grey, torch.zeros_like(h), h)
-    h = torch.remainder(h / 6.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
+    h_g = (b - r) / d + 2.0
+    h_b = (r - g) / d + 4.0
+    # grey pixels need no select of their own: r = g = b = max picks h_r = 0 / 1 = 0
+    h = _select(_indicator(torch.eq, maxc, r), h_r, _select(_indicator(torch.eq, maxc, g), h_g, h_b))
+    h /= 6.0
+    return h.sub_(torch.floor(h)), s, maxc  # h mod 1 (h > -1 here)
 
 
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    h, s, v = hsv.unbind(dim=-3)
+#: HSV sector (floor of hue · 6) -> the source of (r, g, b): value, p = v(1 - s), q = v(1 - s·f), t = v(1 - s(1 - f))
+_HSV_SECTORS = ("vtp", "qvp", "pvt", "pqv", "tpv", "vpq")
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = torch.remainder(i, 6.0)
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    # sector i -> (r, g, b): 0 (v,t,p) 1 (q,v,p) 2 (p,v,t) 3 (p,q,v) 4 (t,p,v) 5 (v,p,q)
-    r = torch.where(i == 0, v, torch.where(i == 1, q, torch.where(i == 2, p, torch.where(i == 3, p, torch.where(i == 4, t, v)))))
-    g = torch.where(i == 0, t, torch.where(i == 1, v, torch.where(i == 2, v, torch.where(i == 3, q, p))))
-    b = torch.where(i <= 1, p, torch.where(i == 2, t, torch.where(i <= 4, v, q)))
-    return torch.stack((r, g, b), dim=-3)
+    sector = torch.floor(h6)
+    f = h6.sub_(sector)
+    sector -= 6.0 * torch.floor(sector / 6.0)  # h = 1 - ulp can round to sector 6: that is sector 0 (f = 0)
+    parts = {
+        "v": v,
+        "p": (v * (1.0 - s)).clamp_(0.0, 1.0),
+        "q": (v * (1.0 - s * f)).clamp_(0.0, 1.0),
+        "t": (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0),
+    }
+    in_sector = [_indicator(torch.eq, sector, float(k)) for k in range(len(_HSV_SECTORS) - 1)]
+    channels = []
+    for c in range(3):
+        out = parts[_HSV_SECTORS[-1][c]]
+        for k in reversed(range(len(in_sector))):
+            out = _select(in_sector[k], parts[_HSV_SECTORS[k][c]], out)
+        channels.append(out)
+    return torch.stack(channels, dim=-3)
 
 
 def adjust_hue(img: torch.Tensor, shift) -> torch.Tensor:
     """Rotate the hue by ``shift`` turns in HSV space (torchvision ``adjust_hue``)."""
-    hsv = _rgb_to_hsv(img)
-    h, s, v = hsv.unbind(dim=-3)
-    shift = _factor(shift, h)
-    h = torch.remainder(h + shift, 1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    h, s, v = _rgb_to_hsv(img)
+    h += _factor(shift, h)
+    return _hsv_to_rgb(h.sub_(torch.floor(h)), s, v)  # mod 1 (|shift| <= 0.5, so h > -1)
 
 
 def _blur_kernels(sigma: torch.Tensor, max_radius: int) -> torch.Tensor:
@@ -325,24 +356,46 @@ def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | 
     radius = min(radius, hgt - 1, wid - 1)
     if radius < 1:
         return img
-    k = _blur_kernels(sig, radius).to(x.dtype).repeat_interleave(c, dim=0)  # [N*C, K]
-    y = x.reshape(1, n * c, hgt, wid)
-    y = nnf.pad(y, (radius, radius, radius, radius), mode="reflect")
-    y = nnf.conv2d(y, k[:, None, None, :], groups=n * c)  # horizontal
-    y = nnf.conv2d(y, k[:, None, :, None], groups=n * c)  # vertical
-    y = y.reshape(n, c, hgt, wid)
+    k = _blur_kernels(sig, radius).to(x.dtype)  # [N, 2 * radius + 1]
+    padded = nnf.pad(x, (radius, radius, radius, radius), mode="reflect")
+    if x.device.type == "cpu":
+        y = torch.empty_like(x)
+        for image, weights in enumerate(k.tolist()):
+            _convolve_taps(_convolve_taps(padded[image], weights, dim=-1), weights, dim=-2, out=y[image])
+    else:  # one grouped convolution per direction for the whole batch
+        k = k.repeat_interleave(c, dim=0)  # [N*C, K]
+        y = nnf.conv2d(padded.reshape(1, n * c, hgt + 2 * radius, wid + 2 * radius), k[:, None, None, :],
+                       groups=n * c)
+        y = nnf.conv2d(y, k[:, None, :, None], groups=n * c).reshape(n, c, hgt, wid)
     return y[0] if squeeze else y
+
+
+def _convolve_taps(src: torch.Tensor, weights: list[float], dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D correlation of ``src`` with ``weights`` along ``dim`` (valid part: ``len(weights) - 1`` shorter), as one
+    multiply-add of a shifted view per non-zero tap, in tap order. On the CPU this is 5-10x faster than the
+    depthwise ``conv2d`` for these kernel sizes, and it sums the same products in the same order with the same
+    fused multiply-adds, so the result is the same bit for bit (zero taps add exact zeros there)."""
+    size = src.shape[dim] - len(weights) + 1
+    taps = [(j, w) for j, w in enumerate(weights) if w != 0.0]
+    first, w0 = taps[0]
+    acc = torch.mul(src.narrow(dim, first, size), w0, out=out) if out is not None else src.narrow(dim, first, size) * w0
+    for j, w in taps[1:]:
+        acc.add_(src.narrow(dim, j, size), alpha=w)
+    return acc
 
 
 def solarize(img: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
     """Invert every value >= ``threshold`` (PIL ``ImageOps.solarize``; threshold on the [0, 1] scale)."""
-    return torch.where(img >= threshold, 1.0 - img, img)
+    return _select(_indicator(torch.ge, img, threshold), 1.0 - img, img)
 
 
 def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
-    return (img - m) / s
+    """(img - mean) / std per channel of [..., 3, H, W]. Channel by channel with Python scalars: a mean / std tensor
+    built from a list on a GPU is a blocking host-to-device copy."""
+    out = torch.empty_like(img)
+    for c in range(3):
+        torch.sub(img[..., c, :, :], mean[c], out=out[..., c, :, :]).div_(std[c])
+    return out
 
 
 @dataclass(frozen=True)
@@ -386,10 +439,12 @@ class PostCropParams:
         if device.type == "cuda":
             table = table.pin_memory()
         table = table.to(device, non_blocking=True)
-        named = {}
-        for (name, width), column in zip(cls.LAYOUT, table.split([width for _, width in cls.LAYOUT], dim=1)):
-            column = column if width > 1 else column.squeeze(1)
-            named[name] = column > 0.5 if name in cls.FLAGS else column
+        columns, named, start = table.unbind(1), {}, 0
+        for name, width in cls.LAYOUT:
+            named[name] = columns[start] if width == 1 else table[:, start:start + width]
+            start += width
+        for name in cls.FLAGS:
+            named[name] = named[name] > 0.5
         return cls(**named)
 
 
@@ -397,25 +452,37 @@ def _all_rows(column: torch.Tensor) -> torch.Tensor:
     return column
 
 
-def _on_selected_rows(x: torch.Tensor, rows: torch.Tensor, op) -> torch.Tensor:
-    """``op`` on the rows of ``x`` where ``rows`` holds, gathered (none: no work; all: no gather). The row sets are
-    read on the host: free on the CPU, a host-device sync per operation on a GPU."""
-    if bool(rows.all()):
-        return op(x, _all_rows)
-    if not bool(rows.any()):
-        return x
-    idx = rows.nonzero().squeeze(1)
-    return x.index_copy(0, idx, op(x.index_select(0, idx), lambda column: column[idx]))
+#: one step of the chain: (the rows it applies to, bool [N]; op(images, rows) where rows(column) restricts a
+#: per-crop parameter column to the images op receives)
+Step = tuple[torch.Tensor, Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]]
 
 
-def _on_all_rows(x: torch.Tensor, rows: torch.Tensor, op) -> torch.Tensor:
-    """``op`` on every row of ``x``, kept where ``rows`` holds: more arithmetic, but nothing is read back on the host,
-    so a GPU's queue never drains while the host waits."""
-    return torch.where(rows.view(-1, 1, 1, 1), op(x, _all_rows), x)
+def _on_selected_rows(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+    """Each step's op on the rows it applies to only, gathered (none: skipped; all: no gather). The row sets are
+    read on the host, all in one go: free on the CPU, one host-device sync on a GPU."""
+    applies = torch.stack([rows for rows, _ in steps], dim=1).tolist()  # [N][steps] Python bools
+    for j, (_, op) in enumerate(steps):
+        selected = [i for i, row in enumerate(applies) if row[j]]
+        if len(selected) == len(applies):
+            x = op(x, _all_rows)
+        elif selected:
+            idx = torch.tensor(selected, device=x.device)
+            x = x.index_copy(0, idx, op(x.index_select(0, idx), lambda column: column[idx]))
+    return x
 
 
+def _on_all_rows(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+    """Each step's op on every row, kept with ``torch.where`` where it applies: more arithmetic, but nothing is read
+    back on the host, so a GPU's queue never drains while the host waits."""
+    for rows, op in steps:
+        x = torch.where(rows.view(-1, 1, 1, 1), op(x, _all_rows), x)
+    return x
+
+
+#: (operation id, function, PostCropParams field), indexed by the id (0..3)
 _JITTER_OPS = ((BRIGHTNESS, adjust_brightness, "brightness"), (CONTRAST, adjust_contrast, "contrast"),
                (SATURATION, adjust_saturation, "saturation"), (HUE, adjust_hue, "hue"))
+assert [op for op, _, _ in _JITTER_OPS] == list(range(len(_JITTER_OPS)))
 
 
 def augment_resized(
@@ -435,21 +502,26 @@ def augment_resized(
         raise ValueError(f"augment_resized needs [N, 3, H, W] crops and N params, got {tuple(crops.shape)} / {len(params)}")
     x = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
     p = PostCropParams.stack(params, x.device)
-    on_rows = _on_all_rows if sync_free else _on_selected_rows
-
-    x = on_rows(x, p.flip, lambda t, rows: t.flip(-1))
-    for slot in range(4):
-        for op, adjust, name in _JITTER_OPS:
-            factor = getattr(p, name)
-            x = on_rows(x, p.jitter_order[:, slot] == op,
-                        lambda t, rows, adjust=adjust, factor=factor: adjust(t, rows(factor)))
-    x = on_rows(x, p.grayscale, lambda t, rows: to_grayscale(t).expand_as(t).contiguous())
     if sync_free:  # σ = 1 (any valid value) on the rows that are not blurred; their result is discarded
         sigma, radius = torch.where(p.blur, p.sigma, 1.0), int(math.ceil(3.0 * cfg.blur_sigma[1]))
     else:
         sigma, radius = p.sigma, None
-    x = on_rows(x, p.blur, lambda t, rows: gaussian_blur(t, rows(sigma), radius))
-    x = on_rows(x, p.solarize, lambda t, rows: solarize(t, cfg.solarize_threshold / 255.0))
+    # [N, 4 slots, 4 ops] -> 16 columns, slot-major: whether operation id `op` runs in order slot `slot`
+    op_ids = torch.arange(len(_JITTER_OPS), dtype=p.jitter_order.dtype, device=x.device)
+    jitter_at = (p.jitter_order[:, :, None] == op_ids).reshape(len(params), -1).unbind(1)
+
+    steps: list[Step] = [(p.flip, lambda t, rows: t.flip(-1))]
+    for slot in range(4):
+        for op, adjust, name in _JITTER_OPS:
+            factor = getattr(p, name)
+            steps.append((jitter_at[slot * len(_JITTER_OPS) + op],
+                          lambda t, rows, adjust=adjust, factor=factor: adjust(t, rows(factor))))
+    steps += [
+        (p.grayscale, lambda t, rows: to_grayscale(t).expand_as(t).contiguous()),
+        (p.blur, lambda t, rows: gaussian_blur(t, rows(sigma), radius)),
+        (p.solarize, lambda t, rows: solarize(t, cfg.solarize_threshold / 255.0)),
+    ]
+    x = _on_all_rows(x, steps) if sync_free else _on_selected_rows(x, steps)
     return normalize(x, cfg.mean, cfg.std)
 
 
