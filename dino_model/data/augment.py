@@ -51,6 +51,7 @@ __all__ = [
     "adjust_saturation",
     "adjust_hue",
     "to_grayscale",
+    "BLUR_METHODS",
     "gaussian_blur",
     "solarize",
     "normalize",
@@ -336,7 +337,14 @@ def _blur_kernels(sigma: torch.Tensor, max_radius: int) -> torch.Tensor:
     return w / w.sum(dim=1, keepdim=True)
 
 
-def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | None = None) -> torch.Tensor:
+#: How :func:`gaussian_blur` convolves: ``taps`` (one multiply-add of a shifted view per kernel tap, per image:
+#: 5-10x the grouped conv2d on a CPU core), ``conv`` (one grouped conv2d per direction for the whole batch: a
+#: single kernel launch on a GPU) or ``auto`` (taps on the CPU, conv elsewhere). Same result (tested).
+BLUR_METHODS = ("auto", "taps", "conv")
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | None = None,
+                  method: str = "auto") -> torch.Tensor:
     """Separable Gaussian blur of [N, C, H, W] (or [C, H, W]) with a per-image ``sigma``; each image's kernel spans
     2·ceil(3σ) + 1 pixels, with reflect padding (as torchvision's ``gaussian_blur``).
 
@@ -344,7 +352,9 @@ def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | 
     does not depend on it); default ceil(3 · max σ), which reads σ on the host and checks it is positive. A device
     pipeline passes a fixed radius so that σ is never read back (no host-device sync); σ must then be positive.
     The radius is capped at the image side minus one (reflect padding cannot be wider), which only matters for
-    images under ~19 px at σ = 2."""
+    images under ~19 px at σ = 2. ``method``: one of :data:`BLUR_METHODS`."""
+    if method not in BLUR_METHODS:
+        raise ValueError(f"gaussian_blur method must be one of {list(BLUR_METHODS)}, got {method!r}")
     squeeze = img.ndim == 3
     x = img[None] if squeeze else img
     n, c, hgt, wid = x.shape
@@ -358,11 +368,11 @@ def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | 
         return img
     k = _blur_kernels(sig, radius).to(x.dtype)  # [N, 2 * radius + 1]
     padded = nnf.pad(x, (radius, radius, radius, radius), mode="reflect")
-    if x.device.type == "cpu":
+    if method == "taps" or (method == "auto" and x.device.type == "cpu"):
         y = torch.empty_like(x)
         for image, weights in enumerate(k.tolist()):
-            _convolve_taps(_convolve_taps(padded[image], weights, dim=-1), weights, dim=-2, out=y[image])
-    else:  # one grouped convolution per direction for the whole batch
+            _correlate_taps(_correlate_taps(padded[image], weights, dim=-1), weights, dim=-2, out=y[image])
+    else:
         k = k.repeat_interleave(c, dim=0)  # [N*C, K]
         y = nnf.conv2d(padded.reshape(1, n * c, hgt + 2 * radius, wid + 2 * radius), k[:, None, None, :],
                        groups=n * c)
@@ -370,11 +380,11 @@ def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | 
     return y[0] if squeeze else y
 
 
-def _convolve_taps(src: torch.Tensor, weights: list[float], dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """1-D correlation of ``src`` with ``weights`` along ``dim`` (valid part: ``len(weights) - 1`` shorter), as one
-    multiply-add of a shifted view per non-zero tap, in tap order. On the CPU this is 5-10x faster than the
-    depthwise ``conv2d`` for these kernel sizes, and it sums the same products in the same order with the same
-    fused multiply-adds, so the result is the same bit for bit (zero taps add exact zeros there)."""
+def _correlate_taps(src: torch.Tensor, weights: list[float], dim: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D correlation of ``src`` with ``weights`` along ``dim`` (the valid part: ``len(weights) - 1`` shorter): one
+    in-place multiply-add of a shifted view per non-zero tap, in tap order — the grouped conv2d's products summed in
+    its order (equal to it up to fp32 rounding, tested; bit for bit on the machine of docs/benchmarks.md)."""
     size = src.shape[dim] - len(weights) + 1
     taps = [(j, w) for j, w in enumerate(weights) if w != 0.0]
     first, w0 = taps[0]
