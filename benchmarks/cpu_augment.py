@@ -2,7 +2,7 @@
 side in one run, one thread each, on the same real-resolution ImageNet JPEGs.
 
     .venv/bin/python benchmarks/cpu_augment.py                       # ../shared/data/imagenet-sample, 5 rounds
-    .venv/bin/python benchmarks/cpu_augment.py --images DIR --rounds 9 --profile project
+    .venv/bin/python benchmarks/cpu_augment.py --images DIR --rounds 9 --alternate image --profile project
 
 Both pipelines start from the encoded bytes (already in memory) and end with the 2 x 224 + 8 x 96 normalised float
 tensors of one image, so JPEG decoding is part of each:
@@ -15,10 +15,15 @@ tensors of one image, so JPEG decoding is part of each:
   0.5, RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8), RandomGrayscale 0.2, PIL Gaussian blur (radius uniform in
   [0.1, 2]) with p 1.0 / 0.1 / 0.5, solarisation p 0.2 on the second global crop, ToTensor + ImageNet Normalize.
 
-The two are timed in alternating rounds (project, reference, project, ...) over all images, so a load change on a
-shared machine hits both; the table reports each pipeline's median round (and its best) in images/s, and the
-ratio project / reference of the medians. ``torch.set_num_threads(1)``; PIL is single-threaded.
-``--profile project|reference`` runs cProfile over one extra pass of that pipeline and prints the top functions.
+The two take turns on the same machine in one run, so a load change on a shared machine hits both: by default a
+whole pass over the images each (``--alternate pass``: project, reference, project, ...; each pipeline runs in its
+steady state, as in a data-loader worker), or image by image (``--alternate image``: finer against load changes,
+but each pipeline then starts every image with caches the other one filled). A round gives every image to both (a
+new epoch for the project's generator, fresh Python ``random`` / torch draws for the reference). The table reports
+images/s over all rounds and per round (median, best), and the ratio project / reference over all rounds with the
+smallest and largest per-round ratio (their spread shows how noisy the machine was). ``torch.set_num_threads(1)``;
+PIL is single-threaded. ``--profile project|reference`` runs cProfile over one extra pass of that pipeline and
+prints the top functions.
 """
 
 from __future__ import annotations
@@ -83,15 +88,13 @@ class ReferenceDINOAugmentation:
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
 
 
-def reference_pass(encoded: list[tuple[str, bytes]], aug: ReferenceDINOAugmentation) -> None:
-    for _, data in encoded:
-        with Image.open(io.BytesIO(data)) as im:
-            aug(im.convert("RGB"))
+def reference_one(data: bytes, aug: ReferenceDINOAugmentation) -> list[torch.Tensor]:
+    with Image.open(io.BytesIO(data)) as im:
+        return aug(im.convert("RGB"))
 
 
-def project_pass(encoded: list[tuple[str, bytes]], aug: MultiCropAugmentation, epoch: int) -> None:
-    for key, data in encoded:
-        aug(decode_image(data), sample_generator(0, epoch, key))
+def project_one(key: str, data: bytes, aug: MultiCropAugmentation, epoch: int) -> list[torch.Tensor]:
+    return aug(decode_image(data), sample_generator(0, epoch, key))
 
 
 def machine() -> str:
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "imagenet-sample",
                     help="folder searched recursively for *.JPEG / *.jpg (default: ../shared/data/imagenet-sample)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline, alternating (default 5)")
+    ap.add_argument("--alternate", choices=["pass", "image"], default="pass",
+                    help="take turns after a whole pass over the images (default) or after every image")
     ap.add_argument("--profile", choices=["project", "reference"], help="cProfile one extra pass of this pipeline")
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -132,34 +137,45 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {Image.open(io.BytesIO(d)).size for _, d in encoded}
     print(f"machine: {machine()}")
     print(f"images: {len(encoded)} JPEGs from {args.images} ({len(sizes)} distinct sizes), 2x224 + 8x96 crops, "
-          f"1 thread, {args.rounds} rounds each (warm-up pass first)")
-    project_pass(encoded[:4], project, epoch=-1)  # warm-up: imports, allocator, kernel dispatch caches
-    reference_pass(encoded[:4], reference)
-    times: dict[str, list[float]] = {"project": [], "reference": []}
+          f"1 thread, {args.rounds} rounds, turns after every {args.alternate} (warm-up first)")
+    for key, data in encoded[:4]:  # warm-up: imports, allocator, kernel dispatch caches
+        project_one(key, data, project, epoch=-1)
+        reference_one(data, reference)
+    groups = [encoded] if args.alternate == "pass" else [[item] for item in encoded]
+    rounds: list[dict[str, float]] = []  # seconds per pipeline, per round
     for r in range(args.rounds):
-        for name in ("project", "reference"):
-            start = time.perf_counter()
-            if name == "project":
-                project_pass(encoded, project, epoch=r)
-            else:
-                reference_pass(encoded, reference)
-            times[name].append(time.perf_counter() - start)
-    rate = {k: len(encoded) / statistics.median(v) for k, v in times.items()}
-    best = {k: len(encoded) / min(v) for k, v in times.items()}
+        spent = {"project": 0.0, "reference": 0.0}
+        for group in groups:
+            t0 = time.perf_counter()
+            for key, data in group:
+                project_one(key, data, project, epoch=r)
+            t1 = time.perf_counter()
+            for _, data in group:
+                reference_one(data, reference)
+            spent["project"] += t1 - t0
+            spent["reference"] += time.perf_counter() - t1
+        rounds.append(spent)
+    n = len(encoded)
+    overall = {k: n * len(rounds) / sum(r[k] for r in rounds) for k in ("project", "reference")}
+    per_round = {k: [n / r[k] for r in rounds] for k in ("project", "reference")}
+    ratios = [r["reference"] / r["project"] for r in rounds]
     print()
-    print("| pipeline | images/s (median round) | images/s (best round) | ms/image (median) |")
-    print("|---|---|---|---|")
+    print("| pipeline | images/s (all rounds) | images/s (median round) | images/s (best round) | ms/image |")
+    print("|---|---|---|---|---|")
     for name, label in (("project", "project CPU worker (decode_image + MultiCropAugmentation)"),
                         ("reference", "reference (PIL DataAugmentationDINO recipe)")):
-        print(f"| {label} | {rate[name]:.2f} | {best[name]:.2f} | {1000 / rate[name]:.1f} |")
-    print(f"\nratio project / reference (medians): {rate['project'] / rate['reference']:.2f}x")
+        print(f"| {label} | {overall[name]:.2f} | {statistics.median(per_round[name]):.2f} | "
+              f"{max(per_round[name]):.2f} | {1000 / overall[name]:.1f} |")
+    print(f"\nratio project / reference: {overall['project'] / overall['reference']:.2f}x over all rounds "
+          f"(per round {min(ratios):.2f}x - {max(ratios):.2f}x)")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        if args.profile == "project":
-            project_pass(encoded, project, epoch=99)
-        else:
-            reference_pass(encoded, reference)
+        for key, data in encoded:
+            if args.profile == "project":
+                project_one(key, data, project, epoch=args.rounds)
+            else:
+                reference_one(data, reference)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 

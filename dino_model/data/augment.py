@@ -464,10 +464,10 @@ def _all_rows(column: torch.Tensor) -> torch.Tensor:
 
 #: one step of the chain: (the rows it applies to, bool [N]; op(images, rows) where rows(column) restricts a
 #: per-crop parameter column to the images op receives)
-Step = tuple[torch.Tensor, Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]]
+_Step = tuple[torch.Tensor, Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]]
 
 
-def _on_selected_rows(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+def _on_selected_rows(x: torch.Tensor, steps: Sequence[_Step]) -> torch.Tensor:
     """Each step's op on the rows it applies to only, gathered (none: skipped; all: no gather). The row sets are
     read on the host, all in one go: free on the CPU, one host-device sync on a GPU."""
     applies = torch.stack([rows for rows, _ in steps], dim=1).tolist()  # [N][steps] Python bools
@@ -481,7 +481,7 @@ def _on_selected_rows(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
     return x
 
 
-def _on_all_rows(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+def _on_all_rows(x: torch.Tensor, steps: Sequence[_Step]) -> torch.Tensor:
     """Each step's op on every row, kept with ``torch.where`` where it applies: more arithmetic, but nothing is read
     back on the host, so a GPU's queue never drains while the host waits."""
     for rows, op in steps:
@@ -520,7 +520,7 @@ def augment_resized(
     op_ids = torch.arange(len(_JITTER_OPS), dtype=p.jitter_order.dtype, device=x.device)
     jitter_at = (p.jitter_order[:, :, None] == op_ids).reshape(len(params), -1).unbind(1)
 
-    steps: list[Step] = [(p.flip, lambda t, rows: t.flip(-1))]
+    steps: list[_Step] = [(p.flip, lambda t, rows: t.flip(-1))]
     for slot in range(4):
         for op, adjust, name in _JITTER_OPS:
             factor = getattr(p, name)
