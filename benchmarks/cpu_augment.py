@@ -2,7 +2,7 @@
 side in one run, one thread each, on the same real-resolution ImageNet JPEGs.
 
     .venv/bin/python benchmarks/cpu_augment.py                       # ../shared/data/imagenet-sample, 5 rounds
-    .venv/bin/python benchmarks/cpu_augment.py --images DIR --rounds 9 --alternate image --profile project
+    .venv/bin/python benchmarks/cpu_augment.py --images DIR --rounds 9 --alternate image --stages --profile project
 
 Both pipelines start from the encoded bytes (already in memory) and end with the 2 x 224 + 8 x 96 normalised float
 tensors of one image, so JPEG decoding is part of each:
@@ -15,15 +15,17 @@ tensors of one image, so JPEG decoding is part of each:
   0.5, RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8), RandomGrayscale 0.2, PIL Gaussian blur (radius uniform in
   [0.1, 2]) with p 1.0 / 0.1 / 0.5, solarisation p 0.2 on the second global crop, ToTensor + ImageNet Normalize.
 
-The two take turns on the same machine in one run, so a load change on a shared machine hits both: by default a
-whole pass over the images each (``--alternate pass``: project, reference, project, ...; each pipeline runs in its
-steady state, as in a data-loader worker), or image by image (``--alternate image``: finer against load changes,
-but each pipeline then starts every image with caches the other one filled). A round gives every image to both (a
-new epoch for the project's generator, fresh Python ``random`` / torch draws for the reference). The table reports
-images/s over all rounds and per round (median, best), and the ratio project / reference over all rounds with the
-smallest and largest per-round ratio (their spread shows how noisy the machine was). ``torch.set_num_threads(1)``;
-PIL is single-threaded. ``--profile project|reference`` runs cProfile over one extra pass of that pipeline and
-prints the top functions.
+The two take turns on the same machine in one run: by default a whole pass over the images each (``--alternate
+pass``: project, reference, project, ...; each pipeline runs in its steady state, as in a data-loader worker), or
+image by image (``--alternate image``: each pipeline then starts every image with caches the other one filled). A
+round gives every image to both (a new epoch for the project's generator, fresh Python ``random`` / torch draws for
+the reference). Each is timed by this thread's CPU time (``time.thread_time``: images/s per core, what a
+data-loader worker delivers, and robust to other processes on a shared machine) and by wall time; the table gives
+images/s over all rounds and the ratio project / reference, with the smallest and largest per-round ratio (their
+spread shows how noisy the machine was). ``torch.set_num_threads(1)``; PIL is single-threaded.
+
+``--stages`` times one extra project pass by stage (decode, draws + resized crops, post-crop chain); ``--profile
+project|reference`` runs cProfile over one extra pass of that pipeline and prints the top functions.
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dino_model.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, MultiCropConfig  # noqa: E402
+from dino_model.data.augment import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCropAugmentation,
+    MultiCropConfig,
+    augment_resized,
+)
 from dino_model.data.reader import decode_image  # noqa: E402
 from dino_model.data.rng import sample_generator  # noqa: E402
 
@@ -97,6 +105,26 @@ def project_one(key: str, data: bytes, aug: MultiCropAugmentation, epoch: int) -
     return aug(decode_image(data), sample_generator(0, epoch, key))
 
 
+def print_stages(encoded: list[tuple[str, bytes]], aug: MultiCropAugmentation, epoch: int) -> None:
+    """ms per image of the project's three stages: JPEG decode, the parameter draws + the 10 uint8 resized crops, and
+    the post-crop chain (flip, jitter, greyscale, blur, solarise, normalise)."""
+    spent = {"decode": 0.0, "draws + resized crops": 0.0, "post-crop chain": 0.0}
+    for key, data in encoded:
+        t0 = time.perf_counter()
+        img = decode_image(data)
+        t1 = time.perf_counter()
+        params = aug.sample_params(sample_generator(0, epoch, key), img.shape[-2], img.shape[-1])
+        crops = [aug.resized_crop(img, p) for p in params]
+        t2 = time.perf_counter()
+        for crop, p in zip(crops, params):
+            augment_resized(crop[None], [p], aug.cfg)
+        t3 = time.perf_counter()
+        spent["decode"] += t1 - t0
+        spent["draws + resized crops"] += t2 - t1
+        spent["post-crop chain"] += t3 - t2
+    print("\nproject stages, ms/image: " + ", ".join(f"{k} {1000 * v / len(encoded):.1f}" for k, v in spent.items()))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -114,6 +142,30 @@ def machine() -> str:
             f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
 
 
+PIPELINES = ("project", "reference")
+CLOCKS = ("cpu", "wall")
+LABELS = {"project": "project CPU worker (decode_image + MultiCropAugmentation)",
+          "reference": "reference (PIL DataAugmentationDINO recipe)"}
+
+
+def print_table(rounds: list[dict[tuple[str, str], float]], n: int) -> None:
+    """images/s per pipeline by CPU time and by wall time, and the project / reference ratios."""
+    def rate(name: str, clock: str) -> float:
+        return n * len(rounds) / sum(r[name, clock] for r in rounds)
+
+    print()
+    print("| pipeline | images/s per core (CPU time) | ms/image (CPU) | images/s (wall) | images/s (wall, best round) |")
+    print("|---|---|---|---|---|")
+    for name in PIPELINES:
+        best = max(n / r[name, "wall"] for r in rounds)
+        print(f"| {LABELS[name]} | {rate(name, 'cpu'):.2f} | {1000 / rate(name, 'cpu'):.1f} | "
+              f"{rate(name, 'wall'):.2f} | {best:.2f} |")
+    for clock in CLOCKS:
+        ratios = [r["reference", clock] / r["project", clock] for r in rounds]
+        print(f"ratio project / reference ({clock} time): {rate('project', clock) / rate('reference', clock):.2f}x "
+              f"over all rounds (per round {min(ratios):.2f}x - {max(ratios):.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "imagenet-sample",
@@ -122,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alternate", choices=["pass", "image"], default="pass",
                     help="take turns after a whole pass over the images (default) or after every image")
     ap.add_argument("--profile", choices=["project", "reference"], help="cProfile one extra pass of this pipeline")
+    ap.add_argument("--stages", action="store_true",
+                    help="after the table, one extra project pass timed by stage: decode, resized crops, the rest")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -142,32 +196,24 @@ def main(argv: list[str] | None = None) -> None:
         project_one(key, data, project, epoch=-1)
         reference_one(data, reference)
     groups = [encoded] if args.alternate == "pass" else [[item] for item in encoded]
-    rounds: list[dict[str, float]] = []  # seconds per pipeline, per round
+    # seconds per (pipeline, clock), per round: "cpu" = this thread's CPU time, "wall" = elapsed time
+    rounds: list[dict[tuple[str, str], float]] = []
     for r in range(args.rounds):
-        spent = {"project": 0.0, "reference": 0.0}
+        spent = {(k, c): 0.0 for k in PIPELINES for c in CLOCKS}
         for group in groups:
-            t0 = time.perf_counter()
-            for key, data in group:
-                project_one(key, data, project, epoch=r)
-            t1 = time.perf_counter()
-            for _, data in group:
-                reference_one(data, reference)
-            spent["project"] += t1 - t0
-            spent["reference"] += time.perf_counter() - t1
+            for name in PIPELINES:
+                c0, w0 = time.thread_time(), time.perf_counter()
+                for key, data in group:
+                    if name == "project":
+                        project_one(key, data, project, epoch=r)
+                    else:
+                        reference_one(data, reference)
+                spent[name, "cpu"] += time.thread_time() - c0
+                spent[name, "wall"] += time.perf_counter() - w0
         rounds.append(spent)
-    n = len(encoded)
-    overall = {k: n * len(rounds) / sum(r[k] for r in rounds) for k in ("project", "reference")}
-    per_round = {k: [n / r[k] for r in rounds] for k in ("project", "reference")}
-    ratios = [r["reference"] / r["project"] for r in rounds]
-    print()
-    print("| pipeline | images/s (all rounds) | images/s (median round) | images/s (best round) | ms/image |")
-    print("|---|---|---|---|---|")
-    for name, label in (("project", "project CPU worker (decode_image + MultiCropAugmentation)"),
-                        ("reference", "reference (PIL DataAugmentationDINO recipe)")):
-        print(f"| {label} | {overall[name]:.2f} | {statistics.median(per_round[name]):.2f} | "
-              f"{max(per_round[name]):.2f} | {1000 / overall[name]:.1f} |")
-    print(f"\nratio project / reference: {overall['project'] / overall['reference']:.2f}x over all rounds "
-          f"(per round {min(ratios):.2f}x - {max(ratios):.2f}x)")
+    print_table(rounds, len(encoded))
+    if args.stages:
+        print_stages(encoded, project, epoch=args.rounds)
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
