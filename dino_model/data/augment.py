@@ -14,7 +14,11 @@ Two steps, so that a batched GPU implementation can reuse the very same random d
   ``ColorJitter.get_params``, ``RandomGrayscale``), so with the same seed they pick the same boxes and factors.
 * :meth:`MultiCropAugmentation.apply` executes them: the crop + bicubic resize on uint8 (``antialias=True``, as
   PIL does), then everything else in float32 through :func:`augment_resized`, which takes a *batch* of resized
-  crops with per-sample parameters — the piece a GPU path runs on the device.
+  crops with per-sample parameters (as :class:`PostCropParams`, named per-crop tensors) — the same function the
+  device path (:mod:`dino_model.data.gpu_augment`) runs on whole crop groups.
+
+Speed against the reference PIL pipeline: ``benchmarks/cpu_augment.py`` (results in docs/benchmarks.md); why the
+small float ops are written as they are is noted above them.
 
 Differences from the PIL pipeline of the reference (tested in ``tests/test_augment.py``): PIL rounds to uint8 after
 every operation, these ops stay in float; greyscale/contrast/saturation use the ITU-R 601-2 luma weights
@@ -469,7 +473,8 @@ _Step = tuple[torch.Tensor, Callable[[torch.Tensor, Callable[[torch.Tensor], tor
 
 def _on_selected_rows(x: torch.Tensor, steps: Sequence[_Step]) -> torch.Tensor:
     """Each step's op on the rows it applies to only, gathered (none: skipped; all: no gather). The row sets are
-    read on the host, all in one go: free on the CPU, one host-device sync on a GPU."""
+    read on the host, all in one go: free on the CPU; on a GPU that read and the row indices' copies wait for the
+    device (what ``sync_free`` avoids)."""
     applies = torch.stack([rows for rows, _ in steps], dim=1).tolist()  # [N][steps] Python bools
     for j, (_, op) in enumerate(steps):
         selected = [i for i, row in enumerate(applies) if row[j]]
