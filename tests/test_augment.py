@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 from dino_model.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LUMA_WEIGHTS,
     CropParams,
     MultiCropAugmentation,
     MultiCropConfig,
@@ -41,6 +42,7 @@ from dino_model.data.augment import (
     adjust_saturation,
     augment_resized,
     gaussian_blur,
+    normalize,
     sample_resized_crop,
     solarize,
     to_grayscale,
@@ -337,3 +339,73 @@ def test_batched_application_equals_per_image():
     alone = torch.stack([augment_resized(c[None], [p], cfg)[0] for c, p in zip(crops, params)])
     assert torch.allclose(together, alone, atol=1e-5)
     assert len({(p.blur, p.grayscale, p.jitter, p.flip) for p in params}) > 4  # the batch really mixed cases
+
+
+# -- the CPU-tuned operations compute the plain formulas ---------------------------------------------------------
+
+
+def plain_adjust_hue(img: torch.Tensor, shift: float) -> torch.Tensor:
+    """The textbook RGB -> HSV -> RGB hue rotation with torch.where / remainder (torchvision's formulas, PIL's luma
+    unchanged): what adjust_hue computes with 0/1 float masks and lerp as an exact select."""
+    r, g, b = img.unbind(dim=-3)
+    maxc, minc = img.max(dim=-3).values, img.min(dim=-3).values
+    delta = maxc - minc
+    grey = delta == 0
+    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    d = torch.where(grey, torch.ones_like(delta), delta)
+    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    h = torch.where(grey, torch.zeros_like(h), h)
+    h = torch.remainder(torch.remainder(h / 6.0, 1.0) + shift, 1.0)
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = torch.remainder(i, 6.0)
+    v = maxc
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    sectors = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = []
+    for c in range(3):
+        channel = sectors[5][c]
+        for k in reversed(range(5)):
+            channel = torch.where(i == k, sectors[k][c], channel)
+        out.append(channel)
+    return torch.stack(out, dim=-3)
+
+
+def test_colour_operations_equal_their_plain_formulas_bit_for_bit(real_image):
+    """adjust_hue / solarize select with lerp on 0/1 float masks, the blends accumulate in place: exact rewrites of
+    the plain formulas (same bits), on a real image and on values with grey pixels and max-channel ties."""
+    _, img = real_image
+    g = seeded(3)
+    synthetic = torch.rand(3, 40, 50, generator=g)
+    synthetic[:, :8] = synthetic[0, :8]  # grey: r = g = b
+    synthetic[1, 8:16] = synthetic[0, 8:16]  # r = g ties
+    synthetic[:, 16:24] = (synthetic[:, 16:24] * 4).round() / 4  # many exact ties, 0 and 1
+    for x in (img.float() / 255, synthetic):
+        for shift in (-0.1, -0.013, 0.05, 0.1):
+            assert torch.equal(adjust_hue(x, shift), plain_adjust_hue(x, shift)), shift
+        assert torch.equal(solarize(x, 0.5), torch.where(x >= 0.5, 1.0 - x, x))
+        luma = (LUMA_WEIGHTS[0] * x[0] + LUMA_WEIGHTS[1] * x[1] + LUMA_WEIGHTS[2] * x[2])[None]
+        assert torch.equal(to_grayscale(x), luma)
+        for f in (0.6, 1.3):
+            assert torch.equal(adjust_brightness(x, f), (x * f).clamp(0, 1))
+            assert torch.equal(adjust_saturation(x, f), (f * x + (1 - f) * luma).clamp(0, 1))
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        assert torch.equal(normalize(x, IMAGENET_MEAN, IMAGENET_STD), (x - mean) / std)
+
+
+def test_blur_methods_agree_per_image_and_with_a_fixed_radius():
+    """taps (the CPU's per-image multiply-adds) == conv (one grouped conv2d: the GPU's) up to fp32 rounding, for a
+    batch with a different sigma per image, with the radius from the sigmas or fixed wider (zero taps)."""
+    x = torch.rand(6, 3, 40, 33, generator=seeded(4))
+    sigma = torch.tensor([0.1, 0.4, 0.9, 1.3, 1.7, 2.0])
+    taps = gaussian_blur(x, sigma, method="taps")
+    torch.testing.assert_close(gaussian_blur(x, sigma, method="conv"), taps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gaussian_blur(x, sigma, radius=9, method="conv"), taps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gaussian_blur(x, sigma, radius=9, method="taps"), taps, atol=1e-6, rtol=0)
+    for i in range(len(sigma)):  # each image's own kernel, whatever the batch
+        torch.testing.assert_close(gaussian_blur(x[i], float(sigma[i])), taps[i], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        gaussian_blur(x, sigma, method="fft")

@@ -145,9 +145,8 @@ def test_param_sampler_needs_undecoded_batches(shared_data):
 
 
 def test_sync_free_augmentation_equals_augment_resized():
-    """Every operation on every row with identity parameters / torch.where == the masked row selection."""
+    """Every operation on every row, kept with torch.where == the same chain on the selected rows only."""
     from dino_model.data.augment import augment_resized
-    from dino_model.data.gpu_augment import augment_resized_sync_free
 
     cfg = MultiCropConfig(global_size=40, local_size=24, n_local=6)
     aug = MultiCropAugmentation(cfg)
@@ -159,7 +158,7 @@ def test_sync_free_augmentation_equals_augment_resized():
             crops.append(torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8, generator=g))
     assert len({(p.flip, p.jitter, p.grayscale, p.blur) for p in params}) > 5  # the cases really mix
     batch = torch.stack(crops)
-    torch.testing.assert_close(augment_resized_sync_free(batch, params, cfg), augment_resized(batch, params, cfg),
+    torch.testing.assert_close(augment_resized(batch, params, cfg, sync_free=True), augment_resized(batch, params, cfg),
                                atol=1e-5, rtol=0)
 
 

@@ -14,7 +14,11 @@ Two steps, so that a batched GPU implementation can reuse the very same random d
   ``ColorJitter.get_params``, ``RandomGrayscale``), so with the same seed they pick the same boxes and factors.
 * :meth:`MultiCropAugmentation.apply` executes them: the crop + bicubic resize on uint8 (``antialias=True``, as
   PIL does), then everything else in float32 through :func:`augment_resized`, which takes a *batch* of resized
-  crops with per-sample parameters — the piece a GPU path runs on the device.
+  crops with per-sample parameters (as :class:`PostCropParams`, named per-crop tensors) — the same function the
+  device path (:mod:`dino_model.data.gpu_augment`) runs on whole crop groups.
+
+Speed against the reference PIL pipeline: ``benchmarks/cpu_augment.py`` (results in docs/benchmarks.md); why the
+small float ops are written as they are is noted above them.
 
 Differences from the PIL pipeline of the reference (tested in ``tests/test_augment.py``): PIL rounds to uint8 after
 every operation, these ops stay in float; greyscale/contrast/saturation use the ITU-R 601-2 luma weights
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as nnf
@@ -44,12 +48,14 @@ __all__ = [
     "CropParams",
     "MultiCropAugmentation",
     "sample_resized_crop",
+    "PostCropParams",
     "augment_resized",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_saturation",
     "adjust_hue",
     "to_grayscale",
+    "BLUR_METHODS",
     "gaussian_blur",
     "solarize",
     "normalize",
@@ -218,6 +224,12 @@ def sample_resized_crop(
 # ----------------------------------------------------------------------------------------------------------------
 # Operations on float images in [0, 1], shape [..., 3, H, W]. Factors are Python floats or tensors with one value
 # per leading index (shape [N] for [N, 3, H, W]), so the same code runs per image on the CPU or batched on a GPU.
+#
+# Written for the CPU worker, where these ops on one 96-224 px crop at a time are what an image costs: no bool
+# tensors (on the CPU a comparison into a bool tensor, and torch.where reading one, cost ~10x a float op; see
+# _indicator and _select), and few fresh image-sized temporaries (each new buffer is memory the allocator may
+# have handed back to the OS, i.e. page faults). Every rewrite keeps the arithmetic, so results are bit for bit
+# those of the plain formulas (PIL/torchvision parity is tested in tests/test_augment.py).
 
 
 def _factor(f: float | torch.Tensor, img: torch.Tensor) -> torch.Tensor | float:
@@ -226,20 +238,37 @@ def _factor(f: float | torch.Tensor, img: torch.Tensor) -> torch.Tensor | float:
     return f.to(device=img.device, dtype=img.dtype).reshape(f.shape + (1,) * (img.ndim - f.ndim))
 
 
+def _indicator(compare, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """``compare(a, b)`` (``torch.eq``, ``torch.ge``, ...) as 0.0 / 1.0 in ``a``'s dtype and shape, written straight
+    into a float tensor instead of a bool one."""
+    return compare(a, b, out=torch.empty_like(a))
+
+
+def _select(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(cond, a, b)`` for a 0/1 float ``cond`` and finite ``a``, ``b``, bit for bit:
+    ``lerp(b, a, 1)`` is ``a - (a - b) * 0`` = ``a`` and ``lerp(b, a, 0)`` is ``b + 0 * (a - b)`` = ``b``."""
+    return torch.lerp(b, a, cond)
+
+
 def to_grayscale(img: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, shape [..., 1, H, W]."""
     r, g, b = img.unbind(dim=-3)
-    return (LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b).unsqueeze(-3)
+    luma = LUMA_WEIGHTS[0] * r
+    luma += LUMA_WEIGHTS[1] * g
+    luma += LUMA_WEIGHTS[2] * b
+    return luma.unsqueeze(-3)
 
 
 def _blend(img: torch.Tensor, other: torch.Tensor, f) -> torch.Tensor:
     f = _factor(f, img)
-    return (f * img + (1.0 - f) * other).clamp_(0.0, 1.0)
+    out = f * img
+    out += (1.0 - f) * other
+    return out.clamp_(0.0, 1.0)
 
 
 def adjust_brightness(img: torch.Tensor, factor) -> torch.Tensor:
     """Blend with black (PIL ``ImageEnhance.Brightness``)."""
-    return (img * _factor(factor, img)).clamp(0.0, 1.0)
+    return (img * _factor(factor, img)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(img: torch.Tensor, factor) -> torch.Tensor:
@@ -252,46 +281,54 @@ def adjust_saturation(img: torch.Tensor, factor) -> torch.Tensor:
     return _blend(img, to_grayscale(img), factor)
 
 
-def _rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+def _rgb_to_hsv(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hue in turns [0, 1), saturation, value), each [..., H, W]; hue and saturation 0 where r = g = b."""
     r, g, b = img.unbind(dim=-3)
-    maxc, _ = img.max(dim=-3)
-    minc, _ = img.min(dim=-3)
-    delta = maxc - minc
-    grey = delta == 0  # hue and saturation are undefined: set to 0 without dividing by zero
-    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    d = torch.where(grey, torch.ones_like(delta), delta)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)
+    grey = _indicator(torch.eq, delta, 0.0)
+    one = torch.ones_like(delta)
+    s = delta / _select(grey, one, maxc)  # max = 0 only where grey: delta / 1 = 0 there, no 0 / 0
+    d = _select(grey, one, delta)
     h_r = (g - b) / d
-    h_g = 2.0 + (b - r) / d
-    h_b = 4.0 + (r - g) / d
-    h = torch.where(maxc == r, h_r, torch.where(maxc == g, h_g, h_b))
-    h = torch.where(grey, torch.zeros_like(h), h)
-    h = torch.remainder(h / 6.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
+    h_g = (b - r) / d + 2.0
+    h_b = (r - g) / d + 4.0
+    # grey pixels need no select of their own: r = g = b = max picks h_r = 0 / 1 = 0
+    h = _select(_indicator(torch.eq, maxc, r), h_r, _select(_indicator(torch.eq, maxc, g), h_g, h_b))
+    h /= 6.0
+    return h.sub_(torch.floor(h)), s, maxc  # h mod 1 (h > -1 here)
 
 
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    h, s, v = hsv.unbind(dim=-3)
+#: HSV sector (floor of hue · 6) -> the source of (r, g, b): value, p = v(1 - s), q = v(1 - s·f), t = v(1 - s(1 - f))
+_HSV_SECTORS = ("vtp", "qvp", "pvt", "pqv", "tpv", "vpq")
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = torch.remainder(i, 6.0)
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    # sector i -> (r, g, b): 0 (v,t,p) 1 (q,v,p) 2 (p,v,t) 3 (p,q,v) 4 (t,p,v) 5 (v,p,q)
-    r = torch.where(i == 0, v, torch.where(i == 1, q, torch.where(i == 2, p, torch.where(i == 3, p, torch.where(i == 4, t, v)))))
-    g = torch.where(i == 0, t, torch.where(i == 1, v, torch.where(i == 2, v, torch.where(i == 3, q, p))))
-    b = torch.where(i <= 1, p, torch.where(i == 2, t, torch.where(i <= 4, v, q)))
-    return torch.stack((r, g, b), dim=-3)
+    sector = torch.floor(h6)
+    f = h6.sub_(sector)
+    sector -= 6.0 * torch.floor(sector / 6.0)  # h = 1 - ulp can round to sector 6: that is sector 0 (f = 0)
+    parts = {
+        "v": v,
+        "p": (v * (1.0 - s)).clamp_(0.0, 1.0),
+        "q": (v * (1.0 - s * f)).clamp_(0.0, 1.0),
+        "t": (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0),
+    }
+    in_sector = [_indicator(torch.eq, sector, float(k)) for k in range(len(_HSV_SECTORS) - 1)]
+    channels = []
+    for c in range(3):
+        out = parts[_HSV_SECTORS[-1][c]]
+        for k in reversed(range(len(in_sector))):
+            out = _select(in_sector[k], parts[_HSV_SECTORS[k][c]], out)
+        channels.append(out)
+    return torch.stack(channels, dim=-3)
 
 
 def adjust_hue(img: torch.Tensor, shift) -> torch.Tensor:
     """Rotate the hue by ``shift`` turns in HSV space (torchvision ``adjust_hue``)."""
-    hsv = _rgb_to_hsv(img)
-    h, s, v = hsv.unbind(dim=-3)
-    shift = _factor(shift, h)
-    h = torch.remainder(h + shift, 1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    h, s, v = _rgb_to_hsv(img)
+    h += _factor(shift, h)
+    return _hsv_to_rgb(h.sub_(torch.floor(h)), s, v)  # mod 1 (|shift| <= 0.5, so h > -1)
 
 
 def _blur_kernels(sigma: torch.Tensor, max_radius: int) -> torch.Tensor:
@@ -304,83 +341,202 @@ def _blur_kernels(sigma: torch.Tensor, max_radius: int) -> torch.Tensor:
     return w / w.sum(dim=1, keepdim=True)
 
 
-def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of [N, C, H, W] (or [C, H, W]) with a per-image ``sigma``; kernel size
-    2·ceil(3σ) + 1, reflect padding (as torchvision's ``gaussian_blur``). The radius is capped at the image side
-    minus one (reflect padding cannot be wider), which only matters for images under ~19 px at σ = 2."""
+#: How :func:`gaussian_blur` convolves: ``taps`` (one multiply-add of a shifted view per kernel tap, per image:
+#: 5-10x the grouped conv2d on a CPU core), ``conv`` (one grouped conv2d per direction for the whole batch: a
+#: single kernel launch on a GPU) or ``auto`` (taps on the CPU, conv elsewhere). Same result (tested).
+BLUR_METHODS = ("auto", "taps", "conv")
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float | torch.Tensor, radius: int | None = None,
+                  method: str = "auto") -> torch.Tensor:
+    """Separable Gaussian blur of [N, C, H, W] (or [C, H, W]) with a per-image ``sigma``; each image's kernel spans
+    2·ceil(3σ) + 1 pixels, with reflect padding (as torchvision's ``gaussian_blur``).
+
+    ``radius``: the half-width every kernel is padded to (zero weights beyond an image's own ceil(3σ), so the result
+    does not depend on it); default ceil(3 · max σ), which reads σ on the host and checks it is positive. A device
+    pipeline passes a fixed radius so that σ is never read back (no host-device sync); σ must then be positive.
+    The radius is capped at the image side minus one (reflect padding cannot be wider), which only matters for
+    images under ~19 px at σ = 2. ``method``: one of :data:`BLUR_METHODS`."""
+    if method not in BLUR_METHODS:
+        raise ValueError(f"gaussian_blur method must be one of {list(BLUR_METHODS)}, got {method!r}")
     squeeze = img.ndim == 3
     x = img[None] if squeeze else img
     n, c, hgt, wid = x.shape
     sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(n).contiguous()
-    if bool((sig <= 0).any()):
-        raise ValueError(f"blur sigma must be positive, got {sig.tolist()}")
-    radius = min(int(math.ceil(3.0 * float(sig.max()))), hgt - 1, wid - 1)
+    if radius is None:
+        if bool((sig <= 0).any()):
+            raise ValueError(f"blur sigma must be positive, got {sig.tolist()}")
+        radius = int(math.ceil(3.0 * float(sig.max())))
+    radius = min(radius, hgt - 1, wid - 1)
     if radius < 1:
         return img
-    k = _blur_kernels(sig, radius).to(x.dtype).repeat_interleave(c, dim=0)  # [N*C, K]
-    y = x.reshape(1, n * c, hgt, wid)
-    y = nnf.pad(y, (radius, radius, radius, radius), mode="reflect")
-    y = nnf.conv2d(y, k[:, None, None, :], groups=n * c)  # horizontal
-    y = nnf.conv2d(y, k[:, None, :, None], groups=n * c)  # vertical
-    y = y.reshape(n, c, hgt, wid)
+    k = _blur_kernels(sig, radius).to(x.dtype)  # [N, 2 * radius + 1]
+    padded = nnf.pad(x, (radius, radius, radius, radius), mode="reflect")
+    if method == "taps" or (method == "auto" and x.device.type == "cpu"):
+        y = torch.empty_like(x)
+        for image, weights in enumerate(k.tolist()):
+            _correlate_taps(_correlate_taps(padded[image], weights, dim=-1), weights, dim=-2, out=y[image])
+    else:
+        k = k.repeat_interleave(c, dim=0)  # [N*C, K]
+        y = nnf.conv2d(padded.reshape(1, n * c, hgt + 2 * radius, wid + 2 * radius), k[:, None, None, :],
+                       groups=n * c)
+        y = nnf.conv2d(y, k[:, None, :, None], groups=n * c).reshape(n, c, hgt, wid)
     return y[0] if squeeze else y
+
+
+def _correlate_taps(src: torch.Tensor, weights: list[float], dim: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D correlation of ``src`` with ``weights`` along ``dim`` (the valid part: ``len(weights) - 1`` shorter): one
+    in-place multiply-add of a shifted view per non-zero tap, in tap order — the grouped conv2d's products summed in
+    its order (equal to it up to fp32 rounding, tested; bit for bit on the machine of docs/benchmarks.md)."""
+    size = src.shape[dim] - len(weights) + 1
+    taps = [(j, w) for j, w in enumerate(weights) if w != 0.0]
+    first, w0 = taps[0]
+    acc = torch.mul(src.narrow(dim, first, size), w0, out=out) if out is not None else src.narrow(dim, first, size) * w0
+    for j, w in taps[1:]:
+        acc.add_(src.narrow(dim, j, size), alpha=w)
+    return acc
 
 
 def solarize(img: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
     """Invert every value >= ``threshold`` (PIL ``ImageOps.solarize``; threshold on the [0, 1] scale)."""
-    return torch.where(img >= threshold, 1.0 - img, img)
+    return _select(_indicator(torch.ge, img, threshold), 1.0 - img, img)
 
 
 def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
-    return (img - m) / s
+    """(img - mean) / std per channel of [..., 3, H, W]. Channel by channel with Python scalars: a mean / std tensor
+    built from a list on a GPU is a blocking host-to-device copy."""
+    out = torch.empty_like(img)
+    for c in range(3):
+        torch.sub(img[..., c, :, :], mean[c], out=out[..., c, :, :]).div_(std[c])
+    return out
 
 
-_JITTER_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation, HUE: adjust_hue}
+@dataclass(frozen=True)
+class PostCropParams:
+    """The parameters of everything after the resized crop for a batch of N crops, as named columns: one tensor per
+    field, first dimension N, all on the crops' device. :meth:`stack` builds it from :class:`CropParams`."""
+
+    flip: torch.Tensor  #: bool [N]
+    jitter_order: torch.Tensor  #: float32 [N, 4]: operation ids (BRIGHTNESS ... HUE) in order; -1 rows: no jitter
+    brightness: torch.Tensor  #: float32 [N] factor (1 without jitter)
+    contrast: torch.Tensor  #: float32 [N] factor (1 without jitter)
+    saturation: torch.Tensor  #: float32 [N] factor (1 without jitter)
+    hue: torch.Tensor  #: float32 [N] shift in turns (0 without jitter)
+    grayscale: torch.Tensor  #: bool [N]
+    blur: torch.Tensor  #: bool [N]
+    sigma: torch.Tensor  #: float32 [N] blur standard deviation in pixels (0 when not blurred)
+    solarize: torch.Tensor  #: bool [N]
+
+    #: the host table's layout: (field, number of columns), in order; flags are stored as 0 / 1
+    LAYOUT: ClassVar[tuple[tuple[str, int], ...]] = (
+        ("flip", 1), ("jitter_order", 4), ("brightness", 1), ("contrast", 1), ("saturation", 1), ("hue", 1),
+        ("grayscale", 1), ("blur", 1), ("sigma", 1), ("solarize", 1),
+    )
+    FLAGS: ClassVar[tuple[str, ...]] = ("flip", "grayscale", "blur", "solarize")
+
+    @classmethod
+    def stack(cls, params: Sequence[CropParams], device: torch.device | str = "cpu") -> "PostCropParams":
+        """One float32 host table from the records, one copy to ``device`` (pinned and non-blocking on CUDA, so the
+        host never waits for the device), then split into the named columns."""
+        def row(p: CropParams) -> list[float]:
+            values: list[float] = []
+            for name, _ in cls.LAYOUT:
+                if name == "jitter_order":
+                    values.extend(p.jitter_order if p.jitter else (-1,) * 4)
+                else:
+                    values.append(float(getattr(p, name)))
+            return values
+
+        table = torch.tensor([row(p) for p in params], dtype=torch.float32).reshape(len(params), -1)
+        device = torch.device(device)
+        if device.type == "cuda":
+            table = table.pin_memory()
+        table = table.to(device, non_blocking=True)
+        columns, named, start = table.unbind(1), {}, 0
+        for name, width in cls.LAYOUT:
+            named[name] = columns[start] if width == 1 else table[:, start:start + width]
+            start += width
+        for name in cls.FLAGS:
+            named[name] = named[name] > 0.5
+        return cls(**named)
+
+
+def _all_rows(column: torch.Tensor) -> torch.Tensor:
+    return column
+
+
+#: one step of the chain: (the rows it applies to, bool [N]; op(images, rows) where rows(column) restricts a
+#: per-crop parameter column to the images op receives)
+_Step = tuple[torch.Tensor, Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]]
+
+
+def _on_selected_rows(x: torch.Tensor, steps: Sequence[_Step]) -> torch.Tensor:
+    """Each step's op on the rows it applies to only, gathered (none: skipped; all: no gather). The row sets are
+    read on the host, all in one go: free on the CPU; on a GPU that read and the row indices' copies wait for the
+    device (what ``sync_free`` avoids)."""
+    applies = torch.stack([rows for rows, _ in steps], dim=1).tolist()  # [N][steps] Python bools
+    for j, (_, op) in enumerate(steps):
+        selected = [i for i, row in enumerate(applies) if row[j]]
+        if len(selected) == len(applies):
+            x = op(x, _all_rows)
+        elif selected:
+            idx = torch.tensor(selected, device=x.device)
+            x = x.index_copy(0, idx, op(x.index_select(0, idx), lambda column: column[idx]))
+    return x
+
+
+def _on_all_rows(x: torch.Tensor, steps: Sequence[_Step]) -> torch.Tensor:
+    """Each step's op on every row, kept with ``torch.where`` where it applies: more arithmetic, but nothing is read
+    back on the host, so a GPU's queue never drains while the host waits."""
+    for rows, op in steps:
+        x = torch.where(rows.view(-1, 1, 1, 1), op(x, _all_rows), x)
+    return x
+
+
+#: (operation id, function, PostCropParams field), indexed by the id (0..3)
+_JITTER_OPS = ((BRIGHTNESS, adjust_brightness, "brightness"), (CONTRAST, adjust_contrast, "contrast"),
+               (SATURATION, adjust_saturation, "saturation"), (HUE, adjust_hue, "hue"))
+assert [op for op, _, _ in _JITTER_OPS] == list(range(len(_JITTER_OPS)))
 
 
 def augment_resized(
-    crops: torch.Tensor, params: Sequence[CropParams], cfg: MultiCropConfig
+    crops: torch.Tensor, params: Sequence[CropParams], cfg: MultiCropConfig, *, sync_free: bool = False
 ) -> torch.Tensor:
     """Everything after the resized crop, batched: flip, colour jitter (per-image order), greyscale, blur,
     solarise, normalise. ``crops`` is [N, 3, s, s] (uint8 0–255 or float 0–1) with ``params[i]`` for crop i;
-    returns float32 [N, 3, s, s], normalised. Works on any device."""
+    returns float32 [N, 3, s, s], normalised. Works on any device; the CPU workers and the device path
+    (:class:`dino_model.data.gpu_augment.DeviceMultiCrop`) both run this chain.
+
+    How each operation reaches its rows: by default only the rows that need it are computed, which reads the row
+    sets on the host. ``sync_free=True`` (the device path's default on CUDA) computes every operation on every row
+    and keeps the result with ``torch.where`` where it applies, and blurs with the radius of the config's largest
+    σ (each row's kernel still truncated at its own ceil(3σ)): nothing is read back, so the host can queue the next
+    batch while the GPU still runs the step. Both give the same result up to fp32 rounding (tested)."""
     if crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[0] != len(params):
         raise ValueError(f"augment_resized needs [N, 3, H, W] crops and N params, got {tuple(crops.shape)} / {len(params)}")
     x = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
-    dev = x.device
+    p = PostCropParams.stack(params, x.device)
+    if sync_free:  # σ = 1 (any valid value) on the rows that are not blurred; their result is discarded
+        sigma, radius = torch.where(p.blur, p.sigma, 1.0), int(math.ceil(3.0 * cfg.blur_sigma[1]))
+    else:
+        sigma, radius = p.sigma, None
+    # [N, 4 slots, 4 ops] -> 16 columns, slot-major: whether operation id `op` runs in order slot `slot`
+    op_ids = torch.arange(len(_JITTER_OPS), dtype=p.jitter_order.dtype, device=x.device)
+    jitter_at = (p.jitter_order[:, :, None] == op_ids).reshape(len(params), -1).unbind(1)
 
-    def mask(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.bool, device=dev)
-
-    def where_rows(m: torch.Tensor, fn) -> None:
-        # Apply fn only to the rows selected by m (no work at all when none is selected).
-        nonlocal x
-        if bool(m.all()):
-            x = fn(x, None)
-        elif bool(m.any()):
-            idx = m.nonzero().squeeze(1)
-            x = x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
-
-    where_rows(mask([p.flip for p in params]), lambda t, idx: t.flip(-1))
-
-    factors = {
-        BRIGHTNESS: torch.tensor([p.brightness for p in params], device=dev),
-        CONTRAST: torch.tensor([p.contrast for p in params], device=dev),
-        SATURATION: torch.tensor([p.saturation for p in params], device=dev),
-        HUE: torch.tensor([p.hue for p in params], device=dev),
-    }
-    jitter = [p.jitter for p in params]
+    steps: list[_Step] = [(p.flip, lambda t, rows: t.flip(-1))]
     for slot in range(4):
-        for op, fn in _JITTER_OPS.items():
-            sel = mask([j and p.jitter_order[slot] == op for j, p in zip(jitter, params)])
-            where_rows(sel, lambda t, idx, fn=fn, op=op: fn(t, factors[op] if idx is None else factors[op][idx]))
-
-    where_rows(mask([p.grayscale for p in params]), lambda t, idx: to_grayscale(t).expand_as(t).contiguous())
-    sig = torch.tensor([p.sigma for p in params], device=dev)
-    where_rows(mask([p.blur for p in params]), lambda t, idx: gaussian_blur(t, sig if idx is None else sig[idx]))
-    where_rows(mask([p.solarize for p in params]), lambda t, idx: solarize(t, cfg.solarize_threshold / 255.0))
+        for op, adjust, name in _JITTER_OPS:
+            factor = getattr(p, name)
+            steps.append((jitter_at[slot * len(_JITTER_OPS) + op],
+                          lambda t, rows, adjust=adjust, factor=factor: adjust(t, rows(factor))))
+    steps += [
+        (p.grayscale, lambda t, rows: to_grayscale(t).expand_as(t).contiguous()),
+        (p.blur, lambda t, rows: gaussian_blur(t, rows(sigma), radius)),
+        (p.solarize, lambda t, rows: solarize(t, cfg.solarize_threshold / 255.0)),
+    ]
+    x = _on_all_rows(x, steps) if sync_free else _on_selected_rows(x, steps)
     return normalize(x, cfg.mean, cfg.std)
 
 

@@ -10,13 +10,13 @@ split differently:
 * **The training process** (:class:`DeviceMultiCrop`) decodes the batch with
   ``torchvision.io.decode_jpeg(list, device=...)`` (nvjpeg on CUDA, libjpeg-turbo on CPU — same call), takes
   every random-resized crop with a batched resampler, and runs flips, colour jitter, greyscale, blur, solarisation
-  and normalisation on whole crop groups at once: :func:`augment_resized_sync_free` on CUDA (no host-device sync,
-  so the CPU can queue the next batch's work while the GPU still runs the step), the CPU path's own
-  :func:`dino_model.data.augment.augment_resized` elsewhere (same results, tested).
+  and normalisation on whole crop groups at once through the CPU workers' own chain,
+  :func:`dino_model.data.augment.augment_resized`; on CUDA with ``sync_free=True`` (every operation on every row,
+  nothing read back on the host, so the CPU can queue the next batch's work while the GPU still runs the step).
 
-Unverified on a GPU so far (no device in the session that wrote this): nvjpeg's output against libjpeg-turbo's,
-the speed of every piece, and whether torchvision's batched GPU ``decode_jpeg`` synchronises internally.
-``benchmarks/speed.py`` checks the first and measures the rest.
+The tests run this module on the CPU. What only a GPU shows — nvjpeg's output against libjpeg-turbo's, the speed of
+every piece, and whether torchvision's batched GPU ``decode_jpeg`` synchronises internally — is what
+``benchmarks/speed.py`` checks and measures; docs/benchmarks.md records its runs.
 
 Random-resized crop, batched (``resize="matmul"``, the default on CUDA): antialiased bicubic resampling is
 separable, so each crop is ``Wy @ image @ Wx^T`` with ``Wy`` [s, H] and ``Wx`` [s, W] holding the exact filter
@@ -49,41 +49,20 @@ level or so too (not testable here; ``benchmarks/speed.py`` reports it).
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
-from .augment import (
-    BRIGHTNESS,
-    CONTRAST,
-    HUE,
-    SATURATION,
-    CropParams,
-    MultiCropAugmentation,
-    MultiCropConfig,
-    _blur_kernels,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    augment_resized,
-    normalize,
-    to_grayscale,
-)
+from .augment import CropParams, MultiCropAugmentation, MultiCropConfig, augment_resized
 
 __all__ = [
     "RESIZE_MODES",
     "image_size",
     "CropParamSampler",
     "aa_bicubic_weights",
-    "augment_resized_sync_free",
     "ResizeBucket",
     "bucket_bytes",
     "plan_buckets",
@@ -148,58 +127,6 @@ def aa_bicubic_weights(offset: torch.Tensor, length: torch.Tensor, out_size: int
     j = torch.arange(total, dtype=torch.float32, device=dev)[None, None, :] - offset.to(torch.float32)[:, None, None]
     w = _bicubic((j - centre + 0.5) / scale.clamp(min=1.0)) * ((j >= lo) & (j < hi))
     return w / w.sum(dim=-1, keepdim=True)
-
-
-def _param_table(params: Sequence[CropParams], device: torch.device) -> torch.Tensor:
-    """[N, 16] float32 per-crop parameters on ``device``: one host tensor, one (pinned, non-blocking) copy."""
-    rows = [[p.flip, p.jitter, *p.jitter_order, p.brightness, p.contrast, p.saturation, p.hue, p.grayscale,
-             p.blur, p.sigma, p.solarize, 0.0, 0.0] for p in params]
-    table = torch.tensor(rows, dtype=torch.float32)
-    if device.type == "cuda":
-        table = table.pin_memory()
-    return table.to(device, non_blocking=True)
-
-
-def augment_resized_sync_free(crops: torch.Tensor, params: Sequence[CropParams], cfg: MultiCropConfig) -> torch.Tensor:
-    """:func:`augment_resized` without a host-device sync, for CUDA.
-
-    ``augment_resized`` selects the rows each operation applies to with boolean masks it reads back on the host
-    (``mask.any()``, ``nonzero``) and builds small device tensors from Python lists: each is a sync that stalls the
-    CPU until the GPU has drained its queue (the previous training step included). Here every operation runs on
-    every row with per-row parameters, and rows that skip it get an exact identity (factor 1 for brightness,
-    contrast and saturation: ``1·x + 0·y`` is ``x`` bit for bit) or are restored with ``torch.where`` (hue, whose
-    HSV round trip is not exact; flip, greyscale, blur, solarisation). The blur uses the static radius
-    ceil(3·max sigma of the config) with each row's kernel truncated at its own ceil(3σ), as ``augment_resized``
-    does. More arithmetic (every jitter operation in each of the 4 order slots, on every crop) for no stall: same
-    result up to fp32 rounding (tested)."""
-    if crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[0] != len(params):
-        raise ValueError(f"needs [N, 3, H, W] crops and N params, got {tuple(crops.shape)} / {len(params)}")
-    x = crops.float() / 255.0 if not crops.is_floating_point() else crops.float()
-    t = _param_table(params, x.device)
-    col = lambda i: t[:, i]  # noqa: E731
-    as_mask = lambda i: (t[:, i] > 0.5).view(-1, 1, 1, 1)  # noqa: E731
-    x = torch.where(as_mask(0), x.flip(-1), x)
-    jitter = t[:, 1] > 0.5
-    for slot in range(4):
-        op = torch.where(jitter, t[:, 2 + slot], torch.full_like(t[:, 0], -1.0))
-        for kind, column, fn in ((BRIGHTNESS, 6, adjust_brightness), (CONTRAST, 7, adjust_contrast),
-                                 (SATURATION, 8, adjust_saturation)):
-            x = fn(x, torch.where(op == kind, col(column), torch.ones_like(op)))
-        x = torch.where((op == HUE).view(-1, 1, 1, 1), adjust_hue(x, col(9)), x)
-    x = torch.where(as_mask(10), to_grayscale(x).expand_as(x), x)
-    height, width = x.shape[-2:]
-    radius = min(int(math.ceil(3.0 * cfg.blur_sigma[1])), height - 1, width - 1)
-    if radius >= 1:
-        sigma = torch.where(t[:, 11] > 0.5, col(12), torch.ones_like(col(12)))  # 1: any valid sigma, discarded
-        n, c = x.shape[:2]
-        k = _blur_kernels(sigma, radius).to(x.dtype).repeat_interleave(c, dim=0)
-        y = F.pad(x.reshape(1, n * c, height, width), (radius,) * 4, mode="reflect")
-        y = F.conv2d(y, k[:, None, None, :], groups=n * c)
-        y = F.conv2d(y, k[:, None, :, None], groups=n * c).reshape(n, c, height, width)
-        x = torch.where(as_mask(11), y, x)
-    threshold = cfg.solarize_threshold / 255.0
-    x = torch.where(as_mask(13) & (x >= threshold), 1.0 - x, x)
-    return normalize(x, cfg.mean, cfg.std)
 
 
 @dataclass(frozen=True)
@@ -330,7 +257,8 @@ class DeviceMultiCrop:
     ``aug(encoded, params) -> [global1, global2, local1, ...]``, each a float32 [B, 3, s, s] tensor on ``device``,
     normalised: the layout of the CPU loader's ``batch["crops"]``. ``encoded`` holds uint8 1-D byte tensors (the
     reader's ``decode=False`` batches); ``params[b]`` the sample's ``2 + n_local`` :class:`CropParams`.
-    ``sync_free`` (default: on CUDA) uses :func:`augment_resized_sync_free` for everything after the crop.
+    ``sync_free`` (default: on CUDA) is :func:`augment_resized`'s option of the same name for everything after the
+    crop.
     ``resize``: ``"matmul"`` (batched, see the module docstring), ``"per_crop"`` (the CPU path's own resize per
     crop: the worker path's result on CPU up to < 1e-5) or ``"auto"`` (matmul on CUDA, per_crop elsewhere).
     """
@@ -350,7 +278,7 @@ class DeviceMultiCrop:
         self.cfg = cfg
         self.device = torch.device(device)
         self.resize = resize if resize != "auto" else ("matmul" if self.device.type == "cuda" else "per_crop")
-        #: colour/blur/solarise via augment_resized_sync_free (default on CUDA) or augment_resized (elsewhere)
+        #: augment_resized(sync_free=...) after the crop: every op on every row, no host read-back (default on CUDA)
         self.sync_free = self.device.type == "cuda" if sync_free is None else bool(sync_free)
         self._aug = MultiCropAugmentation(cfg)
         self._decode_stream: "torch.cuda.Stream | None" = None  # CUDA: see decode()
@@ -433,7 +361,7 @@ class DeviceMultiCrop:
         boxes = self._to_device(torch.tensor(
             [[params[b][k].top, params[b][k].left, params[b][k].height, params[b][k].width]
              for b in order for k in crop_indices], dtype=torch.float32))  # [B * n, 4], canvas order
-        if len(buckets) == 1 and order == list(range(n_img)):  # uniform batch: the single canvas, as before
+        if len(buckets) == 1 and order == list(range(n_img)):  # uniform batch: one canvas, sample order kept
             out = _resize_canvas(self._canvas(images, buckets[0]), boxes, n_crop, size)
             return out.transpose(0, 1).reshape(n_crop * n_img, 3, size, size)
         positions = self._to_device(torch.tensor(order, dtype=torch.int64))
@@ -485,8 +413,7 @@ class DeviceMultiCrop:
         for group in groups:
             resized = self.resized_crops(images, params, group)
             flat = [params[b][k] for k in group for b in range(n_img)]
-            augment = augment_resized_sync_free if self.sync_free else augment_resized
-            augmented = augment(resized / 255.0, flat, self.cfg)
+            augmented = augment_resized(resized / 255.0, flat, self.cfg, sync_free=self.sync_free)
             out.extend(augmented.split(n_img))
         return out
 
