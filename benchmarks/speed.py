@@ -63,8 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dino_model.config import load_config  # noqa: E402
-from dino_model.data.augment import MultiCropConfig  # noqa: E402
+from dino_model.config import CropsConfig, load_config  # noqa: E402
 from dino_model.data.device_prefetch import DevicePrefetcher  # noqa: E402
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop, plan_buckets  # noqa: E402
 from dino_model.data.reader import build_loader  # noqa: E402
@@ -228,7 +227,7 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
     # A fresh compile cache per setting: otherwise a second batch size / crop size turns on dynamic shapes (and
     # the compiled kernels would differ from a training run's, which sees one shape).
     torch._dynamo.reset()
-    mcfg = MultiCropConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
+    mcfg = CropsConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
     row: dict = {"setting": str(s), "batch": s.batch, "gflop": gflop_per_image(s, args.out_dim)}
 
     # data path alone: bytes + pre-drawn params -> crops on the device, per JPEG set
@@ -298,14 +297,14 @@ def check_data_path(jpegs: list[bytes], device: torch.device, label: str = "data
     from dino_model.data.augment import MultiCropAugmentation
     from dino_model.data.reader import decode_image
 
-    cfg = MultiCropConfig()
+    cfg = CropsConfig()
     enc = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:8]]
     params = [CropParamSampler(cfg)(e, sample_generator(0, 0, f"check{i}")) for i, e in enumerate(enc)]
     fast = DeviceMultiCrop(cfg, device)(enc, params)
     aug = MultiCropAugmentation(cfg)
     ref = [aug.apply(decode_image(j), p) for j, p in zip(jpegs[:8], params)]
     level = 1 / 255 / min(cfg.std)
-    d = torch.cat([(fast[k].cpu() - torch.stack([r[k] for r in ref])).abs().flatten() for k in range(cfg.n_crops)])
+    d = torch.cat([(fast[k].cpu() - torch.stack([r[k] for r in ref])).abs().flatten() for k in range(cfg.ncrops)])
     q = torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999)
     return f"{label} vs CPU workers: mean {d.mean() / level:.3f} levels, 99.9% {q / level:.2f} levels, " \
            f"max {d.max() / level:.1f} levels"
@@ -316,7 +315,7 @@ def check_concurrent_data_path(jpegs: list[bytes], device: torch.device, batch: 
     while the main stream is busy and frees its own temporaries — against the same batches made one at a time
     with nothing else running. Catches cross-stream memory reuse (e.g. nvjpeg writing into blocks that queued
     kernels still read, see ``DeviceMultiCrop.decode``): the crops must be identical."""
-    cfg = MultiCropConfig()
+    cfg = CropsConfig()
     sampler, aug = CropParamSampler(cfg), DeviceMultiCrop(cfg, device)
     work = []
     for i in range(n):

@@ -295,16 +295,7 @@ def build_model(cfg: DinoConfig, nepochs: int) -> DINO:
 
 def multicrop_config(cfg: DinoConfig):
     """The augmentation settings of ``cfg.crops`` (the rest are the paper's defaults)."""
-    from dino_model.data.augment import MultiCropConfig
-
-    c = cfg.crops
-    return MultiCropConfig(
-        global_size=c.global_size,
-        local_size=c.local_size,
-        global_scale=tuple(c.global_scale),
-        local_scale=tuple(c.local_scale),
-        n_local=c.n_local,
-    )
+    return cfg.crops
 
 
 def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
