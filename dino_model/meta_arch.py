@@ -101,9 +101,6 @@ class DINO(nn.Module):
     def teacher_backbone(self) -> nn.Module:
         return unwrap(self.teacher).backbone
 
-    def student_backbone(self) -> nn.Module:
-        return self.student_module().backbone
-
     def convert_sync_batchnorm(self) -> None:
         """Replace BatchNorm by SyncBatchNorm in student and teacher (ResNet-50 / BN heads, multi-GPU), before
         wrapping the student in DDP — as the reference does when the model has batch norms."""
@@ -175,7 +172,3 @@ class DINO(nn.Module):
         teacher_params = list(unwrap(self.teacher).parameters())
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
-
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        """Student outputs for all crops [ncrops*B, out_dim] (training uses `forward_backward`)."""
-        return self.student(crops)
