@@ -53,9 +53,9 @@ from dino_model.data.augment import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropAugmentation,
-    MultiCropConfig,
     augment_resized,
 )
+from dino_model.config import CropsConfig  # noqa: E402
 from dino_model.data.reader import decode_image  # noqa: E402
 from dino_model.data.rng import sample_generator  # noqa: E402
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     random.seed(0)
     torch.manual_seed(0)
-    project = MultiCropAugmentation(MultiCropConfig())
+    project = MultiCropAugmentation(CropsConfig())
     reference = ReferenceDINOAugmentation()
     sizes = {Image.open(io.BytesIO(d)).size for _, d in encoded}
     print(f"machine: {machine()}")

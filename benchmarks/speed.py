@@ -24,8 +24,8 @@ What each column measures (images/s counts source images, each giving 2 + n_loca
   its share of large and small ones (batch 128: 4 large, 3 small), which is what the matmul resize's size buckets
   (:func:`dino_model.data.gpu_augment.plan_buckets`) are for: one canvas padded to a batch's largest image would
   hold ~15x the images' pixels. The header prints the buckets the mix's first batch gets.
-* ``step``: :func:`dino_model.train.train_step` with :class:`dino_model.fast_step.FastForwardBackward` (compiled
-  on CUDA), fused AdamW on CUDA, bf16 autocast on GPUs (fp32 on CPU), K = 65,536 (``--out-dim``), on crops
+* ``step``: :func:`dino_model.step.train_step` on a model compiled with :meth:`dino_model.meta_arch.DINO.compile`
+  (on CUDA; ``--compile``), fused AdamW on CUDA, bf16 autocast on GPUs (fp32 on CPU), K = 65,536 (``--out-dim``), on crops
   already on the device.
 * ``e2e``: the real training input pipeline — :func:`dino_model.data.reader.build_loader` over an ImageFolder of
   those JPEGs (the 500x375 set, or the mix with ``--jpeg-sizes imagenet``) with ``--workers`` processes reading
@@ -33,7 +33,8 @@ What each column measures (images/s counts source images, each giving 2 + n_loca
   batches ahead, as ``data.prefetch_batches`` in training) + step in the training process.
 * checks (``--check``, on by default on CUDA; printed before the table): the data path against the CPU workers,
   the data path on the prefetch thread beside a busy main stream against the same batches made alone (must be
-  identical: cross-stream memory reuse would show here), and the fast step's loss against the fp32 eager step.
+  identical: cross-stream memory reuse would show here), and the step as training runs it (compiled, bf16, fused
+  AdamW on CUDA) against the same step in fp32, eager.
 * ``GFLOP/img`` (model FLOPs, matmuls only, 2 per multiply-add): for a ViT with width d, depth L, patch p and
   n = (s/p)^2 + 1 tokens per crop of side s, one crop's forward is
   L·(24·n·d² + 4·n²·d) + 2·(n-1)·3p²·d (patch embedding) + 2·(d·h + (nl-2)·h² + h·b + b·K) (head: hidden h = 2048,
@@ -63,15 +64,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dino_model.config import load_config  # noqa: E402
-from dino_model.data.augment import MultiCropConfig  # noqa: E402
+from dino_model.config import CropsConfig, load_config  # noqa: E402
 from dino_model.data.device_prefetch import DevicePrefetcher  # noqa: E402
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop, plan_buckets  # noqa: E402
 from dino_model.data.reader import build_loader  # noqa: E402
 from dino_model.data.rng import sample_generator  # noqa: E402
-from dino_model.fast_step import FastForwardBackward, resolve_compile  # noqa: E402
+from dino_model.meta_arch import DINO  # noqa: E402
 from dino_model.optim import build_optimizer, param_groups  # noqa: E402
-from dino_model.train import StepSettings, build_model, resolve_precision, train_step  # noqa: E402
+from dino_model.step import StepSettings, resolve_compile, resolve_precision, train_step  # noqa: E402
 from settings import WIDTH_DEPTH, Setting  # noqa: E402  (benchmarks/settings.py)
 
 GPU_DEFAULTS = ["vit_small/16/128/224x2+96x8", "vit_small/16/128/128x2+64x8",
@@ -228,7 +228,7 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
     # A fresh compile cache per setting: otherwise a second batch size / crop size turns on dynamic shapes (and
     # the compiled kernels would differ from a training run's, which sees one shape).
     torch._dynamo.reset()
-    mcfg = MultiCropConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
+    mcfg = CropsConfig(global_size=s.global_size, local_size=s.local_size, n_local=s.n_local)
     row: dict = {"setting": str(s), "batch": s.batch, "gflop": gflop_per_image(s, args.out_dim)}
 
     # data path alone: bytes + pre-drawn params -> crops on the device, per JPEG set
@@ -244,17 +244,18 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
 
     # the step alone
     torch.manual_seed(0)
-    model = build_model(cfg, cfg.train.epochs).to(device)
+    model = DINO.from_config(cfg).to(device)
     optimizer = build_optimizer("adamw", param_groups(model.student_module()), fused=device.type == "cuda")
     autocast_dtype, use_scaler = resolve_precision(args.precision, device)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    settings = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, autocast_dtype)
-    fwd = FastForwardBackward(model, compile=resolve_compile(args.compile, device), mode=args.compile_mode)
+    settings = StepSettings.from_config(cfg, autocast_dtype)
+    if resolve_compile(args.compile, device):
+        model.compile(args.compile_mode)
     crops = aug(enc, params)
 
     def step(batch_crops=crops):
         return train_step(model, optimizer, batch_crops, epoch=1, lr=1e-4, wd=0.04, momentum=0.996,
-                          settings=settings, grad_scaler=scaler, forward_backward=fwd)["loss"]
+                          teacher_temp=0.04, settings=settings, grad_scaler=scaler)["loss"]
 
     t = time.perf_counter()
     loss0 = step()
@@ -285,7 +286,7 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
             done += 1
         sync(device)
         row["e2e"] = done * s.batch / (time.perf_counter() - t) if done else float("nan")
-    del it, batches, loader, model, optimizer, fwd
+    del it, batches, loader, model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -298,14 +299,14 @@ def check_data_path(jpegs: list[bytes], device: torch.device, label: str = "data
     from dino_model.data.augment import MultiCropAugmentation
     from dino_model.data.reader import decode_image
 
-    cfg = MultiCropConfig()
+    cfg = CropsConfig()
     enc = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:8]]
     params = [CropParamSampler(cfg)(e, sample_generator(0, 0, f"check{i}")) for i, e in enumerate(enc)]
     fast = DeviceMultiCrop(cfg, device)(enc, params)
     aug = MultiCropAugmentation(cfg)
     ref = [aug.apply(decode_image(j), p) for j, p in zip(jpegs[:8], params)]
     level = 1 / 255 / min(cfg.std)
-    d = torch.cat([(fast[k].cpu() - torch.stack([r[k] for r in ref])).abs().flatten() for k in range(cfg.n_crops)])
+    d = torch.cat([(fast[k].cpu() - torch.stack([r[k] for r in ref])).abs().flatten() for k in range(cfg.ncrops)])
     q = torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999)
     return f"{label} vs CPU workers: mean {d.mean() / level:.3f} levels, 99.9% {q / level:.2f} levels, " \
            f"max {d.max() / level:.1f} levels"
@@ -316,7 +317,7 @@ def check_concurrent_data_path(jpegs: list[bytes], device: torch.device, batch: 
     while the main stream is busy and frees its own temporaries — against the same batches made one at a time
     with nothing else running. Catches cross-stream memory reuse (e.g. nvjpeg writing into blocks that queued
     kernels still read, see ``DeviceMultiCrop.decode``): the crops must be identical."""
-    cfg = MultiCropConfig()
+    cfg = CropsConfig()
     sampler, aug = CropParamSampler(cfg), DeviceMultiCrop(cfg, device)
     work = []
     for i in range(n):
@@ -339,8 +340,9 @@ def check_concurrent_data_path(jpegs: list[bytes], device: torch.device, batch: 
 
 
 def check_step(device: torch.device, args, steps: int = 5) -> str:
-    """Loss of the fast step (precision/compile as configured, fused AdamW on CUDA) vs the fp32 eager reference
-    step, from the same initial state on the same crops, over ``steps`` steps: the largest relative difference."""
+    """Loss of the step as training runs it (precision/compile as configured, fused AdamW on CUDA) vs the same step
+    in fp32, eager, with for-each AdamW, from the same initial state on the same crops, over ``steps`` steps: the
+    largest relative difference."""
     s = Setting.parse(args.check_setting)
     torch._dynamo.reset()
     cfg = load_config(overrides=[
@@ -355,13 +357,14 @@ def check_step(device: torch.device, args, steps: int = 5) -> str:
     losses = []
     for fast in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg, cfg.train.epochs).to(device)
+        model = DINO.from_config(cfg).to(device)
         opt = build_optimizer("adamw", param_groups(model.student_module()), fused=fast and device.type == "cuda")
         dtype = resolve_precision(args.precision, device)[0] if fast else None
-        st = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, dtype)
-        fwd = FastForwardBackward(model, compile=resolve_compile(args.compile, device)) if fast else None
-        losses.append([float(train_step(model, opt, crops, epoch=1, lr=5e-4, wd=0.04, momentum=0.996, settings=st,
-                                        forward_backward=fwd)["loss"]) for _ in range(steps)])
+        st = StepSettings.from_config(cfg, dtype)
+        if fast and resolve_compile(args.compile, device):
+            model.compile()
+        losses.append([float(train_step(model, opt, crops, epoch=1, lr=5e-4, wd=0.04, momentum=0.996,
+                                        teacher_temp=0.04, settings=st)["loss"]) for _ in range(steps)])
     ref, fast = np.array(losses[0]), np.array(losses[1])
     rel = np.abs(fast - ref) / np.abs(ref)
     return (f"step vs fp32 eager ({s}, batch {s.batch}, {steps} steps): max relative loss difference "

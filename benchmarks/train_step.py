@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory of the DINO step, on the device this machine has (CPU or GPU).
 
-Measures :func:`dino_model.train.train_step` alone (forward + backward of student and teacher, clipping, optimiser
+Measures :func:`dino_model.step.train_step` alone (forward + backward of student and teacher, clipping, optimiser
 step, EMA) on synthetic crops already on the device: no data loading. Prints one table row per setting.
 
     python benchmarks/train_step.py                       # default settings for the device found
@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_model.config import load_config  # noqa: E402
+from dino_model.meta_arch import DINO  # noqa: E402
 from dino_model.optim import build_optimizer, param_groups  # noqa: E402
-from dino_model.train import StepSettings, build_model, resolve_precision, train_step  # noqa: E402
+from dino_model.step import StepSettings, resolve_precision, train_step  # noqa: E402
 from settings import Setting  # noqa: E402  (benchmarks/settings.py)
 
 
@@ -43,18 +44,18 @@ def measure(s: Setting, device: torch.device, precision: str, out_dim: int, step
         f"data.batch_size_per_gpu={s.batch}", "train.epochs=10", "optim.warmup_epochs=0",
     ])
     torch.manual_seed(0)
-    model = build_model(cfg, cfg.train.epochs).to(device)
+    model = DINO.from_config(cfg).to(device)
     optimizer = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()))
     autocast_dtype, use_scaler = resolve_precision(precision, device)
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    settings = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, autocast_dtype)
+    settings = StepSettings.from_config(cfg, autocast_dtype)
     crops = [torch.randn(s.batch, 3, s.global_size, s.global_size, device=device) for _ in range(2)]
     crops += [torch.randn(s.batch, 3, s.local_size, s.local_size, device=device) for _ in range(s.n_local)]
 
     def step() -> torch.Tensor:
         # epoch 1: past the frozen-last-layer epoch, so the whole model is updated as in most of a run
-        return train_step(model, optimizer, crops, epoch=1, lr=1e-4, wd=0.04, momentum=0.996, settings=settings,
-                          grad_scaler=scaler)["loss"]
+        return train_step(model, optimizer, crops, epoch=1, lr=1e-4, wd=0.04, momentum=0.996, teacher_temp=0.04,
+                          settings=settings, grad_scaler=scaler)["loss"]
 
     for _ in range(warmup):
         step()

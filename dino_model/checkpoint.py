@@ -5,6 +5,14 @@ Layout. A checkpoint URI (``checkpoint.uri``: a local folder or ``s3://bucket/pr
 by listing (no "latest" pointer that could disagree with the files). Writes go through
 :mod:`dino_model.storage`, so a file is visible only once complete: a killed trainer leaves the previous
 checkpoints intact and never a half-written one. ``keep_last`` prunes the oldest after each successful write.
+What a kill during a write can leave behind (a local ``.tmp-checkpoint-*.pt.*`` file, an incomplete S3 multipart
+upload of a ``checkpoint-*.pt`` key) is not a checkpoint; :func:`remove_stale_writes` removes it, and the trainer
+calls it at start.
+
+    state = make_checkpoint(model, optimizer, grad_scaler, step=120, cursor=(1, 20), rng=gather_rng_states(dev),
+                            config=cfg.to_dict(), metrics={"loss": 9.1}, world_size=1)
+    uri = save_checkpoint("s3://bucket/runs/r1", state, keep_last=3)
+    restore_checkpoint(read_checkpoint(uri), model, optimizer, grad_scaler, cfg, ctx)
 
 Each file is a ``torch.save`` of one dict that ``torch.load(weights_only=True)`` reads::
 
@@ -43,7 +51,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from dino_model.storage import LocalStore, ObjectNotFound, open_object, open_store
+from dino_model import distributed as dist_utils
+from dino_model.config import DinoConfig
+from dino_model.meta_arch import DINO, unwrap
+from dino_model.storage import LocalStore, ObjectNotFound, S3Store, open_object, open_store
+from dino_model.storage.local import TEMP_PREFIX
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -52,6 +64,11 @@ __all__ = [
     "latest_checkpoint",
     "save_checkpoint",
     "read_checkpoint",
+    "make_checkpoint",
+    "resume_cursor",
+    "restore_checkpoint",
+    "gather_rng_states",
+    "remove_stale_writes",
     "capture_rng_state",
     "restore_rng_state",
     "check_plain",
@@ -61,6 +78,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "dino_model.checkpoint/v1"
 _NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
+#: The temporary file :class:`dino_model.storage.LocalStore` writes a checkpoint into before renaming it.
+_LOCAL_TEMP = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"checkpoint-\d{9}\.pt\..+$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -116,6 +135,110 @@ def read_checkpoint(uri: str | os.PathLike, map_location: str | torch.device = "
         return torch.load(path, map_location=map_location, weights_only=True)
     data = store.get_bytes(key)
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def remove_stale_writes(uri: str) -> list[str]:
+    """Remove what interrupted checkpoint writes left directly under ``uri`` — local temporary files
+    ``.tmp-checkpoint-<step>.pt.*`` and incomplete S3 multipart uploads of ``checkpoint-<step>.pt`` keys — and
+    nothing else; returns what was removed. Only for a time when no process writes checkpoints there (the
+    trainer's rank 0 calls it at start, before its first write)."""
+    store = open_store(uri)
+    removed = []
+    if isinstance(store, LocalStore):
+        if store.root.is_dir():
+            for path in sorted(store.root.iterdir()):
+                if _LOCAL_TEMP.match(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(str(path))
+    elif isinstance(store, S3Store):
+        for key, upload_id in store.incomplete_uploads("checkpoint-"):
+            if _NAME.match(key):
+                store.abort_upload(key, upload_id)
+                removed.append(f"{store.url(key)} (incomplete upload {upload_id})")
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the training state: what a checkpoint holds, and putting it back
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def make_checkpoint(
+    model: DINO,
+    optimizer: torch.optim.Optimizer,
+    grad_scaler: torch.amp.GradScaler | None,
+    *,
+    step: int,
+    cursor: tuple[int, int],
+    rng: list[dict[str, Any]],
+    config: dict[str, Any],
+    metrics: Mapping[str, float],
+    world_size: int,
+) -> dict[str, Any]:
+    """The checkpoint dict of the layout in the module docstring; ``cursor`` = (epoch, batch) of the next batch."""
+    epoch, batch = cursor
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "epoch": epoch,
+        "cursor": {"epoch": epoch, "batch": batch},
+        "student": model.student_module().state_dict(),
+        "teacher": unwrap(model.teacher).state_dict(),
+        "dino_loss": model.dino_loss.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else {},
+        "rng": rng,
+        "world_size": world_size,
+        "config": config,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "torch_version": str(torch.__version__),
+    }
+
+
+def resume_cursor(state: Mapping[str, Any] | None) -> tuple[int, int, int]:
+    """(step, cursor epoch, cursor batch) of a checkpoint dict; (0, 0, 0) for ``None`` (a fresh run)."""
+    if state is None:
+        return 0, 0, 0
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a dino_model training checkpoint (format {state.get('format')!r})")
+    return int(state["step"]), int(state["cursor"]["epoch"]), int(state["cursor"]["batch"])
+
+
+def restore_checkpoint(
+    state: Mapping[str, Any],
+    model: DINO,
+    optimizer: torch.optim.Optimizer,
+    grad_scaler: torch.amp.GradScaler | None,
+    cfg: DinoConfig,
+    ctx: dist_utils.DistContext,
+) -> None:
+    """Load a checkpoint dict into the live objects of this rank (its own RNG state included)."""
+    resume_cursor(state)  # checks the format
+    saved_batch = state["config"]["data"]["batch_size_per_gpu"]
+    if state["world_size"] != ctx.world_size or saved_batch != cfg.data.batch_size_per_gpu:
+        # The cursor counts batches of one global size and the schedules span steps of it: exact resume needs it.
+        raise ValueError(
+            f"checkpoint was written by {state['world_size']} ranks x {saved_batch} images; this run has "
+            f"{ctx.world_size} ranks x {cfg.data.batch_size_per_gpu}: resume needs the same global batch layout "
+            "(or set checkpoint.resume=false / a new checkpoint.uri)"
+        )
+    model.student_module().load_state_dict(state["student"])
+    unwrap(model.teacher).load_state_dict(state["teacher"])
+    model.dino_loss.load_state_dict(state["dino_loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    if grad_scaler is not None and state.get("grad_scaler"):
+        grad_scaler.load_state_dict(state["grad_scaler"])
+    restore_rng_state(state["rng"][ctx.rank], ctx.device)
+
+
+def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+    mine = capture_rng_state(device)
+    if not dist_utils.is_distributed():
+        return [mine]
+    states: list[Any] = [None] * dist_utils.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
 # ------------------------------------------------------------------------------------------------------------------

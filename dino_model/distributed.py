@@ -27,7 +27,6 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "barrier",
-    "all_reduce_sum",
     "all_reduce_mean",
     "all_reduce_max",
     "broadcast_object",
@@ -131,13 +130,6 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks, in place; returns ``t``."""
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,15 @@ pretrain flow's MLflow logger) plugs in without the trainer knowing about it::
 
     register_logger("mlflow", lambda arg: MyMlflowLogger(run_id=arg))   # factory(argument or None)
     logger = build_loggers(["console", "jsonl:/tmp/metrics.jsonl", "mlflow:RUN_ID"])
-    logger.log(10, {"loss": 9.1, "lr": 1e-4})
+    logger.on_run_start(total_steps=31200, epochs=100)                  # optional hooks, passed on to the
+    logger.log(10, {"loss": 9.1, "lr": 1e-4})                           # loggers that define them (the console;
+    logger.on_checkpoint("s3://b/runs/r1/checkpoint-000000010.pt", 10)  # MLflow uploads checkpoints)
     logger.close()
 
 Built in: ``mlflow:RUN_ID`` (:mod:`dino_model.mlflow_logger`: step and system metrics, checkpoints as artifacts),
-``console`` (human-readable lines on stdout) and ``jsonl:PATH`` (one JSON object per call, appended, so a
-resumed run continues the same file). Only rank 0 builds loggers; other ranks get an empty :class:`MultiLogger`.
+``console`` (progress and metrics a person reads, on stdout) and ``jsonl:PATH`` (one JSON object per call,
+appended, so a resumed run continues the same file). Only rank 0 builds loggers; other ranks get an empty
+:class:`MultiLogger`.
 A factory may also be given as ``"package.module:callable"`` in a spec (``"py:package.module:callable"``), which
 lets a launcher add a logger to a ``torchrun`` child without editing this file.
 
@@ -63,20 +66,54 @@ class MetricsLogger(Protocol):
 
 
 class ConsoleLogger:
-    """Human-readable lines on a text stream (stdout by default): ``step 120/9000 | loss 9.8213 | lr 1.2e-04 ...``."""
+    """Human-readable lines on a text stream (stdout by default), e.g.
+    ``epoch 1/100 · step 312/31200 · 41 img/s · eta 2h10m · loss 9.8213 · lr 1.200e-04 · ...``.
 
-    #: Metrics shown first, in this order; any others follow alphabetically.
-    ORDER = ("epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s")
+    The epoch is counted from 1 (from the ``epoch`` metric, 0-based in the training loop); the rate is the
+    ``images_per_s`` metric; the ETA extrapolates the steps per second this logger has seen since its first line.
+    Totals come from :meth:`on_run_start` (the trainer calls it) or the constructor."""
 
-    def __init__(self, stream: TextIO | None = None, total_steps: int | None = None):
+    #: Metrics shown after the progress part, in this order; any others follow alphabetically.
+    ORDER = ("loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm")
+    #: Metrics the progress part shows.
+    PROGRESS = ("epoch", "images_per_s")
+
+    def __init__(self, stream: TextIO | None = None, total_steps: int | None = None, epochs: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.stream = stream
         self.total_steps = total_steps
+        self.epochs = epochs
+        self.clock = clock
+        self._first: tuple[int, float] | None = None  # (step, time) of the first line
+
+    def on_run_start(self, total_steps: int, epochs: int) -> None:
+        self.total_steps, self.epochs = total_steps, epochs
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        keys = [k for k in self.ORDER if k in metrics] + sorted(k for k in metrics if k not in self.ORDER)
-        total = f"/{self.total_steps}" if self.total_steps else ""
-        parts = [f"step {step}{total}"] + [f"{k} {_fmt(metrics[k])}" for k in keys]
-        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+        parts = []
+        if "epoch" in metrics:
+            parts.append(f"epoch {int(metrics['epoch']) + 1}" + (f"/{self.epochs}" if self.epochs else ""))
+        parts.append(f"step {step}" + (f"/{self.total_steps}" if self.total_steps else ""))
+        if "images_per_s" in metrics:
+            rate = float(metrics["images_per_s"])
+            parts.append(f"{rate:.0f} img/s" if rate >= 10 else f"{rate:.2g} img/s")
+        eta = self._eta(step)
+        if eta is not None:
+            parts.append(f"eta {_duration(eta)}")
+        keys = [k for k in self.ORDER if k in metrics]
+        keys += sorted(k for k in metrics if k not in self.ORDER and k not in self.PROGRESS)
+        parts += [f"{k} {_fmt(metrics[k])}" for k in keys]
+        print(" · ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+    def _eta(self, step: int) -> float | None:
+        """Seconds to the last step at this logger's pace so far; None before there is a pace to go by."""
+        now = self.clock()
+        if self._first is None:
+            self._first = (step, now)
+        first_step, first_time = self._first
+        if not self.total_steps or step <= first_step:
+            return None
+        return (now - first_time) / (step - first_step) * max(self.total_steps - step, 0)
 
     def close(self) -> None:
         (self.stream or sys.stdout).flush()
@@ -113,6 +150,14 @@ class MultiLogger:
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for lg in self.loggers:
             lg.log(step, metrics)
+
+    def on_run_start(self, total_steps: int, epochs: int) -> None:
+        """Tell the loggers that care (those with an ``on_run_start`` method, e.g. the console's) how long the run
+        is."""
+        for lg in self.loggers:
+            hook = getattr(lg, "on_run_start", None)
+            if hook is not None:
+                hook(total_steps, epochs)
 
     def on_checkpoint(self, uri: str, step: int) -> None:
         """Tell the loggers that care (those with an ``on_checkpoint`` method, e.g. MLflow's) that a checkpoint
@@ -235,6 +280,16 @@ def _json_value(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item):  # 0-d tensors / numpy scalars
         return _json_value(v.item())
     return v
+
+
+def _duration(seconds: float) -> str:
+    """``2h10m``, ``5m03s`` or ``42s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 def _fmt(v: Any) -> str:

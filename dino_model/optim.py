@@ -107,7 +107,7 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 0.0, mo
 
     adamw: torch AdamW (betas, eps); sgd: SGD with `momentum` (0.9); lars: `LARS` with `momentum`.
     Weight decay comes from the groups / the schedule (the not-regularized group stays at 0).
-    `fused` (AdamW only): PyTorch's single-kernel AdamW (the same update; used on CUDA by the fast step).
+    `fused` (AdamW only): PyTorch's single-kernel AdamW (the same update; the trainer uses it on CUDA).
     """
     if name == "adamw":
         if fused:

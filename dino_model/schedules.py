@@ -1,5 +1,8 @@
 """Per-step schedules as numpy arrays (indexed by the global step `epoch * niter_per_ep + it`).
 
+    sched = build_schedules(cfg, steps_per_epoch=loader.batches_per_epoch, world_size=2)
+    train_step(..., **sched.at(step))          # lr, wd, momentum, teacher_temp of that step
+
 Reference semantics (facebookresearch/dino `utils.cosine_scheduler`): an optional linear warm-up of
 `warmup_epochs * niter_per_ep` steps from `start_warmup_value` to `base_value` (both endpoints included, i.e.
 `np.linspace`), then a half cosine from `base_value` (at its first step) towards `final_value`, never quite
@@ -9,8 +12,8 @@ DINO uses
   * lr:        warm-up 0 -> lr * total_batch / 256 over `warmup_epochs` (10), cosine to `min_lr` (1e-6);
   * wd:        cosine 0.04 -> 0.4 (constant when both are equal, e.g. 1e-4 for ResNet-50);
   * momentum:  teacher EMA momentum, cosine 0.996 -> 1;
-  * teacher temperature: per EPOCH (as the reference and `DINOLoss`), linear 0.04 -> `teacher_temp` over
-    `warmup_teacher_temp_epochs`, then constant.  `Schedules.teacher_temp_at_step` maps a step to it.
+  * teacher temperature: per EPOCH (as the reference), linear 0.04 -> `teacher_temp` over
+    `warmup_teacher_temp_epochs`, then constant; `Schedules.teacher_temp` repeats each epoch's value for its steps.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from dino_model.config import DinoConfig
 
 
 def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
@@ -58,38 +63,40 @@ def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmu
     )).astype(np.float64)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedules:
-    """All training schedules. `lr`, `wd`, `momentum`: per step; `teacher_temp`: per epoch."""
+    """Every per-step value of a run, indexed by the global step (length ``epochs * steps_per_epoch``)."""
 
     lr: np.ndarray
     wd: np.ndarray
     momentum: np.ndarray
     teacher_temp: np.ndarray
-    niter_per_ep: int
 
     @property
     def total_steps(self) -> int:
         return len(self.lr)
 
-    def teacher_temp_at_step(self, step: int) -> float:
-        return float(self.teacher_temp[step // self.niter_per_ep])
+    def at(self, step: int) -> dict[str, float]:
+        """``{"lr", "wd", "momentum", "teacher_temp"}`` at global ``step``: what the training step takes."""
+        return {"lr": float(self.lr[step]), "wd": float(self.wd[step]), "momentum": float(self.momentum[step]),
+                "teacher_temp": float(self.teacher_temp[step])}
 
 
-def build_schedules(*, epochs: int, niter_per_ep: int, total_batch: int, lr: float = 5e-4, min_lr: float = 1e-6,
-                    warmup_epochs: int = 10, weight_decay: float = 0.04, weight_decay_end: float = 0.4,
-                    momentum_teacher: float = 0.996, warmup_teacher_temp: float = 0.04,
-                    teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0) -> Schedules:
-    """The DINO schedules (defaults: the reference's).  `lr` is the base lr for a total batch of 256: the peak
-    is `lr * total_batch / 256` (linear scaling rule), reached at the end of the warm-up."""
-    if total_batch < 1:
-        raise ValueError(f"total_batch must be >= 1, got {total_batch}")
-    if not 0.0 <= momentum_teacher <= 1.0:
-        raise ValueError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
+def build_schedules(cfg: DinoConfig, steps_per_epoch: int, world_size: int = 1) -> Schedules:
+    """The schedules of ``cfg`` for epochs of ``steps_per_epoch`` steps on ``world_size`` ranks. ``optim.lr`` is
+    the base lr for a global batch of 256: the peak is ``lr * global_batch / 256`` (linear scaling rule), reached
+    at the end of the warm-up. The teacher temperature changes per epoch, as in the reference: each epoch's
+    value is repeated for its steps."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    epochs, o, loss = cfg.train.epochs, cfg.optim, cfg.loss
+    global_batch = cfg.data.batch_size_per_gpu * world_size
+    per_epoch_temp = teacher_temp_schedule(loss.warmup_teacher_temp, loss.teacher_temp,
+                                           loss.warmup_teacher_temp_epochs, epochs)
     return Schedules(
-        lr=cosine_schedule(lr * total_batch / 256.0, min_lr, epochs, niter_per_ep, warmup_epochs=warmup_epochs),
-        wd=cosine_schedule(weight_decay, weight_decay_end, epochs, niter_per_ep),
-        momentum=cosine_schedule(momentum_teacher, 1.0, epochs, niter_per_ep),
-        teacher_temp=teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs),
-        niter_per_ep=niter_per_ep,
+        lr=cosine_schedule(o.lr * global_batch / 256.0, o.min_lr, epochs, steps_per_epoch,
+                           warmup_epochs=o.warmup_epochs),
+        wd=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, steps_per_epoch),
+        momentum=cosine_schedule(o.momentum_teacher, 1.0, epochs, steps_per_epoch),
+        teacher_temp=np.repeat(per_epoch_temp, steps_per_epoch),
     )

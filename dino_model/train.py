@@ -18,14 +18,19 @@ Examples of overrides: ``data.source=s3://bucket/imagenette-128/train`` (a shard
 or an ImageFolder directory), ``checkpoint.uri=s3://bucket/runs/r1``, ``optim.lr=1e-3``, ``train.max_steps=200``,
 ``logging.loggers=[console,'jsonl:/tmp/m.jsonl']``. See :mod:`dino_model.config` for every field.
 
-What a run does (``train()`` below reads in this order): join the process group (NCCL on GPU, gloo on CPU) ->
-seed -> build the data loader for the cursor's epoch -> build student, teacher and loss (student in DDP when
-distributed) -> optimiser and per-step schedules -> resume from the latest checkpoint under ``checkpoint.uri`` ->
-then per step: lr / weight decay / teacher momentum from the schedule arrays at the global step, forward and
-backward, gradient clipping (per parameter by default), drop the last layer's gradients during the
-``freeze_last_layer`` epochs, optimiser step, teacher EMA -> metrics, checkpoints every N steps and at epoch ends ->
-at the end the teacher backbone is exported (safetensors + JSON, loadable by timm) to ``export.uri``
-(default ``<checkpoint.uri>/export``).
+What a run does (``train()`` below reads in this order):
+
+1. :func:`setup_run`: join the process group (NCCL on GPU, gloo on CPU); remove what interrupted checkpoint writes
+   left under ``checkpoint.uri``; find the latest checkpoint there; build the data loader of its cursor's epoch
+   (which tells the steps per epoch); seed and build student, teacher and loss (student in DDP when distributed,
+   compiled on CUDA), the optimiser and the per-step schedules; restore the checkpoint; build the loggers.
+2. :func:`run_epoch`, from the cursor to the end of each epoch: per step, lr / weight decay / teacher momentum /
+   teacher temperature from the schedule arrays at the global step, forward and backward, gradient clipping (per
+   parameter by default), drop the last layer's gradients during the ``freeze_last_layer`` epochs, optimiser
+   step, teacher EMA (:func:`dino_model.step.train_step`); then metrics, agreement across ranks on NaN losses and
+   stop signals, and checkpoints, each when the :class:`Cadence` says.
+3. :func:`finish`: check that the ranks' teachers are identical and export the teacher backbone (safetensors +
+   JSON, loadable by timm) to ``export.uri`` (default ``<checkpoint.uri>/export``).
 
 Exit codes of ``python -m dino_model.train``:
 
@@ -37,8 +42,9 @@ Exit codes of ``python -m dino_model.train``:
   second signal abandons it and nothing half-written remains), then the process exits. Under torchrun, each
   worker exits 143 and torchrun itself reports the failure.
 
-Rank 0 prints human-readable metric lines and, with ``logging.progress``, machine-readable lines
-``DINO_PROGRESS {json}`` (see :mod:`dino_model.metrics`) for a parent process such as the pretrain flow.
+Rank 0 prints progress lines a person reads (``epoch 1/100 · step 312/31200 · 41 img/s · eta 2h10m · loss ...``,
+the ``console`` logger) and, with ``logging.progress``, machine-readable lines ``DINO_PROGRESS {json}`` (see
+:mod:`dino_model.metrics`) for a parent process such as the pretrain flow.
 """
 
 from __future__ import annotations
@@ -52,34 +58,30 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from dino_model import distributed as dist_utils
 from dino_model.checkpoint import (
-    CHECKPOINT_FORMAT,
-    capture_rng_state,
+    gather_rng_states,
     latest_checkpoint,
+    make_checkpoint,
     read_checkpoint,
-    restore_rng_state,
+    remove_stale_writes,
+    restore_checkpoint,
+    resume_cursor,
     save_checkpoint,
 )
 from dino_model.config import ConfigError, DinoConfig, load_config
 from dino_model.data.device_prefetch import DevicePrefetcher
 from dino_model.data.rng import derive_seed
-from dino_model.fast_step import FastForwardBackward, resolve_compile
 from dino_model.meta_arch import DINO, unwrap
-from dino_model.metrics import ConsoleLogger, MetricsLogger, MultiLogger, build_logger, emit_progress
-from dino_model.optim import (
-    build_optimizer,
-    cancel_last_layer_gradients,
-    clip_gradients_global,
-    clip_gradients_per_param,
-    param_groups,
-)
+from dino_model.metrics import MultiLogger, build_loggers, emit_progress
+from dino_model.optim import build_optimizer, param_groups
 from dino_model.schedules import Schedules, build_schedules
+from dino_model.step import StepSettings, resolve_compile, resolve_precision, train_step
 
 __all__ = [
     "EXIT_OK",
@@ -90,9 +92,13 @@ __all__ = [
     "NonFiniteLoss",
     "TrainingTerminated",
     "TrainResult",
-    "StepSettings",
-    "train_step",
+    "Cadence",
+    "Run",
+    "setup_run",
+    "run_epoch",
+    "finish",
     "train",
+    "build_train_loader",
     "main",
 ]
 
@@ -104,8 +110,8 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's convention for "terminated by a signal"
 
-# Stats returned by train_step that are averaged over ranks at log steps (order matters: one all-reduce).
-_STAT_KEYS = (
+# Stats of train_step that are averaged over ranks at log steps (order matters: one all-reduce).
+STAT_KEYS = (
     "loss",
     "grad_norm",
     "teacher_entropy",
@@ -154,78 +160,50 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# the step (kept apart so a compiled / fused GPU version can replace it)
+# pieces of a run
 # ------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class StepSettings:
-    """Per-run constants of :func:`train_step`."""
+class Cadence:
+    """Every "now?" of the loop — log, agree across ranks, checkpoint, stop — decided from the global step alone
+    (so every rank decides alike). ``step`` is the number of updates done."""
 
-    clip_grad: float
-    clip_mode: str
-    freeze_last_layer: int
-    autocast_dtype: torch.dtype | None
+    total_steps: int
+    epochs: int
+    log_every: int
+    check_every: int  #: agree on NaN losses / stop signals at least this often (each time is a host sync)
+    checkpoint_every_steps: int  #: 0 = never by step count
+    checkpoint_every_epochs: int
+    max_steps: int | None
 
+    @classmethod
+    def from_config(cls, cfg: DinoConfig, total_steps: int, device: torch.device) -> "Cadence":
+        check_every = cfg.train.nonfinite_check_every or (1 if device.type == "cpu" else cfg.logging.log_every)
+        return cls(total_steps, cfg.train.epochs, cfg.logging.log_every, check_every, cfg.checkpoint.every_n_steps,
+                   cfg.checkpoint.every_n_epochs, cfg.train.max_steps)
 
-def train_step(
-    model: DINO,
-    optimizer: torch.optim.Optimizer,
-    crops: list[torch.Tensor],
-    *,
-    epoch: int,
-    lr: float,
-    wd: float,
-    momentum: float,
-    settings: StepSettings,
-    grad_scaler: torch.amp.GradScaler | None = None,
-    forward_backward: Any = None,
-) -> dict[str, torch.Tensor]:
-    """One DINO update, in the reference's order; returns 0-dim device tensors (no host sync).
+    def reached_max_steps(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
 
-    lr / wd into the optimiser groups -> forward + backward (and the centre update) -> unscale (fp16) ->
-    clip -> drop the last layer's gradients while frozen -> optimiser step -> teacher EMA with ``momentum``.
-    ``forward_backward`` replaces ``model.forward_backward`` (same signature), e.g. the compiled
-    :class:`dino_model.fast_step.FastForwardBackward`.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        if group.get("apply_weight_decay", True):
-            group["weight_decay"] = wd
-    optimizer.zero_grad(set_to_none=True)
-    stats = (forward_backward or model.forward_backward)(
-        crops,
-        epoch,
-        autocast_dtype=settings.autocast_dtype,
-        grad_scaler=grad_scaler,
-        # The caller watches the loss on the device and checks it at sync points (no host sync per step).
-        check_finite=False,
-    )
-    student = model.student_module()
-    if grad_scaler is not None:
-        grad_scaler.unscale_(optimizer)  # clip the true gradients, as the reference does
-    if settings.clip_grad > 0:
-        if settings.clip_mode == "global":
-            grad_norm = clip_gradients_global(student, settings.clip_grad)
-        else:
-            grad_norm = clip_gradients_per_param(student, settings.clip_grad).norm()
-    else:
-        grads = [p.grad for p in student.parameters() if p.grad is not None]
-        grad_norm = torch.stack(torch._foreach_norm(grads, 2.0)).norm() if grads else torch.zeros(())
-    cancel_last_layer_gradients(student, epoch, settings.freeze_last_layer)
-    if grad_scaler is not None:
-        grad_scaler.step(optimizer)
-        grad_scaler.update()
-    else:
-        optimizer.step()
-    model.update_teacher(momentum)
-    stats["grad_norm"] = grad_norm.detach().float()
-    return stats
+    def done(self, step: int) -> bool:
+        return step >= self.total_steps or self.reached_max_steps(step)
 
+    def log(self, step: int) -> bool:
+        """The first and the last step are always logged."""
+        return step == 1 or step % self.log_every == 0 or self.done(step)
 
-# ------------------------------------------------------------------------------------------------------------------
-# pieces of train()
-# ------------------------------------------------------------------------------------------------------------------
+    def checkpoint(self, step: int, finished_epoch: int | None = None) -> bool:
+        """After ``step``; ``finished_epoch``: the epoch that step completed, if it completed one (the last epoch
+        always gets a checkpoint)."""
+        if (self.checkpoint_every_steps and step % self.checkpoint_every_steps == 0) or self.reached_max_steps(step):
+            return True
+        return finished_epoch is not None and (
+            (finished_epoch + 1) % self.checkpoint_every_epochs == 0 or finished_epoch + 1 == self.epochs)
+
+    def sync(self, step: int, end_of_epoch: bool) -> bool:
+        """A check always precedes a log line and a checkpoint, so no checkpoint ever holds non-finite weights."""
+        return step % self.check_every == 0 or end_of_epoch or self.log(step) or self.checkpoint(step)
 
 
 class StopSignals:
@@ -254,57 +232,49 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to use a GradScaler): ``auto`` = bf16 on GPUs that support it, fp16 with a
-    scaler on older GPUs (the reference's mode), fp32 on CPU."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    return torch.float16, True
+class NonFiniteWatch:
+    """The first step whose loss was not finite, remembered on the device (no host sync per step)."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.tensor(self.NONE, dtype=torch.int64, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, torch.clamp(self.first_bad, max=step))
+
+    def agree(self, stop_signal: int) -> tuple[int | None, int]:
+        """(first non-finite step of any rank or None, any rank's stop signal or 0): one small all-reduce (MAX),
+        the host sync."""
+        flags = torch.stack([-self.first_bad, torch.tensor(stop_signal, dtype=torch.int64, device=self.first_bad.device)])
+        dist_utils.all_reduce_max(flags)
+        neg_bad, stop_any = flags.tolist()
+        return (-neg_bad if -neg_bad < self.NONE else None), int(stop_any)
 
 
-def build_model(cfg: DinoConfig, nepochs: int) -> DINO:
-    """Student, teacher and loss from the config (seed the global RNG first for identical replicas)."""
-    m = cfg.model
-    return DINO.build(
-        m.arch,
-        patch_size=m.patch_size,
-        drop_path_rate=m.drop_path_rate,
-        out_dim=m.out_dim,
-        norm_last_layer=m.norm_last_layer,
-        use_bn_in_head=m.use_bn_in_head,
-        ncrops=cfg.crops.ncrops,
-        warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
-        teacher_temp=cfg.loss.teacher_temp,
-        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs,
-        nepochs=nepochs,
-        student_temp=cfg.loss.student_temp,
-        center_momentum=cfg.loss.center_momentum,
-        img_size=m.img_size,
-        head_nlayers=m.head_nlayers,
-        head_hidden_dim=m.head_hidden_dim,
-        head_bottleneck_dim=m.head_bottleneck_dim,
-    )
+class Throughput:
+    """Images per second over the steps since the previous call."""
+
+    def __init__(self, step: int, global_batch: int):
+        self.global_batch = global_batch
+        self.last = (step, time.perf_counter())
+
+    def images_per_s(self, step: int) -> float:
+        now = time.perf_counter()
+        last_step, last_time = self.last
+        self.last = (step, now)
+        return (step - last_step) * self.global_batch / max(now - last_time, 1e-9)
 
 
-def multicrop_config(cfg: DinoConfig):
-    """The augmentation settings of ``cfg.crops`` (the rest are the paper's defaults)."""
-    from dino_model.data.augment import MultiCropConfig
+class Progress:
+    """``DINO_PROGRESS`` lines for a parent process (rank 0 with ``logging.progress``; :mod:`dino_model.metrics`)."""
 
-    c = cfg.crops
-    return MultiCropConfig(
-        global_size=c.global_size,
-        local_size=c.local_size,
-        global_scale=tuple(c.global_scale),
-        local_scale=tuple(c.local_scale),
-        n_local=c.n_local,
-    )
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self.enabled:
+            emit_progress(event, **fields)
 
 
 def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
@@ -324,9 +294,9 @@ def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int,
     return build_loader(
         cfg.data.source,
         batch_size=cfg.data.batch_size_per_gpu,
-        transform=None if on_device else MultiCropAugmentation(multicrop_config(cfg)),
+        transform=None if on_device else MultiCropAugmentation(cfg.crops),
         decode=not on_device,
-        param_sampler=CropParamSampler(multicrop_config(cfg)) if on_device else None,
+        param_sampler=CropParamSampler(cfg.crops) if on_device else None,
         seed=cfg.train.seed,
         epoch=epoch,
         rank=ctx.rank,
@@ -340,76 +310,34 @@ def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int,
     )
 
 
-def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-    mine = capture_rng_state(device)
-    if not dist_utils.is_distributed():
-        return [mine]
-    # Tensors travel through pickling; move them to CPU so any backend can carry them.
-    states: list[Any] = [None] * dist_utils.get_world_size()
-    torch.distributed.all_gather_object(states, mine)
-    return states
+def batch_preparer(cfg: DinoConfig, device: torch.device) -> Callable[[dict[str, Any]], list[torch.Tensor]]:
+    """A loader batch -> the step's crops on the device (runs on the prefetch thread): decode + augment the whole
+    batch on the device, or copy the workers' crops there."""
+    if augment_on_device(cfg, device):
+        from dino_model.data.gpu_augment import DeviceMultiCrop
+
+        augment = DeviceMultiCrop(cfg.crops, device)
+        return lambda batch: augment(batch["encoded"], batch["params"])
+    return lambda batch: [c.to(device, non_blocking=True) for c in batch["crops"]]
 
 
-def make_checkpoint(
-    cfg: DinoConfig,
-    model: DINO,
-    optimizer: torch.optim.Optimizer,
-    grad_scaler: torch.amp.GradScaler | None,
-    *,
-    step: int,
-    cursor_epoch: int,
-    cursor_batch: int,
-    rng: list[dict[str, Any]],
-    metrics: dict[str, float],
-) -> dict[str, Any]:
-    """The checkpoint dict (layout in :mod:`dino_model.checkpoint`)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "epoch": cursor_epoch,
-        "cursor": {"epoch": cursor_epoch, "batch": cursor_batch},
-        "student": model.student_module().state_dict(),
-        "teacher": unwrap(model.teacher).state_dict(),
-        "dino_loss": model.dino_loss.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else {},
-        "rng": rng,
-        "world_size": dist_utils.get_world_size(),
-        "config": cfg.to_dict(),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "torch_version": str(torch.__version__),
-    }
-
-
-def restore_checkpoint(
-    ckpt: dict[str, Any],
-    cfg: DinoConfig,
-    model: DINO,
-    optimizer: torch.optim.Optimizer,
-    grad_scaler: torch.amp.GradScaler | None,
-    ctx: dist_utils.DistContext,
-) -> tuple[int, int, int]:
-    """Load a checkpoint into the live objects; returns (step, cursor epoch, cursor batch)."""
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a dino_model training checkpoint (format {ckpt.get('format')!r})")
-    saved = ckpt["config"]
-    saved_batch = saved["data"]["batch_size_per_gpu"]
-    if ckpt["world_size"] != ctx.world_size or saved_batch != cfg.data.batch_size_per_gpu:
-        # The cursor counts batches of one global size and the schedules span steps of it: exact resume needs it.
-        raise ValueError(
-            f"checkpoint was written by {ckpt['world_size']} ranks x {saved_batch} images; this run has "
-            f"{ctx.world_size} ranks x {cfg.data.batch_size_per_gpu}: resume needs the same global batch layout "
-            "(or set checkpoint.resume=false / a new checkpoint.uri)"
+def build_model_and_optimizer(cfg: DinoConfig, ctx: dist_utils.DistContext) -> tuple[DINO, torch.optim.Optimizer]:
+    """Student, teacher and loss on this rank's device — identical initial replicas on every rank (same seed) —
+    and the optimiser; the student in DDP when distributed; compiled as ``train.compile`` says."""
+    device = ctx.device
+    torch.manual_seed(cfg.train.seed)
+    model = DINO.from_config(cfg).to(device)
+    if ctx.world_size > 1 and cfg.model.sync_bn:
+        model.convert_sync_batchnorm()
+    optimizer = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()),
+                                momentum=cfg.optim.sgd_momentum, fused=device.type == "cuda")
+    if dist_utils.is_distributed():
+        model.student = nn.parallel.DistributedDataParallel(
+            model.student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    model.student_module().load_state_dict(ckpt["student"])
-    unwrap(model.teacher).load_state_dict(ckpt["teacher"])
-    model.dino_loss.load_state_dict(ckpt["dino_loss"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if grad_scaler is not None and ckpt.get("grad_scaler"):
-        grad_scaler.load_state_dict(ckpt["grad_scaler"])
-    restore_rng_state(ckpt["rng"][ctx.rank], ctx.device)
-    return int(ckpt["step"]), int(ckpt["cursor"]["epoch"]), int(ckpt["cursor"]["batch"])
+    if resolve_compile(cfg.train.compile, device):
+        model.compile(cfg.train.compile_mode)
+    return model, optimizer
 
 
 def teacher_replicas_identical(model: DINO) -> bool:
@@ -427,295 +355,217 @@ def teacher_replicas_identical(model: DINO) -> bool:
     return len(set(digests)) == 1
 
 
-def _sync_flags(first_bad: torch.Tensor, stop: int) -> tuple[int | None, int]:
-    """Agree across ranks on (first non-finite step or None, stop signal or 0): one small all-reduce (MAX)."""
-    flags = torch.stack([-first_bad, torch.tensor(stop, dtype=torch.int64, device=first_bad.device)])
-    dist_utils.all_reduce_max(flags)
-    neg_bad, stop_any = flags.tolist()  # the host sync
-    bad = -neg_bad
-    return (bad if bad < _NO_BAD_STEP else None), int(stop_any)
-
-
-_NO_BAD_STEP = 2**62
-
-
-def _mean_over_ranks(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    vec = torch.stack([stats[k].float().reshape(()) for k in _STAT_KEYS])
-    dist_utils.all_reduce_mean(vec)
-    return dict(zip(_STAT_KEYS, vec.tolist()))
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# train()
+# the run
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: DinoConfig, loggers: MetricsLogger | None = None) -> TrainResult:
-    """Run (or resume) DINO pretraining as configured; see the module docstring. ``loggers`` replaces the loggers
-    named in ``cfg.logging.loggers`` (rank 0 only; other ranks never log)."""
-    cfg.validate()
-    if not cfg.data.source:
-        raise ConfigError("data.source must be set: a shard-set URI (with manifest.json) or an ImageFolder path")
+@dataclass
+class Run:
+    """Everything a run holds between steps: made by :func:`setup_run`, advanced by :func:`run_epoch`, ended by
+    :func:`finish`. ``(epoch, batch)`` is the data cursor, the next batch to read."""
 
-    # 1. processes and devices
-    ctx = dist_utils.init(cfg.train.device)
-    device = ctx.device
-    autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, device)
-    check_every = cfg.train.nonfinite_check_every or (1 if device.type == "cpu" else cfg.logging.log_every)
+    cfg: DinoConfig
+    ctx: dist_utils.DistContext
+    model: DINO
+    optimizer: torch.optim.Optimizer
+    grad_scaler: torch.amp.GradScaler | None
+    step_settings: StepSettings
+    schedules: Schedules
+    cadence: Cadence
+    steps_per_epoch: int
+    prepare_batch: Callable[[dict[str, Any]], list[torch.Tensor]]
+    loggers: MultiLogger
+    progress: Progress
+    watch: NonFiniteWatch
+    throughput: Throughput
+    step: int
+    epoch: int
+    batch: int
+    last_checkpoint: str | None
+    loader: Any = None  #: the loader of the cursor's epoch once built (setup_run builds the first)
+    last_metrics: dict[str, float] = field(default_factory=dict)
 
-    # 2. find the checkpoint to resume from (its cursor decides which epoch's loader comes first)
-    ckpt_uri = cfg.checkpoint.uri
-    resume_from = latest_checkpoint(ckpt_uri) if cfg.checkpoint.resume else None
-    resume_from = dist_utils.broadcast_object(resume_from)  # every rank resumes from the same file
-    # On the CPU: RNG states must stay CPU tensors; load_state_dict copies the weights to the device.
-    ckpt = read_checkpoint(resume_from, map_location="cpu") if resume_from else None
-    cursor_epoch = int(ckpt["cursor"]["epoch"]) if ckpt else 0
-    cursor_batch = int(ckpt["cursor"]["batch"]) if ckpt else 0
+    def take_loader(self) -> Any:
+        """The loader of the cursor's epoch, positioned at the cursor, built here unless setup_run already did."""
+        loader, self.loader = self.loader, None
+        return loader if loader is not None else build_train_loader(self.cfg, self.ctx, self.epoch, self.batch)
 
-    # 3. data: the loader of the cursor's epoch tells how many steps an epoch has
-    first_epoch = min(cursor_epoch, cfg.train.epochs - 1)
-    loader = build_train_loader(cfg, ctx, first_epoch, cursor_batch if first_epoch == cursor_epoch else 0)
-    steps_per_epoch = int(loader.batches_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"data.source {cfg.data.source!r} yields no full batch of {cfg.data.batch_size_per_gpu} per rank "
-            f"with {ctx.world_size} ranks"
-        )
-    global_batch = cfg.data.batch_size_per_gpu * ctx.world_size
+    def take_step(self, crops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One update at schedule index ``step``; advances the step and the cursor."""
+        # Randomness inside the step (drop-path) is a function of (seed, rank, step) rather than of everything
+        # drawn before, so a resumed run draws what the uninterrupted one drew.
+        torch.manual_seed(derive_seed(self.cfg.train.seed, "step", self.ctx.rank, self.step))
+        stats = train_step(self.model, self.optimizer, crops, epoch=self.epoch, settings=self.step_settings,
+                           grad_scaler=self.grad_scaler, **self.schedules.at(self.step))
+        self.step += 1
+        self.batch += 1
+        self.watch.observe(stats["loss"], self.step)
+        return stats
 
-    # 4. model: identical initial replicas on every rank (same seed), student in DDP when distributed
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, cfg.train.epochs).to(device)
-    if ctx.world_size > 1 and cfg.model.sync_bn:
-        model.convert_sync_batchnorm()
-    use_compile = resolve_compile(cfg.train.compile, device)
-    optimizer = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()),
-                                momentum=cfg.optim.sgd_momentum, fused=device.type == "cuda")
-    if dist_utils.is_distributed():
-        model.student = nn.parallel.DistributedDataParallel(
-            model.student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    # On CUDA or with train.compile on: the lean loss, and torch.compile of student, teacher and loss when
-    # train.compile resolves to on. Otherwise DINO.forward_backward, the reference formulation, as before.
-    fast_forward_backward = (FastForwardBackward(model, compile=use_compile, mode=cfg.train.compile_mode)
-                             if use_compile or device.type == "cuda" else None)
-    device_augment = None
-    if augment_on_device(cfg, device):
-        from dino_model.data.gpu_augment import DeviceMultiCrop
+    def agree(self, stop: StopSignals) -> bool:
+        """Agree with the other ranks: raise :class:`NonFiniteLoss` if any rank saw one; whether any rank was
+        asked to stop."""
+        bad_step, stop_any = self.watch.agree(stop.requested)
+        if bad_step is not None:
+            self.progress("error", kind="nonfinite", step=bad_step, epoch=self.epoch,
+                          last_checkpoint=self.last_checkpoint)
+            raise NonFiniteLoss(bad_step, self.epoch, self.last_checkpoint)
+        return bool(stop_any)
 
-        device_augment = DeviceMultiCrop(multicrop_config(cfg), device)
-    grad_scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    def log_step(self, stats: dict[str, torch.Tensor]) -> None:
+        """Step metrics averaged over ranks, to the loggers and as a progress line (a collective)."""
+        vec = torch.stack([stats[k].float().reshape(()) for k in STAT_KEYS])
+        metrics = dict(zip(STAT_KEYS, dist_utils.all_reduce_mean(vec).tolist()))
+        metrics.update(epoch=float(self.epoch), **self.schedules.at(self.step - 1),
+                       images_per_s=self.throughput.images_per_s(self.step))
+        if self.grad_scaler is not None:  # fp16: NaN/inf gradients mean a skipped step and a lower scale
+            metrics["grad_scale"] = float(self.grad_scaler.get_scale())
+        self.last_metrics = metrics
+        self.loggers.log(self.step, metrics)
+        self.progress("step", **{"step": self.step, "total_steps": self.schedules.total_steps, "batch": self.batch,
+                                 **metrics, "epoch": self.epoch})
 
-    def prepare_batch(batch: dict[str, Any]) -> list[torch.Tensor]:
-        """A loader batch -> the step's crops on the device (runs on the prefetch thread)."""
-        if device_augment is not None:  # decode + augment the whole batch on the device
-            return device_augment(batch["encoded"], batch["params"])
-        return [c.to(device, non_blocking=True) for c in batch["crops"]]
-
-    # 5. schedules: arrays over every step of the run, indexed by the global step
-    sched: Schedules = build_schedules(
-        epochs=cfg.train.epochs,
-        niter_per_ep=steps_per_epoch,
-        total_batch=global_batch,
-        lr=cfg.optim.lr,
-        min_lr=cfg.optim.min_lr,
-        warmup_epochs=cfg.optim.warmup_epochs,
-        weight_decay=cfg.optim.weight_decay,
-        weight_decay_end=cfg.optim.weight_decay_end,
-        momentum_teacher=cfg.optim.momentum_teacher,
-        warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
-        teacher_temp=cfg.loss.teacher_temp,
-        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs,
-    )
-    total_steps = sched.total_steps
-
-    # 6. resume
-    step = 0
-    if ckpt is not None:
-        step, cursor_epoch, cursor_batch = restore_checkpoint(ckpt, cfg, model, optimizer, grad_scaler, ctx)
-        del ckpt
-        if ctx.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, cursor_epoch,
-                     cursor_batch)
-
-    # 7. loggers (rank 0 only)
-    if ctx.is_main:
-        if loggers is None:
-            built = []
-            for spec in cfg.logging.loggers:
-                built.append(ConsoleLogger(total_steps=total_steps) if spec == "console" else build_logger(spec))
-            loggers = MultiLogger(built)
-    else:
-        loggers = MultiLogger()
-    progress = ctx.is_main and cfg.logging.progress
-
-    def emit(event: str, **fields: Any) -> None:
-        if progress:
-            emit_progress(event, **fields)
-
-    emit("start", step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs,
-         world_size=ctx.world_size, global_batch=global_batch, device=str(device),
-         precision=str(autocast_dtype or "fp32"), resumed_from=resume_from, checkpoint_uri=ckpt_uri,
-         config=cfg.to_dict())
-
-    settings = StepSettings(
-        clip_grad=cfg.optim.clip_grad,
-        clip_mode=cfg.optim.clip_mode,
-        freeze_last_layer=cfg.optim.freeze_last_layer,
-        autocast_dtype=autocast_dtype,
-    )
-    max_steps = cfg.train.max_steps
-    last_ckpt: str | None = resume_from
-    last_metrics: dict[str, float] = {}
-    first_bad = torch.tensor(_NO_BAD_STEP, dtype=torch.int64, device=device)
-    epoch = cursor_epoch
-
-    def checkpoint_now(cursor_epoch_: int, cursor_batch_: int) -> str | None:
-        """Write a checkpoint at the current step (a collective: every rank calls it; rank 0 writes)."""
-        nonlocal last_ckpt
-        rng = gather_rng_states(device)
+    def write_checkpoint(self) -> None:
+        """A checkpoint of this step and cursor (a collective: every rank calls it; rank 0 writes)."""
+        rng = gather_rng_states(self.ctx.device)
         written = None
-        if ctx.is_main:
-            state = make_checkpoint(cfg, model, optimizer, grad_scaler, step=step, cursor_epoch=cursor_epoch_,
-                                    cursor_batch=cursor_batch_, rng=rng, metrics=last_metrics)
-            written = save_checkpoint(ckpt_uri, state, keep_last=cfg.checkpoint.keep_last)
-            emit("checkpoint", step=step, epoch=cursor_epoch_, uri=written)
-            hook = getattr(loggers, "on_checkpoint", None)  # e.g. MLflow uploads it as a run artifact
-            if hook is not None:
-                hook(written, step)
+        if self.ctx.is_main:
+            state = make_checkpoint(self.model, self.optimizer, self.grad_scaler, step=self.step,
+                                    cursor=(self.epoch, self.batch), rng=rng, config=self.cfg.to_dict(),
+                                    metrics=self.last_metrics, world_size=self.ctx.world_size)
+            written = save_checkpoint(self.cfg.checkpoint.uri, state, keep_last=self.cfg.checkpoint.keep_last)
+            self.progress("checkpoint", step=self.step, epoch=self.epoch, uri=written)
+            self.loggers.on_checkpoint(written, self.step)  # e.g. MLflow uploads it as a run artifact
             log.info("checkpoint written: %s", written)
         # Nobody leaves (or lets torchrun tear the group down) before the file is complete.
         dist_utils.barrier()
-        last_ckpt = dist_utils.broadcast_object(written)
-        return last_ckpt
+        self.last_checkpoint = dist_utils.broadcast_object(written)
 
-    batches: DevicePrefetcher | None = None
+
+def setup_run(cfg: DinoConfig) -> Run:
+    """Step 1 of the module docstring: a run ready for its next step, resumed from ``checkpoint.uri`` if it holds
+    a checkpoint (and ``checkpoint.resume``)."""
+    cfg.validate()
+    if not cfg.data.source:
+        raise ConfigError("data.source must be set: a shard-set URI (with manifest.json) or an ImageFolder path")
+    ctx = dist_utils.init(cfg.train.device)
+    autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, ctx.device)
+    if ctx.is_main:
+        for removed in remove_stale_writes(cfg.checkpoint.uri):
+            log.info("removed what an interrupted checkpoint write left: %s", removed)
+    resume_from = latest_checkpoint(cfg.checkpoint.uri) if cfg.checkpoint.resume else None
+    resume_from = dist_utils.broadcast_object(resume_from)  # every rank resumes from the same file
+    # On the CPU: RNG states must stay CPU tensors; load_state_dict copies the weights to the device.
+    state = read_checkpoint(resume_from, map_location="cpu") if resume_from else None
+    step, epoch, batch = resume_cursor(state)
+
+    # The loader of the cursor's epoch tells how many steps an epoch has (a finished run builds the last epoch's).
+    first_epoch = min(epoch, cfg.train.epochs - 1)
+    loader = build_train_loader(cfg, ctx, first_epoch, batch if first_epoch == epoch else 0)
+    steps_per_epoch = int(loader.batches_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.source {cfg.data.source!r} yields no full batch of {cfg.data.batch_size_per_gpu} "
+                         f"per rank with {ctx.world_size} ranks")
+    model, optimizer = build_model_and_optimizer(cfg, ctx)
+    grad_scaler = torch.amp.GradScaler(ctx.device.type) if use_scaler else None
+    schedules = build_schedules(cfg, steps_per_epoch, ctx.world_size)
+    if state is not None:
+        restore_checkpoint(state, model, optimizer, grad_scaler, cfg, ctx)
+        del state
+        if ctx.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch)
+    loggers = build_loggers(cfg.logging.loggers) if ctx.is_main else MultiLogger()  # rank 0 logs
+    loggers.on_run_start(schedules.total_steps, cfg.train.epochs)
+    global_batch = cfg.data.batch_size_per_gpu * ctx.world_size
+    run = Run(cfg=cfg, ctx=ctx, model=model, optimizer=optimizer, grad_scaler=grad_scaler,
+              step_settings=StepSettings.from_config(cfg, autocast_dtype), schedules=schedules,
+              cadence=Cadence.from_config(cfg, schedules.total_steps, ctx.device), steps_per_epoch=steps_per_epoch,
+              prepare_batch=batch_preparer(cfg, ctx.device), loggers=loggers,
+              progress=Progress(ctx.is_main and cfg.logging.progress), watch=NonFiniteWatch(ctx.device),
+              throughput=Throughput(step, global_batch), step=step, epoch=epoch, batch=batch,
+              last_checkpoint=resume_from, loader=loader)
+    run.progress("start", step=step, total_steps=schedules.total_steps, steps_per_epoch=steps_per_epoch,
+                 epochs=cfg.train.epochs, world_size=ctx.world_size, global_batch=global_batch,
+                 device=str(ctx.device), precision=str(autocast_dtype or "fp32"), resumed_from=resume_from,
+                 checkpoint_uri=cfg.checkpoint.uri, config=cfg.to_dict())
+    return run
+
+
+def run_epoch(run: Run, stop: StopSignals) -> bool:
+    """Step 2 of the module docstring: train from the cursor to the end of its epoch, or to ``train.max_steps``,
+    or to a stop signal; returns whether a stop signal ended it (after its checkpoint)."""
+    loader = run.take_loader()
+    if int(loader.batches_per_epoch) != run.steps_per_epoch:
+        raise RuntimeError(f"epoch {run.epoch} has {loader.batches_per_epoch} batches, the first had "
+                           f"{run.steps_per_epoch}: the schedules assume a constant epoch length")
+    epoch_loss, epoch_steps, stopping = torch.zeros((), device=run.ctx.device), 0, False
+    # Batches arrive as crops on the device, prepared ahead on a side thread / CUDA stream. Leaving the block drops
+    # what was prepared ahead (a resume re-reads it from the cursor) and shuts the workers down.
+    with DevicePrefetcher(loader, run.prepare_batch, run.ctx.device, depth=run.cfg.data.prefetch_batches) as batches:
+        for crops in batches:
+            stats = run.take_step(crops)
+            epoch_loss += stats["loss"]
+            epoch_steps += 1
+            end_of_epoch = run.batch >= run.steps_per_epoch
+            # Every decision below is taken identically on all ranks: the flags are agreed at sync points.
+            if run.cadence.sync(run.step, end_of_epoch) or (stop.requested and not run.ctx.distributed):
+                stopping = run.agree(stop)
+            if run.cadence.log(run.step):
+                run.log_step(stats)
+            if end_of_epoch:
+                break  # the epoch's end below covers every reason to write a checkpoint now
+            if run.cadence.checkpoint(run.step) or stopping:
+                run.write_checkpoint()
+            if run.cadence.reached_max_steps(run.step) or stopping:
+                return stopping
+    if run.batch < run.steps_per_epoch:
+        raise RuntimeError(f"epoch {run.epoch} ended after {run.batch} of {run.steps_per_epoch} batches")
+    mean_loss = float(dist_utils.all_reduce_mean((epoch_loss / max(epoch_steps, 1)).reshape(1)).item())
+    run.progress("epoch", epoch=run.epoch, step=run.step, loss=mean_loss)
+    if run.ctx.is_main:
+        log.info("epoch %d done at step %d, mean loss %.4f", run.epoch, run.step, mean_loss)
+    finished_epoch, run.epoch, run.batch = run.epoch, run.epoch + 1, 0
+    if run.cadence.checkpoint(run.step, finished_epoch) or stopping:
+        run.write_checkpoint()
+    return stopping
+
+
+def finish(run: Run) -> TrainResult:
+    """Step 3 of the module docstring: the teachers agree across ranks; rank 0 exports the teacher backbone."""
+    status = "completed" if run.step >= run.schedules.total_steps else "max_steps"
+    replicas_identical = teacher_replicas_identical(run.model)
+    if not replicas_identical and run.ctx.is_main:
+        log.warning("teacher weights differ between ranks: the replicas drifted apart")
+    export = None
+    if run.cfg.export.enabled and run.ctx.is_main:
+        from dino_model.export import export_backbone
+
+        m = run.cfg.model
+        export = export_backbone(run.model.teacher_backbone(), run.cfg.export_uri, arch=m.arch,
+                                 patch_size=m.patch_size, img_size=m.img_size, step=run.step, epoch=run.epoch,
+                                 training_config=run.cfg.to_dict())
+        log.info("teacher backbone exported: %s", export["weights"])
+    dist_utils.barrier()
+    run.progress("end", status=status, step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint,
+                 export=export, teacher_replicas_identical=replicas_identical)
+    return TrainResult(step=run.step, epoch=run.epoch, status=status, checkpoint=run.last_checkpoint, export=export,
+                       metrics=run.last_metrics)
+
+
+def train(cfg: DinoConfig) -> TrainResult:
+    """Run (or resume) DINO pretraining as configured; see the module docstring."""
+    run = setup_run(cfg)
     try:
         with StopSignals() as stop:
-            # 8. the loop: epochs from the cursor, batches from the cursor within its epoch
-            finished = step >= total_steps or (max_steps is not None and step >= max_steps)
-            t_last, step_last = time.perf_counter(), step
-            while not finished and epoch < cfg.train.epochs:
-                if loader is None:
-                    loader = build_train_loader(cfg, ctx, epoch, 0)
-                    cursor_batch = 0
-                if int(loader.batches_per_epoch) != steps_per_epoch:
-                    raise RuntimeError(
-                        f"epoch {epoch} has {loader.batches_per_epoch} batches, the first had {steps_per_epoch}: "
-                        "the schedules assume a constant epoch length"
-                    )
-                epoch_loss = torch.zeros((), device=device)
-                epoch_steps = 0
-                batch_index = cursor_batch
-                stop_requested = reached_max = False
-                # Batches arrive as crops on the device, prepared ahead on a side thread / CUDA stream.
-                batches = DevicePrefetcher(loader, prepare_batch, device, depth=cfg.data.prefetch_batches)
-                for crops in batches:
-                    it = step  # schedule index of this update
-                    # Randomness inside the step (drop-path) is a function of (seed, rank, step) rather than of
-                    # everything drawn before, so a resumed run draws what the uninterrupted one drew.
-                    torch.manual_seed(derive_seed(cfg.train.seed, "step", ctx.rank, it))
-                    stats = train_step(
-                        model, optimizer, crops, epoch=epoch, lr=float(sched.lr[it]), wd=float(sched.wd[it]),
-                        momentum=float(sched.momentum[it]), settings=settings, grad_scaler=grad_scaler,
-                        forward_backward=fast_forward_backward,
-                    )
-                    step += 1
-                    batch_index += 1
-                    epoch_steps += 1
-                    epoch_loss += stats["loss"]
-                    # Device-side watch: remember the first step whose loss was not finite, without a sync.
-                    first_bad = torch.where(torch.isfinite(stats["loss"]), first_bad,
-                                            torch.clamp(first_bad, max=step))
-
-                    end_of_epoch = batch_index >= steps_per_epoch
-                    reached_max = max_steps is not None and step >= max_steps
-                    log_now = step % cfg.logging.log_every == 0 or step == 1 or reached_max or step == total_steps
-                    ckpt_now = cfg.checkpoint.every_n_steps > 0 and step % cfg.checkpoint.every_n_steps == 0
-                    # Every decision below is taken identically on all ranks: the flags are agreed at sync points.
-                    if (step % check_every == 0 or log_now or ckpt_now or reached_max or end_of_epoch
-                            or (stop.requested and not dist_utils.is_distributed())):
-                        bad_step, stop_any = _sync_flags(first_bad, stop.requested)
-                        if bad_step is not None:
-                            emit("error", kind="nonfinite", step=bad_step, epoch=epoch, last_checkpoint=last_ckpt)
-                            raise NonFiniteLoss(bad_step, epoch, last_ckpt)
-                        stop_requested = bool(stop_any)
-
-                    if log_now:
-                        now = time.perf_counter()
-                        metrics = _mean_over_ranks(stats)
-                        metrics.update(
-                            epoch=float(epoch),
-                            lr=float(sched.lr[it]),
-                            wd=float(sched.wd[it]),
-                            momentum=float(sched.momentum[it]),
-                            teacher_temp=float(sched.teacher_temp[epoch]),
-                            images_per_s=(step - step_last) * global_batch / max(now - t_last, 1e-9),
-                        )
-                        if grad_scaler is not None:  # fp16: NaN/inf gradients mean a skipped step and a lower scale
-                            metrics["grad_scale"] = float(grad_scaler.get_scale())
-                        t_last, step_last = now, step
-                        last_metrics = metrics
-                        loggers.log(step, metrics)
-                        emit("step", **{"step": step, "total_steps": total_steps, "batch": batch_index,
-                                        **metrics, "epoch": epoch})
-
-                    if end_of_epoch:
-                        break  # the epoch-end checkpoint below covers every reason to write one now
-                    if ckpt_now or reached_max or stop_requested:
-                        checkpoint_now(epoch, batch_index)
-                    if reached_max or stop_requested:
-                        break
-                batches.close()  # drop what was prepared ahead (a resume re-reads it from the cursor)
-                loader = batches = None  # the workers shut down before the next epoch's start
-
-                if batch_index >= steps_per_epoch:  # the epoch is complete
-                    mean_loss = dist_utils.all_reduce_mean((epoch_loss / max(epoch_steps, 1)).reshape(1))
-                    mean_loss_value = float(mean_loss.item())
-                    emit("epoch", epoch=epoch, step=step, loss=mean_loss_value)
-                    if ctx.is_main:
-                        log.info("epoch %d done at step %d, mean loss %.4f", epoch, step, mean_loss_value)
-                    if ((epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or epoch + 1 == cfg.train.epochs
-                            or reached_max or stop_requested
-                            or (cfg.checkpoint.every_n_steps > 0 and step % cfg.checkpoint.every_n_steps == 0)):
-                        checkpoint_now(epoch + 1, 0)
-                    epoch += 1
-                    cursor_batch = 0
-                if stop_requested:
-                    emit("end", status="terminated", step=step, epoch=epoch, checkpoint=last_ckpt)
-                    raise TrainingTerminated(stop.requested or int(signal.SIGTERM), step, last_ckpt)
-                if reached_max:
-                    break
-        status = "completed" if step >= total_steps else "max_steps"
-        replicas_identical = teacher_replicas_identical(model)
-        if not replicas_identical and ctx.is_main:
-            log.warning("teacher weights differ between ranks: the replicas drifted apart")
-
-        # 9. export the teacher backbone
-        export = None
-        if cfg.export.enabled and ctx.is_main:
-            from dino_model.export import export_backbone
-
-            export = export_backbone(
-                model.teacher_backbone(),
-                cfg.export.uri or f"{ckpt_uri.rstrip('/')}/export",
-                arch=cfg.model.arch,
-                patch_size=cfg.model.patch_size,
-                img_size=cfg.model.img_size,
-                step=step,
-                epoch=epoch,
-                training_config=cfg.to_dict(),
-            )
-            log.info("teacher backbone exported: %s", export["weights"])
-        dist_utils.barrier()
-        emit("end", status=status, step=step, epoch=epoch, checkpoint=last_ckpt, export=export,
-             teacher_replicas_identical=replicas_identical)
-        return TrainResult(step=step, epoch=epoch, status=status, checkpoint=last_ckpt, export=export,
-                           metrics=last_metrics)
+            while not run.cadence.done(run.step):
+                if run_epoch(run, stop):
+                    run.progress("end", status="terminated", step=run.step, epoch=run.epoch,
+                                 checkpoint=run.last_checkpoint)
+                    raise TrainingTerminated(stop.requested or int(signal.SIGTERM), run.step, run.last_checkpoint)
+        return finish(run)
     finally:
-        if batches is not None:  # left the loop by an exception: stop the prefetch thread
-            batches.close()
-        loggers.close()
+        run.loggers.close()
 
 
 # ------------------------------------------------------------------------------------------------------------------

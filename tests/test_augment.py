@@ -29,13 +29,13 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as TF
 
+from dino_model.config import CropsConfig
 from dino_model.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LUMA_WEIGHTS,
     CropParams,
     MultiCropAugmentation,
-    MultiCropConfig,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -99,13 +99,13 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=f"MultiCropConfig.{field}"):
-        MultiCropConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"crops.{field}"):
+        CropsConfig(**{field: value})
 
 
 def test_config_defaults_are_the_papers():
-    c = MultiCropConfig()
-    assert (c.global_size, c.local_size, c.n_local, c.n_crops) == (224, 96, 8, 10)
+    c = CropsConfig()
+    assert (c.global_size, c.local_size, c.n_local, c.ncrops) == (224, 96, 8, 10)
     assert c.global_scale == (0.4, 1.0) and c.local_scale == (0.05, 0.4)
     assert (c.brightness, c.contrast, c.saturation, c.hue, c.jitter_p) == (0.4, 0.4, 0.2, 0.1, 0.8)
     assert (c.blur_p_global1, c.blur_p_global2, c.blur_p_local, c.solarize_p_global2) == (1.0, 0.1, 0.5, 0.2)
@@ -115,7 +115,7 @@ def test_config_defaults_are_the_papers():
 
 
 def test_output_shapes_and_dtype():
-    aug = MultiCropAugmentation(MultiCropConfig(n_local=3, **SMALL))
+    aug = MultiCropAugmentation(CropsConfig(n_local=3, **SMALL))
     img = torch.randint(0, 256, (3, 40, 57), dtype=torch.uint8, generator=seeded(0))
     crops = aug(img, sample_generator(0, 0, "k"))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
@@ -132,7 +132,7 @@ def test_output_shapes_and_dtype():
 
 
 def test_same_seed_epoch_key_gives_identical_crops_and_others_differ():
-    aug = MultiCropAugmentation(MultiCropConfig(n_local=2, **SMALL))
+    aug = MultiCropAugmentation(CropsConfig(n_local=2, **SMALL))
     img = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=seeded(1))
     a = aug(img, sample_generator(7, 3, "train-000001-000042"))
     b = aug(img, sample_generator(7, 3, "train-000001-000042"))
@@ -169,7 +169,7 @@ def test_resized_crop_params_equal_torchvision(hw, scale):
 def test_draw_order_matches_torchvision_pipeline():
     """Crop 0's box, flip, jitter flag, jitter order and factors, and greyscale flag are exactly what torchvision's
     RandomResizedCrop / RandomHorizontalFlip / RandomApply(ColorJitter) / RandomGrayscale draw from the same seed."""
-    cfg = MultiCropConfig(n_local=0, **SMALL)
+    cfg = CropsConfig(n_local=0, **SMALL)
     aug = MultiCropAugmentation(cfg)
     img = torch.zeros(3, 60, 80, dtype=torch.uint8)
     jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)
@@ -193,7 +193,7 @@ def test_draw_order_matches_torchvision_pipeline():
 
 
 def test_parameter_ranges_and_probabilities():
-    cfg = MultiCropConfig(n_local=2, **SMALL)
+    cfg = CropsConfig(n_local=2, **SMALL)
     aug = MultiCropAugmentation(cfg)
     n_img, H, W = 2500, 90, 120
     params = [aug.sample_params(sample_generator(0, 0, f"img{i}"), H, W) for i in range(n_img)]
@@ -250,7 +250,7 @@ def test_parameter_ranges_and_probabilities():
 
 def test_resized_crop_matches_pil_bicubic(real_image):
     pil, img = real_image
-    aug = MultiCropAugmentation(MultiCropConfig(n_local=1, **SMALL))
+    aug = MultiCropAugmentation(CropsConfig(n_local=1, **SMALL))
     for s in range(6):
         for p in aug.sample_params(seeded(s), img.shape[1], img.shape[2]):
             p = CropParams(**{**p.__dict__, "size": 224 if p.size == 32 else 96})
@@ -305,7 +305,7 @@ def test_blur_matches_torchvision_and_approximates_pil(real_image, sigma):
 def test_whole_chain_matches_torchvision_pil_pipeline(real_image):
     """Same seed -> the same crop through torchvision's PIL transforms (what the reference runs) and ours."""
     pil, img = real_image
-    cfg = MultiCropConfig(global_size=96, local_size=32, n_local=0, blur_p_global1=0.0)
+    cfg = CropsConfig(global_size=96, local_size=32, n_local=0, blur_p_global1=0.0)
     aug = MultiCropAugmentation(cfg)
     reference = T.Compose([
         T.RandomResizedCrop(96, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -326,7 +326,7 @@ def test_whole_chain_matches_torchvision_pil_pipeline(real_image):
 
 def test_batched_application_equals_per_image():
     """augment_resized over a batch with per-sample parameters == one image at a time (the GPU path's contract)."""
-    cfg = MultiCropConfig(n_local=6, **SMALL)
+    cfg = CropsConfig(n_local=6, **SMALL)
     aug = MultiCropAugmentation(cfg)
     crops, params = [], []
     for i in range(12):

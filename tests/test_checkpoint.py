@@ -21,12 +21,13 @@ from dino_model.checkpoint import (
     list_checkpoints,
     load_reference_checkpoint,
     read_checkpoint,
+    remove_stale_writes,
     restore_rng_state,
     save_checkpoint,
 )
-from dino_model.config import DinoConfig
+from dino_model.config import DinoConfig, load_config
 from dino_model.meta_arch import DINO
-from dino_model.storage import open_store
+from dino_model.storage import S3Store, open_store
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,8 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_dino(out_dim: int = 64) -> DINO:
     torch.manual_seed(0)
-    return DINO.build("vit_tiny", patch_size=16, drop_path_rate=0.0, out_dim=out_dim, ncrops=4, nepochs=2,
-                      head_hidden_dim=32, head_bottleneck_dim=16)
+    return DINO.from_config(load_config(overrides=[
+        "model.arch=vit_tiny", "model.patch_size=16", "model.drop_path_rate=0.0", f"model.out_dim={out_dim}",
+        "crops.n_local=2", "model.head_hidden_dim=32", "model.head_bottleneck_dim=16"]))
 
 
 def state(step: int, **extra) -> dict:
@@ -104,6 +106,44 @@ def test_checkpoint_on_s3(s3_bucket):
     assert read_checkpoint(latest)["step"] == 3
 
 
+def test_stale_writes_removed_locally_and_nothing_else(tmp_path):
+    uri = str(tmp_path / "ckpt")
+    assert remove_stale_writes(uri) == []  # no folder yet
+    save_checkpoint(uri, state(1))
+    folder = tmp_path / "ckpt"
+    stale = [folder / ".tmp-checkpoint-000000002.pt.abc123", folder / ".tmp-checkpoint-000000003.pt.x"]
+    kept = [folder / ".tmp-other.bin.abc", folder / "checkpoint-000000002.pt.tmp", folder / "notes.txt"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    assert remove_stale_writes(uri) == [str(p) for p in stale]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([checkpoint_name(1)] + [p.name for p in kept])
+    assert remove_stale_writes(uri) == []
+
+
+def test_stale_multipart_uploads_aborted_on_s3(s3_bucket):
+    """A trainer killed during the upload of a large checkpoint leaves an incomplete multipart upload (its parts
+    stay stored); only those of checkpoint keys directly under the checkpoint URI are aborted."""
+    uri = f"{s3_bucket}/runs/r1"
+    store = S3Store(uri)
+    client, bucket = store.client, store.bucket
+
+    def start_upload(key: str) -> str:
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"part of a checkpoint")
+        return upload
+
+    start_upload("runs/r1/checkpoint-000000005.pt")
+    others = ["runs/r1/features.parquet", "runs/r1/sub/checkpoint-000000005.pt", "runs/r10/checkpoint-000000005.pt"]
+    for key in others:
+        start_upload(key)
+    save_checkpoint(uri, state(4))
+    removed = remove_stale_writes(uri)
+    assert len(removed) == 1 and removed[0].startswith(f"{uri}/checkpoint-000000005.pt (incomplete upload ")
+    left = sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    assert left == sorted(others)
+    assert [s for s, _ in list_checkpoints(uri)] == [4]
+
+
 def test_rng_round_trip_passes_weights_only(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
@@ -128,7 +168,7 @@ def test_model_and_optimizer_state_round_trip(tmp_path):
     model = tiny_dino()
     opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
     crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
-    model.forward_backward(crops, 0)
+    model.forward_backward(crops, teacher_temp=0.04)
     opt.step()
     model.dino_loss.center.add_(0.5)
     ckpt = {"step": 1, "student": model.student.state_dict(), "teacher": model.teacher.state_dict(),

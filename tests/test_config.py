@@ -82,6 +82,12 @@ def test_file_then_overrides(tmp_path):
         ("train.compile_mode=fastest", "train.compile_mode"),
         ("data.prefetch_batches=-1", "data.prefetch_batches"),
         ("nosection.x=1", "nosection"),
+        ("train.epochs=true", "train.epochs"),  # a flag is not a number
+        ("train.compile=1", "train.compile"),
+        ("crops.flip_p=1.5", "crops.flip_p"),
+        ("crops.mean=[0.5, 0.5]", "crops.mean"),
+        ("checkpoint.uri=''", "checkpoint.uri"),
+        ("model.img_size=8", "model.img_size"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -126,6 +132,20 @@ def test_dict_round_trip_is_plain_and_exact():
     torch.save({"config": d}, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True)["config"] == d
+
+
+def test_sections_built_in_code_name_the_dotted_field():
+    from dino_model.config import CropsConfig
+
+    with pytest.raises(ConfigError, match=r"crops\.n_local must be an integer >= 0, got -1"):
+        CropsConfig(n_local=-1)
+    assert CropsConfig(n_local=2).ncrops == 4
+    with pytest.raises(ConfigError, match=r"unknown config field optim\.learning_rate \(known: .*\blr\b"):
+        DinoConfig.from_dict({"optim": {"learning_rate": 1}})
+    cfg = DinoConfig()
+    cfg.optim.lr = -1.0  # assigned in code: validate() checks it
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        cfg.validate()
 
 
 def test_from_dict_validates():

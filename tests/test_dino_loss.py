@@ -1,5 +1,5 @@
-"""DINO loss against hand computations: crop pairing, centring/sharpening, centre update, temperature schedule,
-collapse indicators; the centre's all-reduce over 2 real gloo processes."""
+"""DINO loss against hand computations and the reference's pairwise formulation: crop pairing,
+centring/sharpening, centre update, collapse indicators; the centre's all-reduce over 2 real gloo processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_model.losses import DINOLoss
+from tests.reference_loss import pairwise_dino_loss
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -25,7 +26,7 @@ def test_loss_matches_explicit_pair_loop():
     s = rng.normal(size=(ncrops * B, K))
     t = rng.normal(size=(2 * B, K))
     center = rng.normal(size=(1, K)) * 0.1
-    loss_fn = DINOLoss(K, ncrops, nepochs=10)
+    loss_fn = DINOLoss(K, ncrops)
     loss_fn.center.copy_(torch.tensor(center, dtype=torch.float32))
     got = loss_fn(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), 0.05).item()
 
@@ -43,7 +44,7 @@ def test_loss_matches_explicit_pair_loop():
 
 def test_two_crops_by_hand():
     # ncrops = 2, B = 1, K = 2: only pairs (teacher 0, student 1) and (teacher 1, student 0).
-    loss_fn = DINOLoss(2, 2, nepochs=1)
+    loss_fn = DINOLoss(2, 2)
     s = torch.tensor([[0.0, 0.1], [0.2, 0.0]])      # student logits (temperature 0.1 -> [0, 1], [2, 0])
     t = torch.tensor([[0.0, 0.04], [0.0, 0.0]])     # teacher logits (temperature 0.04 -> [0, 1], [0, 0])
     q0 = [1 / (1 + math.e), math.e / (1 + math.e)]
@@ -51,7 +52,7 @@ def test_two_crops_by_hand():
     logp1 = [2 - math.log(math.e ** 2 + 1), -math.log(math.e ** 2 + 1)]
     logp0 = [-math.log(1 + math.e), 1 - math.log(1 + math.e)]
     expected = (-(q0[0] * logp1[0] + q0[1] * logp1[1]) - (q1[0] * logp0[0] + q1[1] * logp0[1])) / 2
-    assert loss_fn(s, t, 0).item() == pytest.approx(expected, rel=1e-6)
+    assert loss_fn(s, t, 0.04).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_same_view_pairs_are_skipped_gradient():
@@ -61,7 +62,7 @@ def test_same_view_pairs_are_skipped_gradient():
     torch.manual_seed(0)
     s = torch.randn(ncrops * B, K, requires_grad=True)
     t = torch.randn(2 * B, K)
-    loss_fn = DINOLoss(K, ncrops, nepochs=1)
+    loss_fn = DINOLoss(K, ncrops)
     loss_fn(s, t, 0.04).backward()
     q = torch.softmax(t / 0.04, dim=-1).chunk(2)
     p = torch.softmax(s.detach() / 0.1, dim=-1).chunk(ncrops)
@@ -75,7 +76,7 @@ def test_same_view_pairs_are_skipped_gradient():
 
 
 def test_teacher_is_detached_and_centre_is_applied():
-    loss_fn = DINOLoss(3, 2, nepochs=1)
+    loss_fn = DINOLoss(3, 2)
     t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
     s = torch.zeros(2, 3, requires_grad=True)
     loss_fn.center.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
@@ -87,7 +88,7 @@ def test_teacher_is_detached_and_centre_is_applied():
 
 
 def test_centre_update_by_hand_and_state_dict():
-    loss_fn = DINOLoss(2, 2, center_momentum=0.9, nepochs=1)
+    loss_fn = DINOLoss(2, 2, center_momentum=0.9)
     assert "center" in loss_fn.state_dict() and loss_fn.center.shape == (1, 2)
     loss_fn.update_center(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
     assert torch.allclose(loss_fn.center, torch.tensor([[0.2, 0.4]]))  # 0.9*0 + 0.1*[2, 4]
@@ -96,41 +97,42 @@ def test_centre_update_by_hand_and_state_dict():
 
 
 def test_forward_does_not_update_centre():
-    loss_fn = DINOLoss(4, 2, nepochs=1)
-    loss_fn(torch.randn(4, 4), torch.randn(4, 4), 0)
+    loss_fn = DINOLoss(4, 2)
+    loss_fn(torch.randn(4, 4), torch.randn(4, 4), 0.04)
     assert torch.count_nonzero(loss_fn.center) == 0
 
 
-def test_teacher_temperature_schedule():
-    loss_fn = DINOLoss(4, 2, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-                       nepochs=100)
-    sched = loss_fn.teacher_temp_schedule
-    assert isinstance(sched, np.ndarray) and len(sched) == 100
-    assert sched[0] == pytest.approx(0.04)
-    assert sched[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
-    assert sched[29] == pytest.approx(0.07)
-    assert np.allclose(sched[30:], 0.07)
-    assert loss_fn.teacher_temperature(29) == pytest.approx(0.07)
-    assert loss_fn.teacher_temperature(0.5) == 0.5
-    with pytest.raises(ValueError, match="epoch 100"):
-        loss_fn.teacher_temperature(100)
-    default = DINOLoss(4, 2, nepochs=5).teacher_temp_schedule
-    assert np.allclose(default, 0.04)
+@pytest.mark.parametrize("ncrops", [2, 4])
+def test_lean_loss_equals_the_pairwise_reference_values_and_gradients(ncrops):
+    g = torch.Generator().manual_seed(ncrops)
+    batch, k = 5, 300
+    crit = DINOLoss(k, ncrops)
+    crit.center.copy_(torch.randn(1, k, generator=g))
+    teacher = torch.randn(2 * batch, k, generator=g) * 3
+    s1 = (torch.randn(ncrops * batch, k, generator=g) * 3).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    ref = pairwise_dino_loss(s1, teacher, crit.center, 0.05, 0.1, ncrops)
+    ref.backward()
+    loss, stats = crit.loss_and_stats(s2, teacher, torch.tensor(0.05))
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(stats["entropy"], crit.teacher_stats(teacher, 0.05)["entropy"])
 
 
 def test_invalid_arguments_and_shapes():
     with pytest.raises(ValueError, match="ncrops"):
         DINOLoss(4, 1)
-    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs"):
-        DINOLoss(4, 2, warmup_teacher_temp_epochs=20, nepochs=10)
-    loss_fn = DINOLoss(4, 3, nepochs=1)
+    loss_fn = DINOLoss(4, 3)
     with pytest.raises(ValueError, match="student_output"):
-        loss_fn(torch.randn(4, 4), torch.randn(4, 4), 0)
+        loss_fn(torch.randn(4, 4), torch.randn(4, 4), 0.04)
+    with pytest.raises(ValueError, match="out_dim=4"):  # a head whose K is not the loss's
+        loss_fn(torch.randn(6, 5), torch.randn(4, 5), 0.04)
 
 
 def test_teacher_stats_collapse_indicators():
     K = 8
-    loss_fn = DINOLoss(K, 2, nepochs=1)
+    loss_fn = DINOLoss(K, 2)
     # Uniform collapse: every teacher output equals the centre.
     stats = loss_fn.teacher_stats(torch.zeros(4, K), 0.04)
     assert stats["entropy"].item() == pytest.approx(math.log(K), rel=1e-6)
@@ -155,7 +157,7 @@ def test_teacher_stats_collapse_indicators():
 def _centre_worker(rank: int, init_file: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        loss_fn = DINOLoss(2, 2, nepochs=1)
+        loss_fn = DINOLoss(2, 2)
         # Unequal per-rank batches: the centre uses the mean over all 3 rows of the global batch.
         local = torch.tensor([[1.0, 2.0], [3.0, 4.0]]) if rank == 0 else torch.tensor([[5.0, 9.0]])
         loss_fn.update_center(local)

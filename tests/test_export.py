@@ -12,7 +12,7 @@ import timm
 import torch
 
 from dino_model.checkpoint import save_checkpoint
-from dino_model.config import DinoConfig
+from dino_model.config import DinoConfig, load_config
 from dino_model.export import (
     BACKBONE_LOADERS,
     CONFIG_NAME,
@@ -95,8 +95,9 @@ def test_load_backbone_from_training_checkpoint(tmp_path):
     from dino_model.meta_arch import DINO
 
     torch.manual_seed(2)
-    model = DINO.build("vit_tiny", patch_size=16, drop_path_rate=0.0, out_dim=32, ncrops=2, nepochs=1,
-                       head_hidden_dim=16, head_bottleneck_dim=8)
+    model = DINO.from_config(load_config(overrides=[
+        "model.arch=vit_tiny", "model.drop_path_rate=0.0", "model.out_dim=32", "crops.n_local=0",
+        "model.head_hidden_dim=16", "model.head_bottleneck_dim=8"]))
     randomised(model.teacher)
     cfg = DinoConfig().to_dict()
     cfg["model"].update(arch="vit_tiny", out_dim=32)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import read_file
 
-from dino_model.data.augment import MultiCropAugmentation, MultiCropConfig
+from dino_model.config import CropsConfig
+from dino_model.data.augment import MultiCropAugmentation
 from dino_model.data.gpu_augment import (
     CropParamSampler,
     DeviceMultiCrop,
@@ -32,7 +33,7 @@ from dino_model.data.gpu_augment import (
 from dino_model.data.reader import build_loader, decode_image
 from dino_model.data.rng import sample_generator
 
-ONE_LEVEL = 1 / 255 / min(MultiCropConfig().std)  # one uint8 level in normalised units (~0.0175)
+ONE_LEVEL = 1 / 255 / min(CropsConfig().std)  # one uint8 level in normalised units (~0.0175)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,13 @@ def jpegs(shared_data: Path) -> list[tuple[str, torch.Tensor]]:
     return [(f.stem, read_file(str(f))) for f in files]
 
 
-def sampled(cfg: MultiCropConfig, jpegs, seed=3, epoch=1):
+def sampled(cfg: CropsConfig, jpegs, seed=3, epoch=1):
     sampler = CropParamSampler(cfg)
     return [sampler(enc, sample_generator(seed, epoch, key)) for key, enc in jpegs]
 
 
 def test_sampler_reads_header_size_and_draws_the_cpu_params(jpegs):
-    cfg = MultiCropConfig()
+    cfg = CropsConfig()
     aug = MultiCropAugmentation(cfg)
     params = sampled(cfg, jpegs)
     for (key, enc), p in zip(jpegs, params):
@@ -70,7 +71,7 @@ def test_weights_reproduce_float_antialiased_bicubic():
 
 
 def test_per_crop_mode_equals_the_worker_pipeline(jpegs):
-    cfg = MultiCropConfig(global_size=96, local_size=48, n_local=3)
+    cfg = CropsConfig(global_size=96, local_size=48, n_local=3)
     params = sampled(cfg, jpegs)
     dev = DeviceMultiCrop(cfg, "cpu", resize="per_crop")
     assert DeviceMultiCrop(cfg, "cpu").resize == "per_crop"  # "auto" on CPU
@@ -78,18 +79,18 @@ def test_per_crop_mode_equals_the_worker_pipeline(jpegs):
     aug = MultiCropAugmentation(cfg)
     for b, ((_, enc), p) in enumerate(zip(jpegs, params)):
         ref = aug.apply(decode_image(enc.numpy().tobytes()), p)
-        for k in range(cfg.n_crops):
+        for k in range(cfg.ncrops):
             # batched augment_resized == per image up to fp32 rounding (its contract in test_augment.py)
             torch.testing.assert_close(crops[k][b], ref[k], atol=1e-5, rtol=0)
 
 
 def test_matmul_mode_matches_the_worker_pipeline_within_tolerance(jpegs):
-    cfg = MultiCropConfig()  # the paper's 224 / 96 crops from ~500x375 images
+    cfg = CropsConfig()  # the paper's 224 / 96 crops from ~500x375 images
     jpegs = jpegs[:3]
     params = sampled(cfg, jpegs)
     matmul, exact = DeviceMultiCrop(cfg, "cpu", resize="matmul"), DeviceMultiCrop(cfg, "cpu", resize="per_crop")
     images = matmul.decode([enc for _, enc in jpegs])
-    for group in ([0, 1], list(range(2, cfg.n_crops))):
+    for group in ([0, 1], list(range(2, cfg.ncrops))):
         d = (matmul.resized_crops(images, params, group) - exact.resized_crops(images, params, group)).abs()
         assert d.max() <= 2 and (d > 0).float().mean() < 0.01, (d.max(), (d > 0).float().mean())
     fast, ref = matmul.crops_from_images(images, params), exact.crops_from_images(images, params)
@@ -101,7 +102,7 @@ def test_matmul_mode_matches_the_worker_pipeline_within_tolerance(jpegs):
 
 
 def test_non_jpeg_images_fall_back_to_the_cpu_decoder(jpegs):
-    cfg = MultiCropConfig(global_size=32, local_size=16, n_local=2)
+    cfg = CropsConfig(global_size=32, local_size=16, n_local=2)
     png = io.BytesIO()
     Image.new("RGB", (50, 40), (200, 30, 10)).save(png, format="PNG")
     encoded = [torch.frombuffer(bytearray(png.getvalue()), dtype=torch.uint8), jpegs[0][1]]
@@ -117,7 +118,7 @@ def test_non_jpeg_images_fall_back_to_the_cpu_decoder(jpegs):
 def test_reader_bytes_to_crops_equals_the_worker_loader(shared_data, resize):
     """Same seed/epoch/rank: the decode=False loader (params drawn in the reader) + DeviceMultiCrop gives the
     worker loader's batch — same samples in the same order, same crops (exactly, or within the matmul tolerance)."""
-    cfg = MultiCropConfig(global_size=64, local_size=32, n_local=2)
+    cfg = CropsConfig(global_size=64, local_size=32, n_local=2)
     common = dict(batch_size=4, seed=5, epoch=2, num_workers=0, epoch_length=2)
     source = str(shared_data / "imagenet-sample")
     workers = build_loader(source, transform=MultiCropAugmentation(cfg), **common)
@@ -128,7 +129,7 @@ def test_reader_bytes_to_crops_equals_the_worker_loader(shared_data, resize):
         assert batch["keys"] == ref["keys"] and batch["aug_keys"] == ref["keys"]
         assert torch.equal(batch["labels"], ref["labels"])
         crops = dev(batch["encoded"], batch["params"])
-        assert len(crops) == len(ref["crops"]) == cfg.n_crops
+        assert len(crops) == len(ref["crops"]) == cfg.ncrops
         for a, b in zip(crops, ref["crops"]):
             if resize == "per_crop":
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -141,14 +142,14 @@ def test_reader_bytes_to_crops_equals_the_worker_loader(shared_data, resize):
 def test_param_sampler_needs_undecoded_batches(shared_data):
     with pytest.raises(ValueError, match="param_sampler"):
         build_loader(str(shared_data / "imagenet-sample"), batch_size=2, transform=None, seed=0, epoch=0,
-                     decode=True, param_sampler=CropParamSampler(MultiCropConfig()))
+                     decode=True, param_sampler=CropParamSampler(CropsConfig()))
 
 
 def test_sync_free_augmentation_equals_augment_resized():
     """Every operation on every row, kept with torch.where == the same chain on the selected rows only."""
     from dino_model.data.augment import augment_resized
 
-    cfg = MultiCropConfig(global_size=40, local_size=24, n_local=6)
+    cfg = CropsConfig(global_size=40, local_size=24, n_local=6)
     aug = MultiCropAugmentation(cfg)
     g = torch.Generator().manual_seed(0)
     params, crops = [], []
@@ -163,7 +164,7 @@ def test_sync_free_augmentation_equals_augment_resized():
 
 
 def test_device_pipeline_sync_free_option_matches(jpegs):
-    cfg = MultiCropConfig(global_size=64, local_size=32, n_local=2)
+    cfg = CropsConfig(global_size=64, local_size=32, n_local=2)
     params = sampled(cfg, jpegs[:3])
     enc = [e for _, e in jpegs[:3]]
     a = DeviceMultiCrop(cfg, "cpu", sync_free=True)(enc, params)
@@ -208,7 +209,7 @@ def test_bucketed_matmul_equals_one_canvas_in_sample_order(mixed_images, options
     """Buckets change only the zero padding, so the crops equal the one-canvas resize (rare 1-level differences
     from fp32 summation order allowed) and come back at their own sample's position: each crop matches the CPU
     path's per-crop resize of the same image within the matmul tolerance."""
-    cfg = MultiCropConfig(global_size=64, local_size=32, n_local=2)
+    cfg = CropsConfig(global_size=64, local_size=32, n_local=2)
     aug = MultiCropAugmentation(cfg)
     params = [aug.sample_params(sample_generator(4, 0, f"mixed{i}"), *im.shape[-2:])
               for i, im in enumerate(mixed_images)]
@@ -295,4 +296,4 @@ def test_bucket_plan_bounds_memory_and_keeps_a_uniform_batch_whole():
 @pytest.mark.parametrize("field, value", [("max_buckets", 0), ("bucket_waste", -0.1), ("max_bucket_bytes", 0)])
 def test_bucket_options_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
-        DeviceMultiCrop(MultiCropConfig(), "cpu", **{field: value})
+        DeviceMultiCrop(CropsConfig(), "cpu", **{field: value})

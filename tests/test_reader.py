@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_model.data.augment import MultiCropAugmentation, MultiCropConfig
+from dino_model.config import CropsConfig
+from dino_model.data.augment import MultiCropAugmentation
 from dino_model.data.manifest import Manifest, ShardEntry, save_manifest
 from dino_model.data.reader import build_loader, decode_image, epoch_length, plan_epoch
 from dino_model.data.image_folder import Unit
@@ -26,7 +27,7 @@ from dino_model.storage import open_store
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 CLASSES = ["n001", "n002", "n003"]
-TINY = MultiCropConfig(global_size=32, local_size=16, n_local=2)
+TINY = CropsConfig(global_size=32, local_size=16, n_local=2)
 
 
 def jpeg(index: int, size: int = 32, grey: bool = False) -> bytes:

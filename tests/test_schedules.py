@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from dino_model.config import load_config
 from dino_model.schedules import build_schedules, cosine_schedule, teacher_temp_schedule
 
 
@@ -37,19 +38,35 @@ def test_invalid_schedule_arguments_name_the_field():
         cosine_schedule(1.0, 0.0, epochs=2, niter_per_ep=1, warmup_epochs=3)
     with pytest.raises(ValueError, match="niter_per_ep"):
         cosine_schedule(1.0, 0.0, epochs=2, niter_per_ep=0)
-    with pytest.raises(ValueError, match="total_batch"):
-        build_schedules(epochs=1, niter_per_ep=1, total_batch=0)
+    with pytest.raises(ValueError, match="niter_per_ep"):
+        build_schedules(load_config(), steps_per_epoch=0)
+    with pytest.raises(ValueError, match="world_size"):
+        build_schedules(load_config(), steps_per_epoch=1, world_size=0)
 
 
 def test_teacher_temp_schedule_warmup():
     sched = teacher_temp_schedule(0.04, 0.07, 3, 5)
     assert np.allclose(sched, [0.04, 0.055, 0.07, 0.07, 0.07])
+    # the reference recipe's 30-epoch warm-up
+    sched = teacher_temp_schedule(0.04, 0.07, 30, 100)
+    assert isinstance(sched, np.ndarray) and len(sched) == 100
+    assert sched[0] == pytest.approx(0.04)
+    assert sched[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert sched[29] == pytest.approx(0.07)
+    assert np.allclose(sched[30:], 0.07)
+    assert np.allclose(teacher_temp_schedule(0.04, 0.04, 0, 5), 0.04)
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs"):
+        teacher_temp_schedule(0.04, 0.07, 20, 10)
 
 
 def test_build_schedules_dino_defaults():
-    s = build_schedules(epochs=20, niter_per_ep=5, total_batch=512, lr=5e-4, min_lr=1e-6, warmup_epochs=10,
-                        weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
-                        warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=4)
+    cfg = load_config(overrides=[
+        "train.epochs=20", "data.batch_size_per_gpu=256", "optim.lr=5e-4", "optim.min_lr=1e-6",
+        "optim.warmup_epochs=10", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
+        "optim.momentum_teacher=0.996", "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
+        "loss.warmup_teacher_temp_epochs=4",
+    ])
+    s = build_schedules(cfg, steps_per_epoch=5, world_size=2)  # a global batch of 512
     assert s.total_steps == 100 and len(s.wd) == 100 and len(s.momentum) == 100
     # lr: 0 -> 5e-4 * 512 / 256 = 1e-3 at the end of the 50 warm-up steps, then cosine towards 1e-6
     assert s.lr[0] == 0.0
@@ -59,8 +76,10 @@ def test_build_schedules_dino_defaults():
     assert s.wd[0] == pytest.approx(0.04) and s.wd[50] == pytest.approx(0.22)
     assert s.momentum[0] == pytest.approx(0.996) and 0.996 < s.momentum[-1] < 1.0
     assert s.momentum[50] == pytest.approx(0.998)
-    # teacher temperature per epoch
-    assert len(s.teacher_temp) == 20
-    assert np.allclose(s.teacher_temp[:5], [0.04, 0.05, 0.06, 0.07, 0.07])
-    assert s.teacher_temp_at_step(4) == pytest.approx(0.04)
-    assert s.teacher_temp_at_step(5) == pytest.approx(0.05)
+    # teacher temperature: the reference's per-epoch values, each repeated for the epoch's steps
+    assert len(s.teacher_temp) == 100
+    assert np.array_equal(s.teacher_temp, np.repeat(teacher_temp_schedule(0.04, 0.07, 4, 20), 5))
+    assert np.allclose(s.teacher_temp[::5][:5], [0.04, 0.05, 0.06, 0.07, 0.07])
+    assert s.teacher_temp[4] == pytest.approx(0.04)
+    assert s.teacher_temp[5] == pytest.approx(0.05)
+    assert s.at(5) == {"lr": s.lr[5], "wd": s.wd[5], "momentum": s.momentum[5], "teacher_temp": s.teacher_temp[5]}

@@ -23,7 +23,9 @@ from PIL import Image
 from dino_model.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from dino_model.config import DinoConfig, load_config
 from dino_model.distributed import DistContext
+from dino_model.meta_arch import DINO
 from dino_model.metrics import (
+    ConsoleLogger,
     JsonlLogger,
     MultiLogger,
     build_loggers,
@@ -33,17 +35,16 @@ from dino_model.metrics import (
 )
 from dino_model.optim import build_optimizer, param_groups
 from dino_model.schedules import build_schedules
+from dino_model.step import StepSettings, train_step
 from dino_model.train import (
     EXIT_CONFIG,
     EXIT_NONFINITE,
     EXIT_TERMINATED,
+    Cadence,
     NonFiniteLoss,
-    StepSettings,
-    build_model,
     build_train_loader,
     main,
     train,
-    train_step,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +149,61 @@ def test_run_writes_metrics_progress_checkpoints_and_export(tiny_images, tmp_pat
     assert (again.status, again.step) == ("completed", 12)
 
 
+def test_start_removes_only_stale_checkpoint_temporaries(tiny_images, tmp_path, caplog):
+    """A kill during a checkpoint write leaves a temporary file; the next start removes it, logging it, and
+    leaves everything else under checkpoint.uri alone."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    stale = ckpt / ".tmp-checkpoint-000000004.pt.k2j4x9"
+    stale.write_bytes(b"half a checkpoint")
+    others = [ckpt / "notes.txt", ckpt / ".tmp-manifest.json.abc", ckpt / ".tmp-checkpoint-latest.abc",
+              ckpt / "checkpoint-000000004.pt.partial"]
+    for p in others:
+        p.write_bytes(b"not ours to remove")
+    (ckpt / "sub").mkdir()
+    nested = ckpt / "sub" / ".tmp-checkpoint-000000004.pt.abc"  # not directly under checkpoint.uri
+    nested.write_bytes(b"x")
+    caplog.set_level("INFO", logger="dino_model.train")
+    train(tiny_config(tiny_images, ckpt, **{"train.max_steps": 1, "export.enabled": False}))
+    assert not stale.exists()
+    assert all(p.read_bytes() == b"not ours to remove" for p in others) and nested.exists()
+    assert f"removed what an interrupted checkpoint write left: {stale}" in caplog.text
+
+
+def test_cadence_decides_from_the_step():
+    c = Cadence(total_steps=12, epochs=2, log_every=5, check_every=3, checkpoint_every_steps=4,
+                checkpoint_every_epochs=1, max_steps=None)
+    assert [s for s in range(1, 13) if c.log(s)] == [1, 5, 10, 12]
+    assert [s for s in range(1, 13) if c.checkpoint(s)] == [4, 8, 12]
+    assert c.checkpoint(6, finished_epoch=0) and not c.checkpoint(5)
+    assert [s for s in range(1, 13) if c.sync(s, end_of_epoch=s % 6 == 0)] == [1, 3, 4, 5, 6, 8, 9, 10, 12]
+    assert c.done(12) and not c.done(11)
+    capped = Cadence(total_steps=12, epochs=2, log_every=5, check_every=3, checkpoint_every_steps=0,
+                     checkpoint_every_epochs=2, max_steps=7)
+    assert capped.done(7) and capped.log(7) and capped.checkpoint(7)
+    assert not capped.checkpoint(6, finished_epoch=0)  # every 2 epochs: not after the first of them...
+    assert capped.checkpoint(12, finished_epoch=1)  # ...and always after the last
+
+
+def test_console_progress_line_reads_like_a_person_wrote_it():
+    import io
+
+    out = io.StringIO()
+    clock = iter([0.0, 60.0, 78.54])  # seconds when each line is printed
+    console = ConsoleLogger(stream=out, clock=lambda: next(clock))
+    console.on_run_start(total_steps=31200, epochs=100)
+    metrics = {"epoch": 0.0, "loss": 9.82134, "lr": 1.2e-4, "images_per_s": 41.3, "grad_norm": 1.5, "zeta": 2.0}
+    console.log(1, metrics)
+    console.log(11, metrics)  # 10 steps in 60 s: 31189 steps to go take 187134 s
+    console.log(312, {**metrics, "epoch": 2.0, "images_per_s": 7.25})
+    first, second, third = out.getvalue().splitlines()
+    assert first == "epoch 1/100 · step 1/31200 · 41 img/s · loss 9.8213 · lr 1.200e-04 · grad_norm 1.5000 · zeta 2.0000"
+    assert second.startswith("epoch 1/100 · step 11/31200 · 41 img/s · eta 51h58m · loss 9.8213")
+    # 311 steps in 78.54 s since the first line: 30888 to go take 7800 s
+    assert third.startswith("epoch 3/100 · step 312/31200 · 7.2 img/s · eta 2h10m · loss")
+    assert "epoch 0" not in out.getvalue()
+
+
 def test_resume_is_exact(tiny_images, tmp_path):
     """Interrupted at step 4 (mid-epoch, drop-path on) and resumed == uninterrupted, bit for bit."""
     full = train(tiny_config(tiny_images, tmp_path / "full"))
@@ -173,20 +229,14 @@ def reference_two_rank_run(cfg: DinoConfig) -> dict[str, torch.Tensor]:
     rank 1's batches (the same global batch), with the library's own model, loader, schedules and step."""
     cpu = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, cfg.train.epochs)
+    model = DINO.from_config(cfg)
     opt = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()), momentum=cfg.optim.sgd_momentum)
-    settings = StepSettings(cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.optim.freeze_last_layer, None)
+    settings = StepSettings.from_config(cfg)
     loaders = [build_train_loader(cfg, DistContext(r, 2, 0, cpu), 0) for r in (0, 1)]
-    sched = build_schedules(
-        epochs=cfg.train.epochs, niter_per_ep=loaders[0].batches_per_epoch,
-        total_batch=2 * cfg.data.batch_size_per_gpu, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-        warmup_epochs=cfg.optim.warmup_epochs, weight_decay=cfg.optim.weight_decay,
-        weight_decay_end=cfg.optim.weight_decay_end, momentum_teacher=cfg.optim.momentum_teacher,
-    )
+    sched = build_schedules(cfg, loaders[0].batches_per_epoch, world_size=2)
     for step, (b0, b1) in enumerate(zip(*loaders)):
         crops = [torch.cat([c0, c1]) for c0, c1 in zip(b0["crops"], b1["crops"])]
-        train_step(model, opt, crops, epoch=0, lr=float(sched.lr[step]), wd=float(sched.wd[step]),
-                   momentum=float(sched.momentum[step]), settings=settings)
+        train_step(model, opt, crops, epoch=0, settings=settings, **sched.at(step))
     return {"teacher": model.teacher.state_dict(), "student": model.student.state_dict(),
             "center": model.dino_loss.center}
 
@@ -223,7 +273,7 @@ def test_two_process_torchrun_matches_single_process(tiny_images, tmp_path):
     assert torch.allclose(ddp["dino_loss"]["center"], ref["center"], atol=1e-5)
     # The run actually moved the weights (the comparison is not between two initial states).
     torch.manual_seed(0)
-    init = build_model(load_config(overrides=overrides), 1).teacher.state_dict()
+    init = DINO.from_config(load_config(overrides=overrides)).teacher.state_dict()
     moved = {part: max((ddp[part][k] - init[k]).abs().max().item() for k in init) for part in ("teacher", "student")}
     print("moved", moved)
     assert moved["teacher"] > 1e-4 and moved["student"] > 1e-2

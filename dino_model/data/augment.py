@@ -25,14 +25,14 @@ every operation, these ops stay in float; greyscale/contrast/saturation use the 
 (0.299, 0.587, 0.114) as PIL does (torchvision's tensor ops use 0.2989); the blur is a true Gaussian with a kernel
 covering ±3σ (PIL approximates it with extended box blurs); hue is shifted in float HSV (PIL in 8-bit HSV).
 
-    >>> aug = MultiCropAugmentation(MultiCropConfig(global_size=128, local_size=64))
+    >>> aug = MultiCropAugmentation(CropsConfig(global_size=128, local_size=64))
     >>> crops = aug(img_uint8_chw, sample_generator(seed, epoch, key))   # list of 2 + n_local float tensors
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -40,11 +40,12 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from dino_model.config import CropsConfig
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LUMA_WEIGHTS",
-    "MultiCropConfig",
     "CropParams",
     "MultiCropAugmentation",
     "sample_resized_crop",
@@ -68,98 +69,6 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 #: Colour-jitter operation ids, in torchvision's numbering (``ColorJitter`` applies them in ``randperm(4)`` order).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
-
-
-def _check_range(name: str, lo_hi: Sequence[float], lo: float, hi: float) -> tuple[float, float]:
-    if len(lo_hi) != 2:
-        raise ValueError(f"MultiCropConfig.{name} must be a (min, max) pair, got {lo_hi!r}")
-    a, b = float(lo_hi[0]), float(lo_hi[1])
-    if not (lo <= a <= b <= hi):
-        raise ValueError(f"MultiCropConfig.{name} must satisfy {lo} <= min <= max <= {hi}, got {lo_hi!r}")
-    return a, b
-
-
-@dataclass
-class MultiCropConfig:
-    """Multi-crop settings; the defaults are the DINO paper's / reference implementation's."""
-
-    global_size: int = 224
-    """Side in pixels of the 2 global crops (the teacher sees only these)."""
-    local_size: int = 96
-    """Side in pixels of the local crops (student only)."""
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    """Area fraction of the source image covered by a global crop, sampled uniformly."""
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    """Area fraction of the source image covered by a local crop, sampled uniformly."""
-    n_local: int = 8
-    """Number of local crops (8 default; 10 in the paper's best runs; 0 disables multi-crop)."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """Aspect-ratio range (width / height) of the crop box, sampled uniformly in log space."""
-    flip_p: float = 0.5
-    """Probability of a horizontal flip, per crop."""
-    jitter_p: float = 0.8
-    """Probability of applying colour jitter, per crop."""
-    brightness: float = 0.4
-    """Colour-jitter brightness strength: factor uniform in [max(0, 1 - b), 1 + b]; 0 disables."""
-    contrast: float = 0.4
-    """Colour-jitter contrast strength: factor uniform in [max(0, 1 - c), 1 + c]; 0 disables."""
-    saturation: float = 0.2
-    """Colour-jitter saturation strength: factor uniform in [max(0, 1 - s), 1 + s]; 0 disables."""
-    hue: float = 0.1
-    """Colour-jitter hue strength: shift uniform in [-h, h] of a full turn (at most 0.5); 0 disables."""
-    grayscale_p: float = 0.2
-    """Probability of converting a crop to greyscale (3 equal channels), per crop."""
-    blur_p_global1: float = 1.0
-    """Probability of Gaussian blur on the first global crop."""
-    blur_p_global2: float = 0.1
-    """Probability of Gaussian blur on the second global crop."""
-    blur_p_local: float = 0.5
-    """Probability of Gaussian blur on each local crop."""
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Range of the blur's standard deviation in pixels, sampled uniformly; the kernel covers ±3σ."""
-    solarize_p_global2: float = 0.2
-    """Probability of solarisation on the second global crop (never on the others, as in the reference)."""
-    solarize_threshold: int = 128
-    """Pixels >= this value (on the 0–255 scale) are inverted, as PIL's ``ImageOps.solarize``."""
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
-    """Per-channel mean subtracted after augmentation (images scaled to [0, 1])."""
-    std: tuple[float, float, float] = field(default=IMAGENET_STD)
-    """Per-channel standard deviation divided out after subtracting the mean."""
-
-    def __post_init__(self) -> None:
-        for name in ("global_size", "local_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MultiCropConfig.{name} must be a positive integer, got {v!r}")
-        if isinstance(self.n_local, bool) or not isinstance(self.n_local, int) or self.n_local < 0:
-            raise ValueError(f"MultiCropConfig.n_local must be an integer >= 0, got {self.n_local!r}")
-        self.global_scale = _check_range("global_scale", self.global_scale, 1e-6, 1.0)
-        self.local_scale = _check_range("local_scale", self.local_scale, 1e-6, 1.0)
-        self.ratio = _check_range("ratio", self.ratio, 1e-6, 1e6)
-        self.blur_sigma = _check_range("blur_sigma", self.blur_sigma, 1e-6, 1e3)
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p_global1", "blur_p_global2", "blur_p_local",
-                     "solarize_p_global2"):
-            v = getattr(self, name)
-            if not (0.0 <= float(v) <= 1.0):
-                raise ValueError(f"MultiCropConfig.{name} is a probability and must be in [0, 1], got {v!r}")
-        for name in ("brightness", "contrast", "saturation"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"MultiCropConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not (0.0 <= float(self.hue) <= 0.5):
-            raise ValueError(f"MultiCropConfig.hue must be in [0, 0.5], got {self.hue!r}")
-        if not (0 <= self.solarize_threshold <= 256):
-            raise ValueError(f"MultiCropConfig.solarize_threshold must be in [0, 256], got {self.solarize_threshold!r}")
-        for name in ("mean", "std"):
-            v = tuple(float(x) for x in getattr(self, name))
-            if len(v) != 3:
-                raise ValueError(f"MultiCropConfig.{name} needs 3 values (R, G, B), got {getattr(self, name)!r}")
-            setattr(self, name, v)
-        if min(self.std) <= 0:
-            raise ValueError(f"MultiCropConfig.std must be positive, got {self.std!r}")
-
-    @property
-    def n_crops(self) -> int:
-        return 2 + self.n_local
 
 
 @dataclass(frozen=True)
@@ -501,7 +410,7 @@ assert [op for op, _, _ in _JITTER_OPS] == list(range(len(_JITTER_OPS)))
 
 
 def augment_resized(
-    crops: torch.Tensor, params: Sequence[CropParams], cfg: MultiCropConfig, *, sync_free: bool = False
+    crops: torch.Tensor, params: Sequence[CropParams], cfg: CropsConfig, *, sync_free: bool = False
 ) -> torch.Tensor:
     """Everything after the resized crop, batched: flip, colour jitter (per-image order), greyscale, blur,
     solarise, normalise. ``crops`` is [N, 3, s, s] (uint8 0–255 or float 0–1) with ``params[i]`` for crop i;
@@ -543,8 +452,8 @@ def augment_resized(
 class MultiCropAugmentation:
     """``aug(img_uint8_chw, generator) -> [global1, global2, local1, ...]`` float tensors, normalised."""
 
-    def __init__(self, cfg: MultiCropConfig | None = None):
-        self.cfg = cfg or MultiCropConfig()
+    def __init__(self, cfg: CropsConfig | None = None):
+        self.cfg = cfg or CropsConfig()
 
     def _crop_kinds(self) -> list[tuple[int, tuple[float, float], float, float]]:
         """Per crop: (size, scale, blur p, solarise p)."""

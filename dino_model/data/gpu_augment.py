@@ -41,8 +41,8 @@ difference is ~7e-5 and the largest seen 0.056. Solarisation (threshold 128) and
 percentile, not the maximum. On CUDA, nvjpeg's IDCT and chroma upsampling may differ from libjpeg-turbo's by a
 level or so too (not testable here; ``benchmarks/speed.py`` reports it).
 
-    >>> sampler = CropParamSampler(MultiCropConfig())                 # in the workers (reader param_sampler=)
-    >>> aug = DeviceMultiCrop(MultiCropConfig(), torch.device("cuda"))
+    >>> sampler = CropParamSampler(CropsConfig())                     # in the workers (reader param_sampler=)
+    >>> aug = DeviceMultiCrop(CropsConfig(), torch.device("cuda"))
     >>> crops = aug(batch["encoded"], batch["params"])               # [2 + n_local] tensors [B, 3, s, s]
 """
 
@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .augment import CropParams, MultiCropAugmentation, MultiCropConfig, augment_resized
+from ..config import CropsConfig
+from .augment import CropParams, MultiCropAugmentation, augment_resized
 
 __all__ = [
     "RESIZE_MODES",
@@ -91,7 +92,7 @@ class CropParamSampler:
     """``sampler(encoded_bytes, generator) -> list[CropParams]``: the CPU pipeline's parameter draws for one encoded
     image, without decoding it. Picklable, so it runs in data-loader workers (``build_loader(param_sampler=...)``)."""
 
-    def __init__(self, cfg: MultiCropConfig):
+    def __init__(self, cfg: CropsConfig):
         self.aug = MultiCropAugmentation(cfg)
 
     def __call__(self, data: bytes | torch.Tensor, generator: torch.Generator) -> list[CropParams]:
@@ -263,7 +264,7 @@ class DeviceMultiCrop:
     crop: the worker path's result on CPU up to < 1e-5) or ``"auto"`` (matmul on CUDA, per_crop elsewhere).
     """
 
-    def __init__(self, cfg: MultiCropConfig, device: torch.device | str, resize: str = "auto",
+    def __init__(self, cfg: CropsConfig, device: torch.device | str, resize: str = "auto",
                  sync_free: bool | None = None, max_buckets: int = 8, bucket_waste: float = 0.1,
                  max_bucket_bytes: int = 2 << 30):
         if resize not in RESIZE_MODES:
@@ -405,7 +406,7 @@ class DeviceMultiCrop:
         n_img = len(images)
         if n_img == 0 or len(params) != n_img:
             raise ValueError(f"need one params list per image, got {len(params)} for {n_img} images")
-        n_crops = self.cfg.n_crops
+        n_crops = self.cfg.ncrops
         if any(len(p) != n_crops for p in params):
             raise ValueError(f"every sample needs {n_crops} CropParams (2 global + {self.cfg.n_local} local)")
         groups = [list(range(2))] + ([list(range(2, n_crops))] if n_crops > 2 else [])

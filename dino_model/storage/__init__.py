@@ -26,7 +26,6 @@ __all__ = [
     "clean_key",
     "open_store",
     "open_object",
-    "is_remote",
 ]
 
 
@@ -66,7 +65,3 @@ def open_object(uri: str | os.PathLike) -> tuple[ObjectStore, str]:
         raise ValueError(f"object URI needs a key after the bucket: {uri!r}")
     return open_store(parent), name
 
-
-def is_remote(uri: str | os.PathLike) -> bool:
-    """Whether ``uri`` points at object storage rather than local disk."""
-    return os.fspath(uri).startswith("s3://")

@@ -63,12 +63,6 @@ class ObjectStore(abc.ABC):
         with self.open_write(key) as f:
             f.write(data)
 
-    def put_file(self, key: str, path: str) -> None:
-        """Upload a local file to ``key`` atomically."""
-        with open(path, "rb") as src, self.open_write(key) as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-
     # -- reading -------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def open_read(self, key: str) -> BinaryIO:

@@ -150,6 +150,27 @@ class S3Store(ObjectStore):
             if not isinstance(err, ObjectNotFound):
                 raise err from e
 
+    def incomplete_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
+        """(key, upload id) of every multipart upload under ``prefix`` that was started and neither completed nor
+        aborted: what a writer killed during an upload leaves (its parts stay stored, and billed, until an
+        abort)."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                    Bucket=self.bucket, Prefix=root + prefix):
+                found += [(u["Key"][len(root):], u["UploadId"]) for u in page.get("Uploads", [])]
+        except Exception as e:  # noqa: BLE001
+            raise translate_error(e, f"s3://{self.bucket}/{root}{prefix}") from e
+        return found
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort one incomplete multipart upload of ``key``, freeing its parts."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+        except Exception as e:  # noqa: BLE001
+            raise translate_error(e, self.url(key)) from e
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (used by the demo stack and tests; production buckets are
         usually made by the operator)."""
