@@ -68,8 +68,6 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
          _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
-    from dino_model.data.synthetic import make_synthetic_imagefolder
-    from dino_model.data.synthetic_video import make_synthetic_davis
     from tasks.validation import resolve_training_config
 
     overrides = DEMO_OVERRIDES + [f"train.epochs={args.epochs}"]
@@ -77,6 +75,9 @@ def run_demo(args: argparse.Namespace) -> int:
     work = Path(args.workdir).resolve()
     if work.exists() and not work.is_dir():
         raise UsageError(f"--workdir {args.workdir} is a file: give a folder (created if missing)")
+    from dino_model.data.synthetic import make_synthetic_imagefolder
+    from dino_model.data.synthetic_video import make_synthetic_davis
+
     data = work / "data"
     started = time.monotonic()
     print(f"dino demo: everything goes under {work}")
