@@ -132,7 +132,7 @@ def test_user_errors_are_never_retried():
 
 def test_reported_errors_are_dropped_from_prefect_logs_unless_debug(caplog):
     from flows.cli.prefect_session import RUN_LOGGERS, _ReportedErrors
-    from tasks.validation import PreflightError
+    from tasks.validation import PreflightError, UserInputError
 
     quiet = _ReportedErrors((PreflightError,))
     logger = logging.getLogger(RUN_LOGGERS[1])
@@ -145,6 +145,9 @@ def test_reported_errors_are_dropped_from_prefect_logs_unless_debug(caplog):
     assert not quiet.filter(record("Task run failed with exception: PreflightError(...)", err))
     assert not quiet.filter(record("Finished in state Failed('Task run encountered an exception PreflightError: "
                                    "pre-flight failed')"))
+    subclass = _ReportedErrors((UserInputError,))  # the names of its subclasses count too
+    assert not subclass.filter(record("Finished in state Failed(\"Flow run encountered an exception: "
+                                      "ModelVersionNotFound: registered model 'x' does not exist\")"))
     assert quiet.filter(record("Task run failed with exception", RuntimeError("a bug")))
     assert quiet.filter(record("Finished in state Failed('Task run encountered an exception RuntimeError: x')"))
     assert quiet.filter(record("Finished in state Completed()"))

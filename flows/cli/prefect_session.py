@@ -42,16 +42,20 @@ class _ReportedErrors(logging.Filter):
     def __init__(self, reported: tuple[type[BaseException], ...]):
         super().__init__()
         self.reported = reported
-        self.names = tuple({cls.__name__ for cls in reported})
+        self.names = tuple(sorted({c.__name__ for cls in reported for c in _with_subclasses(cls)}))
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
             return not isinstance(exc, self.reported)
-        if record.levelno >= logging.ERROR and "Finished in state Failed" in record.getMessage():
-            message = record.getMessage()
+        message = record.getMessage()
+        if "Finished in state Failed" in message:
             return not any(f"{name}:" in message or f"{name}(" in message for name in self.names)
         return True
+
+
+def _with_subclasses(cls: type) -> list[type]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in _with_subclasses(sub)]
 
 
 @contextlib.contextmanager
