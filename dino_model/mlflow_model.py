@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,10 @@ class BackboneModel(_pyfunc_base()):
     def load_context(self, context):
         self.backbone = load_backbone(context.artifacts[EXPORT_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
+    # The hints are MLflow's contract, not decoration: ``np.ndarray`` tells it the input is a tensor that it must
+    # neither convert nor infer a schema from (the logged signature says [-1, 3, -1, -1] float32); without them
+    # MLflow warns "Add type hints to the `predict` method" whenever this class is defined.
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
         if isinstance(model_input, dict):  # a named tensor input arrives as {name: array}

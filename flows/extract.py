@@ -57,7 +57,7 @@ def dino_extract(
             -m dino_model.eval.extract`` (one GPU each, ``device`` ``auto``/``cuda``/``cpu``), each over a
             contiguous range of the samples, writing ``part-r<rank>-*.parquet``.
     """
-    facts = check_extraction_input(data, classes_from)
+    facts = check_extraction_input(data, classes_from, resize_size, crop_size)  # the checks `dino extract` runs first
     metadata: dict[str, Any] = {"classes_from": classes_from or data}
     model_uri = model
     if model.startswith("models:/"):

@@ -17,6 +17,7 @@ from flows.evaluate import dino_evaluate
 from flows.pretrain import dino_pretrain
 from flows.shard import dino_shard
 from tasks.evaluation import EvaluationSettings
+from tasks.pipeline import check_pipeline
 
 
 @flow(name="dino-pipeline", log_prints=True)
@@ -51,6 +52,9 @@ def dino_pipeline(
         evaluation: evaluation settings; ``train_data``/``val_data``/``features_root`` default to the workspace's.
         resume: checkpoint policy of the training stage.
     """
+    # First task: the whole request checked (the checks `dino pipeline` runs before Prefect starts).
+    check_pipeline(train_source, val_source, workspace, preset, overrides, shard_size, nproc_per_node,
+                   registered_model, evaluation, resume)
     root = workspace.rstrip("/")
     train_shards, val_shards = f"{root}/shards/train", f"{root}/shards/val"
     dino_shard(source=train_source, destination=train_shards, name="train", shard_size=shard_size)

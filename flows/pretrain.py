@@ -82,7 +82,6 @@ def dino_pretrain(
         k8s_job_prefix: Job name prefix; the name is ``<prefix>-<flow run id[:8]>``.
     """
     run_id_prefect = str(flow_run.get_id() or "local")
-    config = resolve_training_config(data, checkpoint_uri, preset, config_file, overrides)
     kubernetes = None
     if launcher == "kubernetes":
         kubernetes = KubernetesSettings(
@@ -91,6 +90,8 @@ def dino_pretrain(
         rdzv_endpoint = kubernetes.rdzv_endpoint
     launch = LaunchSpec(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                         rdzv_id=run_id_prefect)
+    # First task: every side-effect-free check (the ones `dino pretrain` runs before Prefect starts).
+    config = resolve_training_config(data, checkpoint_uri, preset, config_file, overrides, launch, resume)
     facts = preflight(config, launch, resume, kubernetes)
     tags = {"dataset_hash": str(facts.get("dataset_hash", "imagefolder")), "data": data,
             "architecture": f"{config['model']['arch']}/{config['model']['patch_size']}"}

@@ -18,9 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from .kubernetes_job import KubernetesSettings, multinode_job, run_kubernetes_job
 from .pretrain import progress_reporter
 from .trainer_process import LaunchSpec
+from .validation import retry_unless_user_error
 
 
-@task(name="train-on-kubernetes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+@task(name="train-on-kubernetes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_user_error)
 def train_on_kubernetes(config: dict[str, Any], run_id: str, launch: LaunchSpec,
                         kubernetes: KubernetesSettings) -> dict[str, Any]:
     """Submit the multi-node training Job (``launch.nnodes`` pods, the resolved ``config`` in its ConfigMap, the

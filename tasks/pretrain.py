@@ -20,26 +20,29 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from dino_model.checkpoint import list_checkpoints
-from dino_model.config import ConfigError, DinoConfig, load_config
-from dino_model.data.manifest import MANIFEST_NAME, load_manifest
+from dino_model.config import ConfigError, DinoConfig
 from dino_model.storage import StorageError, open_store
+from tasks.validation import (
+    RESUME_POLICIES,  # noqa: F401 - re-exported: the policies dino-pretrain accepts
+    PreflightError,
+    check_pretrain_request,
+    problems_message,
+    retry_unless_user_error,
+)
+from tasks.validation.training import pretrain_problems
 
 from .kubernetes_job import KubernetesSettings
 from .kubernetes_job import preflight_problems as kubernetes_preflight
 from .listeners import Listeners
+from .registration import register_export
 from .tracking import flatten, get_or_create_experiment
 from .trainer_process import LaunchSpec, run_trainer, torchrun_command, trainer_config
 
 #: Tag on the MLflow run that ties it to the Prefect flow run, so a retried flow finds and resumes the same run.
 FLOW_RUN_TAG = "prefect.flow_run_id"
-RESUME_POLICIES = ("auto", "never", "require")
 
 #: In-process followers of the trainer's progress records (the ``dino pretrain`` progress bar): ``fn(record)``.
 trainer_progress = Listeners()
-
-
-class PreflightError(RuntimeError):
-    """One or more pre-flight checks failed; the message lists each failure."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -54,40 +57,36 @@ def resolve_training_config(
     preset: str = "reference",
     config_file: str | None = None,
     overrides: list[str] | None = None,
+    launch: LaunchSpec | None = None,
+    resume: str = "auto",
 ) -> dict[str, Any]:
     """Preset, then the config file, then the overrides, then ``data`` and ``checkpoint_uri``: the resolved,
-    validated training config as a plain dict (what is logged to MLflow and saved in every checkpoint)."""
-    overrides = list(overrides or [])
-    overrides += [f"data.source={json.dumps(data)}", f"checkpoint.uri={json.dumps(checkpoint_uri)}"]
-    try:
-        return load_config(config_file, overrides=overrides, preset=preset or None).to_dict()
-    except ConfigError as e:
-        raise PreflightError(f"invalid training config: {e}") from e
+    validated training config as a plain dict (what is logged to MLflow and saved in every checkpoint).
+
+    The flow's first task: it runs every check that needs no side effect (config, launch, resume policy, the
+    data's manifest and shards), the same ones ``dino pretrain`` runs before starting Prefect
+    (:func:`tasks.validation.check_pretrain_request`), so a bad request fails here with the same message."""
+    return check_pretrain_request(data, checkpoint_uri, preset, config_file, overrides, launch, resume)
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def preflight(config: dict[str, Any], launch: LaunchSpec, resume: str = "auto",
               kubernetes: KubernetesSettings | None = None) -> dict[str, Any]:
     """Check, before any GPU time is spent, that the config is valid, the data readable and consistent, MLflow
-    reachable and the checkpoint URI writable. Raises :class:`PreflightError` listing every failure. Returns facts
-    the flow tags the run with (dataset hash, sample count). With ``kubernetes``, the pods' GPUs replace this
-    worker's in the checks, and the launch's own requirements are checked (kubectl, addresses the pods reach)."""
+    reachable, the checkpoint URI writable (a probe write) and its checkpoints as the resume policy wants. Raises
+    :class:`PreflightError` listing every failure. Returns facts the flow tags the run with (dataset hash, sample
+    count). With ``kubernetes``, the pods' GPUs replace this worker's in the checks, and the launch's own
+    requirements are checked (kubectl, addresses the pods reach)."""
     logger = get_run_logger()
     problems: list[str] = []
     facts: dict[str, Any] = {}
 
+    # The first task's checks again (the data may have changed since), then what needs this worker or a write.
+    problems += pretrain_problems(config, launch, resume, facts)
     try:
         cfg = DinoConfig.from_dict(config)
     except ConfigError as e:
-        raise PreflightError(f"pre-flight failed:\n - config: {e}") from e
-    try:
-        launch.validate()
-    except ValueError as e:
-        problems.append(f"launch: {e}")
-    if resume not in RESUME_POLICIES:
-        problems.append(f"resume must be one of {RESUME_POLICIES}, got {resume!r}")
-
-    problems += _check_data(cfg, launch, facts)
+        raise PreflightError(problems_message("pre-flight failed", problems)) from e
     problems += _check_mlflow()
     problems += _check_checkpoints(cfg.checkpoint.uri, resume, facts)
     if kubernetes is None:
@@ -98,51 +97,9 @@ def preflight(config: dict[str, Any], launch: LaunchSpec, resume: str = "auto",
         problems += kubernetes_preflight(kubernetes, launch, cfg.data.source, cfg.checkpoint.uri,
                                          mlflow.get_tracking_uri())
     if problems:
-        raise PreflightError("pre-flight failed:\n" + "\n".join(f" - {p}" for p in problems))
+        raise PreflightError(problems_message("pre-flight failed", problems))
     logger.info("pre-flight ok: %s", ", ".join(f"{k}={v}" for k, v in facts.items()))
     return facts
-
-
-def _check_data(cfg: DinoConfig, launch: LaunchSpec, facts: dict) -> list[str]:
-    source = cfg.data.source
-    if not source:
-        return ["data: no data source given"]
-    try:
-        store = open_store(source)
-    except ValueError as e:
-        return [f"data: {e}"]
-    try:
-        has_manifest = store.exists(MANIFEST_NAME)
-    except StorageError as e:
-        return [f"data: {source} is not readable: {e}"]
-    if not has_manifest:
-        root = Path(source)
-        if root.is_dir() and any(p.is_dir() for p in root.iterdir()):
-            facts["data_kind"] = "imagefolder"
-            return []
-        return [f"data: {source} holds neither {MANIFEST_NAME} (a shard set) nor class folders (an ImageFolder)"]
-    try:
-        manifest = load_manifest(store)
-    except (ValueError, StorageError) as e:
-        return [f"data: {e}"]
-    problems = []
-    sizes = {o.key: o.size for o in store.list(manifest.name)}
-    for shard in manifest.shards:
-        if shard.name not in sizes:
-            problems.append(f"data: shard {store.url(shard.name)} listed in the manifest is missing")
-        elif sizes[shard.name] != shard.bytes:
-            problems.append(
-                f"data: shard {store.url(shard.name)} has {sizes[shard.name]} bytes, the manifest says {shard.bytes}"
-            )
-    readers = launch.nproc_per_node * launch.nnodes * max(1, cfg.data.num_workers)
-    if len(manifest.shards) < readers and not cfg.data.resampled:
-        problems.append(
-            f"data: {len(manifest.shards)} shards cannot feed {readers} readers (ranks x data.num_workers); "
-            "write smaller shards or lower data.num_workers"
-        )
-    facts.update(data_kind="shards", dataset_hash=manifest.digest(), samples=manifest.num_samples,
-                 shards=len(manifest.shards))
-    return problems
 
 
 def _check_mlflow() -> list[str]:
@@ -256,7 +213,8 @@ def progress_reporter(logger) -> tuple[Any, Callable[[dict], None]]:
     return progress_id, on_progress
 
 
-@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_user_error)
 def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, Any]:
     """Run ``torchrun -m dino_model.train`` on this worker until it finishes. A retry resumes from the latest
     checkpoint (the trainer does that by itself) and logs into the same MLflow run, skipping steps it already has.
@@ -311,29 +269,11 @@ def log_loss_curve(run_id: str) -> None:
 def register_backbone(run_id: str, export_uri: str, registered_model: str, tags: dict[str, str],
                       alias: str = "candidate") -> int:
     """Log the exported teacher backbone as an MLflow model of the run, register it as a new version of
-    ``registered_model`` with ``tags``, and point ``alias`` at it. Returns the version number."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from dino_model.export import CONFIG_NAME, WEIGHTS_NAME, load_export_config
-    from dino_model.mlflow_model import log_backbone_model
-
-    logger = get_run_logger()
-    client = MlflowClient()
-    export_cfg = load_export_config(export_uri)
-    store = open_store(export_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in (WEIGHTS_NAME, CONFIG_NAME):
-            Path(tmp, key).write_bytes(store.get_bytes(key))
-        with mlflow.start_run(run_id=run_id):
-            info = log_backbone_model(tmp, name="backbone", embed_dim=int(export_cfg["embed_dim"]),
-                                      metadata={"arch": export_cfg["arch"], "patch_size": export_cfg["patch_size"]})
-            # start_run/end_run would mark the run FINISHED; the flow sets the final status itself.
-            mlflow.end_run(status="RUNNING")
-    mv = mlflow.register_model(info.model_uri, registered_model, tags=tags)
-    client.set_registered_model_alias(registered_model, alias, mv.version)
-    logger.info("registered %s version %s with alias %r", registered_model, mv.version, alias)
-    return int(mv.version)
+    ``registered_model`` with ``tags``, and point ``alias`` at it (:func:`tasks.registration.register_export`, which
+    ``dino register`` uses too). Returns the version number."""
+    version = register_export(run_id, export_uri, registered_model, tags, alias)
+    get_run_logger().info("registered %s version %s with alias %r", registered_model, version, alias)
+    return version
 
 
 @task(name="end-mlflow-run", cache_policy=NO_CACHE)

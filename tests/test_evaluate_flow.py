@@ -336,3 +336,61 @@ def test_bf16_parity_warns_beyond_tolerance():
         EvaluationSettings(train_data="a", val_data="b", bf16_parity_tolerance=-1)
     with pytest.raises(ValueError, match="bf16_parity_val_samples must be >= 1 or None"):
         EvaluationSettings(train_data="a", val_data="b", bf16_parity_val_samples=0)
+
+
+@pytest.mark.slow
+def test_register_export_and_reference_checkpoint_then_evaluate(toy, tracking, tmp_path, capsys):
+    """``dino register`` an export folder and a facebookresearch/dino checkpoint (the same registration as
+    dino-pretrain's), then ``dino evaluate`` the registered alias with ``--resize 48 --crop none``: the k-NN of the
+    random ViT-Tiny separates the toy classes. The checkpoint's version holds the same weights as the backbone."""
+    import argparse
+
+    from dino_model.export import export_backbone, load_backbone
+    from dino_model.models import build_backbone
+    from flows.cli import main
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", patch_size=16).eval()
+    export_backbone(backbone, str(tmp_path / "export"), arch="vit_tiny", patch_size=16)
+    reference = {"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                 "args": argparse.Namespace(arch="vit_tiny", patch_size=16)}
+    torch.save(reference, tmp_path / "checkpoint.pth")
+    name = f"reg-{secrets.token_hex(3)}"
+
+    assert main(["register", str(tmp_path / "export"), "--name", name]) == 0
+    assert f"registered {name} version 1 (alias 'candidate')" in capsys.readouterr().out
+    assert main(["register", str(tmp_path / "checkpoint.pth"), "--name", name, "--alias", "reference"]) == 0
+    assert f"registered {name} version 2 (alias 'reference')" in capsys.readouterr().out
+    v2 = tracking.get_model_version_by_alias(name, "reference")
+    assert v2.tags["architecture"] == "vit_tiny/16" and v2.tags["source"] == str(tmp_path / "checkpoint.pth")
+    assert tracking.get_run(v2.tags["mlflow_run_id"]).info.status == "FINISHED"
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(load_backbone(f"models:/{name}@reference")(x), backbone(x), atol=1e-6)
+
+    rc = main(["evaluate", f"models:/{name}@candidate", "--train", toy["train"], "--val", toy["val"], "--eval", "knn",
+               "--ks", "1", "--resize", "48", "--crop", "none", "--features", str(tmp_path / "feats"),
+               "--champion-policy", "never"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "knn1_top1" in out.out and "100.0000" in out.out
+    assert "Traceback" not in out.err
+
+
+def test_crop_larger_than_the_images_warns(toy, capsys):
+    """``--resize none`` with the default 224 crop on 40-px images: most of each crop would be black padding."""
+    from flows.cli.common import print_warnings
+    from tasks.validation import EvaluationSettings, check_extraction_request, evaluation_inputs
+
+    found = check_extraction_request(toy["val"], toy["train"], None, 224)
+    assert len(found.warnings) == 1
+    assert "the first is 40x40" in found.warnings[0] and "97% black" in found.warnings[0]
+    assert "--resize 224" in found.warnings[0] and "--crop 40" in found.warnings[0]
+    print_warnings("extract", found.warnings)
+    assert capsys.readouterr().err.startswith("dino extract: warning: crop_size 224 is larger than the images")
+    assert check_extraction_request(toy["val"], None, 256, 224).warnings == []
+    assert check_extraction_request(toy["val"], None, None, 32).warnings == []
+    assert "resize_size 64 is smaller than crop_size 224" in check_extraction_request(toy["val"], None, 64,
+                                                                                        224).warnings[0]
+    settings = EvaluationSettings(train_data=toy["train"], val_data=toy["val"], resize_size=None)
+    assert "97% black" in evaluation_inputs(settings).warnings[0]

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from dino_model.data.label_map import label_map
 from dino_model.data.reader import ShardSource, decode_image
 
 
@@ -61,17 +62,9 @@ class EvalShardSet:
 
     def label_map_to(self, train_classes: Sequence[str]) -> np.ndarray:
         """``map[i]`` = index in ``train_classes`` of this set's class ``i``. Raises :class:`ValueError` listing
-        the classes of this set that ``train_classes`` lacks, or when either set is unlabelled."""
-        if not self.classes:
-            raise ValueError(f"shard set {self.uri} is unlabelled (its manifest lists no class)")
-        if not train_classes:
-            raise ValueError("the training shard set is unlabelled (its manifest lists no class)")
-        where = {c: i for i, c in enumerate(train_classes)}
-        missing = [c for c in self.classes if c not in where]
-        if missing:
-            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise ValueError(f"{len(missing)} class(es) of {self.uri} have no training samples: {shown}")
-        return np.array([where[c] for c in self.classes], dtype=np.int64)
+        the classes of this set that ``train_classes`` lacks, or when either set is unlabelled
+        (:func:`dino_model.data.label_map.label_map`)."""
+        return np.array(label_map(self.classes, train_classes, self.uri), dtype=np.int64)
 
     def rank_range(self, rank: int, world_size: int) -> tuple[int, int]:
         """Sample range ``[start, stop)`` (manifest order) of process ``rank`` out of ``world_size``: contiguous,

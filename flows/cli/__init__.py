@@ -6,12 +6,18 @@
     dino --help / dino shard --help / python -m flows.cli --help
 
 One module per subcommand: ``shard.py``, ``pretrain.py``, ``extract.py``, ``evaluate.py``, ``reevaluate.py``,
-``pipeline.py`` (``dino pipeline`` and ``dino demo``); ``evaluation_options.py`` holds the options that evaluate
-and reevaluate share; ``common.py`` the registry, :class:`~flows.cli.common.UsageError`, the progress bar and the
-embedded-MLflow setup. Each subcommand is one function registered with :func:`~flows.cli.common.command`:
-``configure(parser)`` adds its arguments and the decorated ``run(args) -> int`` executes it. Add a subcommand by
-writing those two functions in a new module and importing it below; :func:`main` needs no change. Prefect and the
-flows are imported inside ``run`` so ``dino --help`` stays fast.
+``pipeline.py`` (``dino pipeline`` and ``dino demo``), ``register.py``; ``evaluation_options.py`` holds the options
+that evaluate and reevaluate share; ``prefect_session.py`` how a command runs flows (quiet about the errors it
+reports, a clean stop of the in-process server); ``common.py`` the registry, :class:`~flows.cli.common.UsageError`,
+the progress bar and the embedded-MLflow setup. Each subcommand is one function registered with
+:func:`~flows.cli.common.command`: ``configure(parser)`` adds its arguments and the decorated ``run(args) -> int``
+executes it. Add a subcommand by writing those two functions in a new module and importing it below; :func:`main`
+needs no change.
+
+Every command checks its input before Prefect is imported (:mod:`tasks.validation`, the same checks the flows'
+first tasks run): a user error exits with status 2 and one ``dino <cmd>: error: ...`` message within about a second,
+without a traceback (``--debug`` prints it). Prefect and the flows are imported inside ``run`` so ``dino --help``
+stays fast.
 """
 
 from __future__ import annotations
@@ -19,18 +25,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Sequence
 
 # Importing a subcommand module registers its subcommands, in this order in `dino --help`.
-from . import shard, pretrain, extract, evaluate, reevaluate, pipeline  # noqa: F401, I001
-from .common import COMMANDS, UsageError
+from . import shard, pretrain, extract, evaluate, reevaluate, pipeline, register  # noqa: F401, I001
+from .common import COMMANDS, add_debug_option, is_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dino", description="DINO pretraining pipeline (Prefect flows, in-process)")
+    add_debug_option(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
-        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        sub_parser = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(sub_parser)
+        add_debug_option(sub_parser, default=argparse.SUPPRESS)  # `dino --debug CMD` and `dino CMD --debug` alike
     return parser
 
 
@@ -44,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except UsageError as e:
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug or an outage: the traceback is the useful part
+        if args.debug:
+            traceback.print_exception(e)
         print(f"dino {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,8 +6,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Callable
+
+from tasks.validation.errors import UserInputError, is_user_error
+
+__all__ = ["COMMANDS", "Command", "UsageError", "add_debug_option", "command", "is_user_error", "parse_bytes",
+           "print_mlflow_hint", "print_warnings", "size_or_none", "trainer_progress_bar", "use_embedded_mlflow"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,13 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
     return register
 
 
-class UsageError(Exception):
+class UsageError(UserInputError):
     """A bad command line or unusable input: printed as ``dino <cmd>: error: ...`` with exit status 2."""
+
+
+def add_debug_option(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, also print its traceback (and Prefect's logs of it)")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -52,7 +63,6 @@ def parse_bytes(text: str) -> int:
     if unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
     return int(float(m.group(1)) * _UNITS[unit])
-
 
 
 class trainer_progress_bar:
@@ -109,8 +119,20 @@ def print_mlflow_hint() -> None:
         print(f"browse the runs: {uri}")
 
 
-
 def size_or_none(text: str) -> int | None:
-    """``none`` or ``0`` -> None (no resize / no crop), else the integer."""
-    return None if text.lower() in ("none", "0") else int(text)
+    """``none`` or ``0`` -> None (no resize / no crop), else the positive integer."""
+    if text.lower() in ("none", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a positive number of pixels, or none)")
+    return value
 
+
+def print_warnings(command_name: str, warnings: list[str]) -> None:
+    """What the input checks found questionable but usable, on stderr before the work starts."""
+    for warning in warnings:
+        print(f"dino {command_name}: warning: {warning}", file=sys.stderr)

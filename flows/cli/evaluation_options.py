@@ -19,8 +19,11 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval", dest="evaluations", help="comma-separated: knn,linear_fast,linear,attention,davis "
                                                       "(default: knn,linear_fast with --train/--val; attention,davis "
                                                       "with --davis)")
-    g.add_argument("--resize", dest="resize_size", type=size_or_none, help="short side before the crop (256; none)")
-    g.add_argument("--crop", dest="crop_size", type=int, help="centre-crop side (224)")
+    # default=SUPPRESS: an absent option keeps the settings' default, while "none" sets the field to None.
+    g.add_argument("--resize", dest="resize_size", type=size_or_none, default=argparse.SUPPRESS,
+                   help="short side before the crop (256; none)")
+    g.add_argument("--crop", dest="crop_size", type=size_or_none, default=argparse.SUPPRESS,
+                   help="centre-crop side (224; none: the resized image whole, k-NN and linear_fast only)")
     g.add_argument("--batch-size", type=int, help="images per forward pass (64)")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="inference precision (fp32)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
@@ -39,22 +42,34 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
 
 
 _LIST_FIELDS = {"evaluations": str, "knn_ks": int, "davis_sequences": str}
+_NONE_ALLOWED = ("resize_size", "crop_size")
 
 
 def evaluation_settings(args: argparse.Namespace):
+    """The options as :class:`~tasks.validation.EvaluationSettings` (validated; no Prefect imported)."""
     import json
 
     from pydantic import ValidationError
 
-    from tasks.evaluation import EvaluationSettings
+    from tasks.validation import EvaluationSettings
+    from tasks.validation.evaluation_settings import describe_validation_error
 
     fields = {}
     for name in EvaluationSettings.model_fields:
+        if name in _NONE_ALLOWED and hasattr(args, name):
+            fields[name] = getattr(args, name)
+            continue
         value = getattr(args, name, None)
         if value is None:
             continue
-        fields[name] = [_LIST_FIELDS[name](v.strip()) for v in value.split(",") if v.strip()] \
-            if name in _LIST_FIELDS else value
+        if name in _LIST_FIELDS:
+            try:
+                fields[name] = [_LIST_FIELDS[name](v.strip()) for v in value.split(",") if v.strip()]
+            except ValueError as e:
+                raise UsageError(f"{name}: expected comma-separated {_LIST_FIELDS[name].__name__} values, got "
+                                 f"{value!r}") from e
+        else:
+            fields[name] = value
     for item in args.settings_overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in EvaluationSettings.model_fields:
@@ -67,8 +82,7 @@ def evaluation_settings(args: argparse.Namespace):
     try:
         return EvaluationSettings(**fields)
     except ValidationError as e:
-        raise UsageError("; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                                   for err in e.errors())) from e
+        raise UsageError(describe_validation_error(e)) from e
 
 
 def print_scores(result: dict) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import UsageError, command, size_or_none, use_embedded_mlflow
+from .common import UsageError, command, print_warnings, size_or_none, use_embedded_mlflow
+from .prefect_session import flow_session
 
 
 def _configure_extract(p: argparse.ArgumentParser) -> None:
@@ -31,21 +32,31 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
 
 @command("extract", "write a backbone's features of a shard set as Parquet (the dino-extract flow)", _configure_extract)
 def run_extract(args: argparse.Namespace) -> int:
+    from dino_model.storage import StorageError
+    from tasks.validation import UserInputError, check_backbone_reference, check_extraction_request
+
+    # The flow's own checks (check-extraction-input), here before Prefect starts; plus the model reference.
+    for option, value in (("--batch-size", args.batch_size), ("--n-last-blocks", args.n_last_blocks),
+                          ("--nproc-per-node", args.nproc_per_node)):
+        if value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    check_backbone_reference(args.model)
+    found = check_extraction_request(args.data, args.classes_from, args.resize, args.crop, args.output, args.device)
+    print_warnings("extract", found.warnings)
     if args.model.startswith("models:/"):
         use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     from flows.extract import dino_extract
-    from dino_model.storage import StorageError
-    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
 
-    try:
-        out = dino_extract(
-            model=args.model, data=args.data, output=args.output, split=args.split, classes_from=args.classes_from,
-            resize_size=args.resize, crop_size=args.crop, batch_size=args.batch_size,
-            n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, precision=args.precision, device=args.device,
-            nproc_per_node=args.nproc_per_node,
-        )
-    except (EvaluationInputError, ModelVersionNotFound, StorageError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
+    with flow_session(reported=(UserInputError, StorageError, FileNotFoundError), debug=args.debug):
+        try:
+            out = dino_extract(
+                model=args.model, data=args.data, output=args.output, split=args.split,
+                classes_from=args.classes_from, resize_size=args.resize, crop_size=args.crop,
+                batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
+                precision=args.precision, device=args.device, nproc_per_node=args.nproc_per_node,
+            )
+        except (StorageError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from e
     print(f"{out['num_rows']} x {out['dim']} {out['feature_kind']} features of split {out['split']!r} -> {out['uri']}"
           f" ({len(out['files'])} file(s))")
     return 0

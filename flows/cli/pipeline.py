@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .common import UsageError, command, print_mlflow_hint, trainer_progress_bar, use_embedded_mlflow
+from .prefect_session import flow_session
 
 #: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) at a
 #: size a 2-core laptop trains in a few minutes: ViT-Tiny/16 on 64-px crops, K = 4096 prototypes.
@@ -49,12 +50,11 @@ def _configure_pipeline(p: argparse.ArgumentParser) -> None:
 @command("pipeline", "shard, pretrain and evaluate in one run (the dino-pipeline flow)", _configure_pipeline)
 def run_pipeline(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
-    from tasks.evaluation import EvaluationSettings
-
-    evaluation = EvaluationSettings(davis_root=args.davis, **_workspace_paths(args.workspace),
-                                    evaluations=["knn", "linear_fast"] + (["attention", "davis"] if args.davis else []))
+    evaluation = _evaluation_settings(davis_root=args.davis, **_workspace_paths(args.workspace),
+                                      evaluations=["knn", "linear_fast"] + (["attention", "davis"] if args.davis
+                                                                            else []))
     out = _run(args.train, args.val, args.workspace, args.preset, args.overrides, args.shard_size,
-               args.nproc_per_node, args.registered_model, evaluation)
+               args.nproc_per_node, args.registered_model, evaluation, debug=args.debug)
     _report(out)
     return 0
 
@@ -68,11 +68,16 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
          _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
+    from tasks.validation import resolve_training_config
+
+    overrides = DEMO_OVERRIDES + [f"train.epochs={args.epochs}"]
+    resolve_training_config("data", "checkpoints", "reference", None, overrides)  # e.g. --epochs 0, before any work
+    work = Path(args.workdir).resolve()
+    if work.exists() and not work.is_dir():
+        raise UsageError(f"--workdir {args.workdir} is a file: give a folder (created if missing)")
     from dino_model.data.synthetic import make_synthetic_imagefolder
     from dino_model.data.synthetic_video import make_synthetic_davis
-    from tasks.evaluation import EvaluationSettings
 
-    work = Path(args.workdir).resolve()
     data = work / "data"
     started = time.monotonic()
     print(f"dino demo: everything goes under {work}")
@@ -81,16 +86,15 @@ def run_demo(args: argparse.Namespace) -> int:
         make_synthetic_imagefolder(data / "train", classes=6, per_class=30, size=64, seed=0)
         make_synthetic_davis(data / "davis", sequences=2, frames=8, seed=0)
         make_synthetic_imagefolder(data / "val", classes=6, per_class=10, size=64, seed=1)
-    evaluation = EvaluationSettings(
+    evaluation = _evaluation_settings(
         **_workspace_paths(str(work / "run")),
         evaluations=["knn", "linear_fast", "attention", "davis"],
         resize_size=None, crop_size=64, batch_size=64, knn_ks=[10, 20],
         davis_root=str(data / "davis"), davis_short_side=96, attention_size=96, attention_frame_step=1,
         experiment="dino-demo-evaluate",
     )
-    out = _run(str(data / "train"), str(data / "val"), str(work / "run"), "reference",
-               DEMO_OVERRIDES + [f"train.epochs={args.epochs}"], 30, 1, "dino-demo", evaluation,
-               experiment="dino-demo")
+    out = _run(str(data / "train"), str(data / "val"), str(work / "run"), "reference", overrides, 30, 1,
+               "dino-demo", evaluation, experiment="dino-demo", debug=args.debug)
     _report(out)
     print(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
@@ -104,23 +108,38 @@ def _workspace_paths(workspace: str) -> dict[str, str]:
     return {"train_data": f"{root}/shards/train", "val_data": f"{root}/shards/val", "features_root": f"{root}/features"}
 
 
+def _evaluation_settings(**fields):
+    from pydantic import ValidationError
+
+    from tasks.validation import EvaluationSettings
+    from tasks.validation.evaluation_settings import describe_validation_error
+
+    try:
+        return EvaluationSettings(**fields)
+    except ValidationError as e:
+        raise UsageError(describe_validation_error(e)) from e
+
+
 def _run(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation,
-         experiment="dino-pretrain") -> dict:
+         experiment="dino-pretrain", debug=False) -> dict:
+    from dino_model.storage import StorageError
+    from tasks.validation import UserInputError
+    from tasks.validation.pipeline import check_pipeline_request
+
+    # The flow's first task (check-pipeline-request), here before Prefect or MLflow start.
+    check_pipeline_request(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation)
     use_embedded_mlflow(os.path.join(os.path.abspath(workspace) if "://" not in workspace else os.getcwd(),
                                      "mlflow"))
-    from dino_model.storage import StorageError
     from flows.pipeline import dino_pipeline
-    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
-    from tasks.pretrain import PreflightError
 
     print("2/4 sharding, 3/4 pretraining (progress below), 4/4 evaluating — this takes a few minutes")
-    try:
-        with trainer_progress_bar():
+    with flow_session(reported=(UserInputError, StorageError, ValueError), debug=debug), trainer_progress_bar():
+        try:
             return dino_pipeline(train_source=train, val_source=val, workspace=workspace, preset=preset,
                                  overrides=overrides, shard_size=shard_size, nproc_per_node=nproc,
                                  experiment=experiment, registered_model=registered_model, evaluation=evaluation)
-    except (PreflightError, EvaluationInputError, ModelVersionNotFound, StorageError, ValueError) as e:
-        raise UsageError(str(e)) from e
+        except (StorageError, ValueError) as e:
+            raise UsageError(str(e)) from e
 
 
 def _report(out: dict) -> None:

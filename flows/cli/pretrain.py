@@ -9,6 +9,7 @@ import argparse
 import os
 
 from .common import UsageError, command, print_mlflow_hint, trainer_progress_bar, use_embedded_mlflow
+from .prefect_session import flow_session
 
 
 def _configure_pretrain(p: argparse.ArgumentParser) -> None:
@@ -31,26 +32,27 @@ def _configure_pretrain(p: argparse.ArgumentParser) -> None:
 
 @command("pretrain", "pretrain DINO with torchrun, tracked in MLflow (the dino-pretrain flow)", _configure_pretrain)
 def run_pretrain(args: argparse.Namespace) -> int:
+    from tasks.trainer_process import LaunchSpec
+    from tasks.validation import UserInputError, check_pretrain_request
+
+    # Every check that needs no side effect (config, presets, overrides, launch, resume, the data's manifest and
+    # shards): the flow's first task runs the same ones; here they fail before Prefect or MLflow start.
+    if args.retries < 0:
+        raise UsageError(f"--retries must be >= 0, got {args.retries}")
+    check_pretrain_request(args.data, args.checkpoints, args.preset, args.config, args.overrides,
+                           LaunchSpec(args.nproc_per_node, args.nnodes, args.rdzv_endpoint), args.resume)
     use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the progress bar is the display
     from flows.pretrain import dino_pretrain
-    from tasks.pretrain import PreflightError
 
-    with trainer_progress_bar():
-        out = _pretrain(args, dino_pretrain, PreflightError)
-    print(f"registered {out['registered_model']} version {out['version']} (alias 'candidate'); "
-          f"MLflow run {out['run_id']}; export {out['export_uri']}")
-    print_mlflow_hint()
-    return 0
-
-
-def _pretrain(args, dino_pretrain, PreflightError) -> dict:
-    try:
-        return dino_pretrain(
+    with flow_session(reported=(UserInputError,), debug=args.debug), trainer_progress_bar():
+        out = dino_pretrain(
             data=args.data, checkpoint_uri=args.checkpoints, preset=args.preset, config_file=args.config,
             overrides=args.overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
             rdzv_endpoint=args.rdzv_endpoint, experiment=args.experiment, registered_model=args.registered_model,
             resume=args.resume, train_retries=args.retries,
         )
-    except PreflightError as e:
-        raise UsageError(str(e)) from e
+    print(f"registered {out['registered_model']} version {out['version']} (alias 'candidate'); "
+          f"MLflow run {out['run_id']}; export {out['export_uri']}")
+    print_mlflow_hint()
+    return 0

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import UsageError, command, print_mlflow_hint, use_embedded_mlflow
+from .common import UsageError, command, print_mlflow_hint, print_warnings, use_embedded_mlflow
 from .evaluation_options import add_evaluation_options, evaluation_settings, print_scores
+from .prefect_session import flow_session
 
 
 def _configure_reevaluate(p: argparse.ArgumentParser) -> None:
@@ -26,18 +27,30 @@ def _configure_reevaluate(p: argparse.ArgumentParser) -> None:
 
 @command("reevaluate", "evaluate the registered versions missing a score (dino-reevaluate)", _configure_reevaluate)
 def run_reevaluate(args: argparse.Namespace) -> int:
+    from dino_model.storage import StorageError
+    from tasks.validation import UserInputError, check_evaluation_request, check_model_name
+    from tasks.validation.evaluation_settings import metric_family
+
+    # The flow's own checks, here before Prefect starts.
     settings = evaluation_settings(args)
-    versions = [int(v) for v in args.versions.split(",")] if args.versions else None
+    check_model_name(args.registered_model)
+    try:
+        versions = [int(v) for v in args.versions.split(",")] if args.versions else None
+    except ValueError as e:
+        raise UsageError(f"--versions: expected comma-separated version numbers, got {args.versions!r}") from e
+    if args.missing_metric is not None and metric_family(args.missing_metric, settings) is None:
+        raise UsageError(f"--missing {args.missing_metric}: not a metric of the evaluations {settings.selected()} "
+                         "(e.g. knn20_top1, linear_approx_best_top1, davis_jf_mean), or use --all")
+    print_warnings("reevaluate", check_evaluation_request(settings).warnings)
     use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     from flows.evaluate import dino_reevaluate
-    from dino_model.storage import StorageError
-    from tasks.evaluation import EvaluationInputError, ModelVersionNotFound
 
-    try:
-        out = dino_reevaluate(registered_model=args.registered_model, settings=settings,
-                              missing_metric=args.missing_metric, versions=versions)
-    except (EvaluationInputError, ModelVersionNotFound, StorageError, ValueError) as e:
-        raise UsageError(str(e)) from e
+    with flow_session(reported=(UserInputError, StorageError), debug=args.debug):
+        try:
+            out = dino_reevaluate(registered_model=args.registered_model, settings=settings,
+                                  missing_metric=args.missing_metric, versions=versions)
+        except StorageError as e:
+            raise UsageError(str(e)) from e
     if not out["evaluated"]:
         print(f"nothing to evaluate: every version of {args.registered_model} has "
               f"{out['missing_tag'] or 'been selected out'}")

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import asdict
 
 from .common import UsageError, command, parse_bytes
+from .prefect_session import flow_session
 
 
 def _configure_shard(p: argparse.ArgumentParser) -> None:
@@ -67,15 +69,20 @@ def run_shard(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
+    if args.parallelism < 1:
+        raise UsageError(f"--parallelism must be >= 1, got {args.parallelism}")
 
     from flows.shard import dino_shard
     from tasks.shard import add_progress_listener, remove_progress_listener
 
     add_progress_listener(on_progress)
+    session = contextlib.ExitStack()  # closed last, in `finally`: the flow's server settles once the bar is closed
+    session.enter_context(flow_session(reported=(ValueError, OSError, StorageError), debug=args.debug))
     try:
         summary = dino_shard(
             source=args.source, destination=args.destination, name=args.name, kind=args.kind, labels=args.labels,
-            meta=args.meta, classes=args.classes, classes_from=args.classes_from, shard_size=args.shard_size or None, shard_bytes=args.shard_bytes,
+            meta=args.meta, classes=args.classes, classes_from=args.classes_from, shard_size=args.shard_size or None,
+            shard_bytes=args.shard_bytes,
             seed=args.seed, quality=args.quality, max_pixels=args.max_pixels, parallelism=args.parallelism,
         )
     except (ValueError, OSError, StorageError) as e:
@@ -84,6 +91,7 @@ def run_shard(args: argparse.Namespace) -> int:
         remove_progress_listener(on_progress)
         if bar is not None:
             bar.close()
+        session.close()
     s = asdict(summary)
     print(
         f"found {s['found']} = accepted {s['accepted']} + rejected {s['rejected']} (re-encoded {s['reencoded']}); "

@@ -1,4 +1,5 @@
-"""What every stage of the evaluation tasks shares: the two input errors and the run logger."""
+"""What every stage of the evaluation tasks shares: the two input errors (from :mod:`tasks.validation.errors`)
+and the run logger."""
 
 from __future__ import annotations
 
@@ -6,13 +7,10 @@ import logging
 
 from prefect import get_run_logger
 
+# Defined with the Prefect-free checks that raise them too (the dino command runs those before Prefect starts).
+from tasks.validation.errors import EvaluationInputError, ModelVersionNotFound
 
-class EvaluationInputError(ValueError):
-    """The evaluation inputs are unusable (checked before any heavy work); the message lists every problem."""
-
-
-class ModelVersionNotFound(ValueError):
-    """The registered model, version or alias does not exist in the MLflow registry."""
+__all__ = ["EvaluationInputError", "ModelVersionNotFound", "run_logger"]
 
 
 def run_logger():

@@ -1,5 +1,7 @@
 """Pre-flight: every bad input (shard sets, classes, DAVIS sequences and masks, device, writable feature root) is
-reported before a model runs; and the evaluation-set hashes that make two scores comparable."""
+reported before a model runs; and the evaluation-set hashes that make two scores comparable. The checks that need
+no side effect are :mod:`tasks.validation.evaluation_inputs` (also run by the ``dino`` command before Prefect
+starts); the tasks add the device's presence and a probe write to the features root."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks.validation import check_extraction_request, evaluation_inputs
 
 from .common import EvaluationInputError, run_logger
 from .settings import CLASSIFICATION, VIDEO, EvaluationSettings, resolve_device
@@ -30,118 +34,81 @@ def _davis_listing(root: Path, names: list[str], frames: int | None) -> list[tup
 
 @task(name="check-evaluation-inputs", cache_policy=NO_CACHE)
 def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
-    """Open every input and check it without running a model: shard sets readable and non-empty, every val class
-    present in the training set, DAVIS sequences with frames and a first-frame mask (and, for label propagation,
-    a mask for every frame), the device present. Raises :class:`EvaluationInputError` listing every problem.
+    """Open every input and check it without running a model: shard sets readable, non-empty and complete, every
+    val class present in the training set, DAVIS sequences with frames and a first-frame mask (and, for label
+    propagation, a mask for every frame) — :func:`tasks.validation.evaluation_inputs`, the checks ``dino
+    evaluate`` runs before Prefect starts — then what needs this worker: the device present, the features root
+    writable. Raises :class:`EvaluationInputError` listing every problem; logs the warnings (e.g. a crop larger
+    than the images).
 
     Returns the facts the flow needs: the evaluation set hashes (:func:`evaluation_set_hashes`), sample counts,
     the training classes and the val -> train label map."""
-    from dino_model.eval.davis_propagation import PropagationConfig, list_sequences, load_sequence
-    from dino_model.eval.shard_source import EvalShardSet
     from dino_model.eval.transforms import EvalTransform
-    from dino_model.storage import StorageError
+    from dino_model.storage import StorageError, open_store
 
     chosen = settings.selected()
-    problems: list[str] = []
+    found = evaluation_inputs(settings)
     facts: dict[str, Any] = {"evaluations": chosen}
-    try:
-        facts["device"] = resolve_device(settings.device)
-    except EvaluationInputError as e:
-        problems.append(str(e))
-
-    if any(e in CLASSIFICATION for e in chosen):
-        sets = {}
-        for split, uri in (("train", settings.train_data), ("val", settings.val_data)):
-            try:
-                sets[split] = EvalShardSet(uri)
-            except (ValueError, StorageError, OSError) as e:
-                problems.append(f"{split}_data: {e}")
-        if len(sets) == 2:
-            train, val = sets["train"], sets["val"]
-            try:
-                if not train.classes:
-                    raise ValueError(f"training shard set {train.uri} is unlabelled: k-NN and probes need labels")
-                facts["label_map"] = val.label_map_to(train.classes).tolist()
-                facts["class_alignment"] = class_alignment(train.classes, val.classes, facts["label_map"])
-                if facts["class_alignment"]["classes.val_to_train"] == "remapped":
-                    run_logger().info("val class indices differ from train's (%s): val labels are re-mapped to "
-                                      "train's by class id", facts["class_alignment"]["classes.remapped"])
-            except ValueError as e:
-                problems.append(f"val_data: {e}")
-            facts.update(train_samples=train.num_samples, val_samples=val.num_samples,
-                         num_classes=len(train.classes))
-            transform = EvalTransform(settings.resize_size, settings.crop_size)
-            facts["classification_hash"] = _digest({
-                "train": train.digest(), "val": val.digest(), "preprocessing": transform.describe(),
-                "precision": settings.precision, "knn_temperature": settings.knn_temperature,
-                "linear": [settings.linear_n_last_blocks, settings.linear_avgpool, settings.linear_epochs,
-                           settings.linear_fast_epochs, settings.linear_batch_size, settings.linear_base_lr],
-            })
-            facts["classification_set"] = f"train={train.uri} ({train.num_samples}); val={val.uri} ({val.num_samples})"
+    if not any(p.startswith("device") for p in found.problems):
         try:
-            from dino_model.storage import open_store
-
+            facts["device"] = resolve_device(settings.device)
+        except EvaluationInputError as e:
+            found.problems.append(str(e))
+    if any(e in CLASSIFICATION for e in chosen) and not any(p.startswith("features_root") for p in found.problems):
+        try:
             open_store(settings.features_root).check_writable()
         except (ValueError, StorageError, OSError) as e:
-            problems.append(f"features_root: {settings.features_root} is not writable: {e}")
+            found.problems.append(f"features_root: {settings.features_root} is not writable: {e}")
+    found.raise_problems()
+    logger = run_logger()
+    for warning in found.warnings:
+        logger.warning(warning)
+
+    if any(e in CLASSIFICATION for e in chosen):
+        train, val = found.train, found.val
+        facts.update(label_map=found.label_map, train_samples=train.num_samples, val_samples=val.num_samples,
+                     num_classes=len(train.classes))
+        facts["class_alignment"] = class_alignment(train.classes, val.classes, found.label_map)
+        if facts["class_alignment"]["classes.val_to_train"] == "remapped":
+            logger.info("val class indices differ from train's (%s): val labels are re-mapped to train's by class id",
+                        facts["class_alignment"]["classes.remapped"])
+        transform = EvalTransform(settings.resize_size, settings.crop_size)
+        facts["classification_hash"] = _digest({
+            "train": train.manifest.digest(), "val": val.manifest.digest(), "preprocessing": transform.describe(),
+            "precision": settings.precision, "knn_temperature": settings.knn_temperature,
+            "linear": [settings.linear_n_last_blocks, settings.linear_avgpool, settings.linear_epochs,
+                       settings.linear_fast_epochs, settings.linear_batch_size, settings.linear_base_lr],
+        })
+        facts["classification_set"] = f"train={train.uri} ({train.num_samples}); val={val.uri} ({val.num_samples})"
 
     if any(e in VIDEO for e in chosen):
-        root = Path(settings.davis_root)
-        names: list[str] = []
-        try:
-            names = list(settings.davis_sequences) if settings.davis_sequences else list_sequences(root)
-            if not names:
-                raise ValueError("no DAVIS sequence to evaluate")
-        except (OSError, ValueError) as e:
-            problems.append(f"davis_root: {e}")
-        for name in names:
-            try:
-                seq = load_sequence(root, name)  # frames present and a first-frame mask, else a clear error
-            except (OSError, ValueError) as e:
-                problems.append(f"davis: {e}")
-                continue
-            if "davis" in chosen:
-                kept = seq.annotations[: settings.davis_max_frames or None]
-                missing = [f for f, a in zip(seq.frame_names, kept) if a is None]
-                if missing:
-                    problems.append(f"davis: sequence {name!r} has no ground truth for frame(s) {missing[:5]}")
-                if len(kept) < 3:
-                    problems.append(f"davis: sequence {name!r} has {len(kept)} frames; at least 3 are needed")
-        if "davis" in chosen:
-            try:
-                PropagationConfig(short_side=settings.davis_short_side, multiple=settings.davis_multiple)
-            except ValueError as e:
-                problems.append(f"davis: {e}")
-        if not any(p.startswith(("davis", "davis_root")) for p in problems):
-            frames = max(settings.davis_max_frames or 0, settings.attention_max_frames or 0) or None
-            facts["video_hash"] = _digest({
-                "files": _davis_listing(root, names, frames), "precision": settings.precision,
-                "davis": [settings.davis_max_frames, settings.davis_short_side, settings.davis_multiple],
-                "attention": [settings.attention_frame_step, settings.attention_max_frames, settings.attention_size,
-                              settings.attention_threshold],
-            })
-            facts["video_set"] = f"davis={root} ({', '.join(names)})"
-            facts["davis_sequences"] = names
-    if problems:
-        raise EvaluationInputError("evaluation inputs are unusable:\n" + "\n".join(f" - {p}" for p in problems))
-    run_logger().info("inputs ok: %s", {k: v for k, v in facts.items() if k not in ("label_map", "class_alignment")})
+        root, names = found.davis_root, [seq.name for seq in found.davis_sequences]
+        frames = max(settings.davis_max_frames or 0, settings.attention_max_frames or 0) or None
+        facts["video_hash"] = _digest({
+            "files": _davis_listing(root, names, frames), "precision": settings.precision,
+            "davis": [settings.davis_max_frames, settings.davis_short_side, settings.davis_multiple],
+            "attention": [settings.attention_frame_step, settings.attention_max_frames, settings.attention_size,
+                          settings.attention_threshold],
+        })
+        facts["video_set"] = f"davis={root} ({', '.join(names)})"
+        facts["davis_sequences"] = names
+    logger.info("inputs ok: %s", {k: v for k, v in facts.items() if k not in ("label_map", "class_alignment")})
     return facts
 
 
 @task(name="check-extraction-input", cache_policy=NO_CACHE)
-def check_extraction_input(data: str, classes_from: str | None = None) -> dict[str, Any]:
-    """Open the shard set ``data`` (readable, non-empty) and, with ``classes_from`` (the training shard set),
-    map its labels onto that set's class indices (every class must be there). Returns ``samples``,
-    ``label_map`` (or None) and ``data_digest``."""
-    from dino_model.eval.shard_source import EvalShardSet
-    from dino_model.storage import StorageError
-
-    try:
-        shards = EvalShardSet(data)
-        label_map = shards.label_map_to(EvalShardSet(classes_from).classes).tolist() if classes_from else None
-    except (ValueError, StorageError, OSError) as e:
-        raise EvaluationInputError(f"extraction input is unusable: {e}") from e
-    return {"samples": shards.num_samples, "label_map": label_map, "data_digest": shards.digest()}
+def check_extraction_input(data: str, classes_from: str | None = None, resize_size: int | None = None,
+                           crop_size: int | None = None) -> dict[str, Any]:
+    """Open the shard set ``data`` (readable, non-empty, complete) and, with ``classes_from`` (the training shard
+    set), map its labels onto that set's class indices (every class must be there): the checks of
+    :func:`tasks.validation.extraction_inputs`, which ``dino extract`` runs before Prefect starts. Logs a warning
+    when the centre crop is larger than the images. Returns ``samples``, ``label_map`` (or None) and
+    ``data_digest``."""
+    found = check_extraction_request(data, classes_from, resize_size, crop_size)
+    logger = run_logger()
+    for warning in found.warnings:
+        logger.warning(warning)
+    return {"samples": found.val.num_samples, "label_map": found.label_map, "data_digest": found.val.manifest.digest()}
 
 
 def class_alignment(train_classes: list[str], val_classes: list[str], label_map: list[int]) -> dict[str, str]:

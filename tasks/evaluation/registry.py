@@ -9,17 +9,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.validation.models import parse_model_uri
+
 from .common import ModelVersionNotFound, run_logger
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))/?$")
-
-
-def parse_model_uri(model: str) -> tuple[str, str | None, str | None]:
-    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> (name, version, alias)."""
-    m = _MODEL_URI.match(model or "")
-    if not m:
-        raise ModelVersionNotFound(f"model must be models:/<name>/<version> or models:/<name>@<alias>, got {model!r}")
-    return m.group("name"), m.group("version"), m.group("alias")
+__all__ = ["find_versions_to_evaluate", "logged_model_id", "parse_model_uri", "resolve_model_version"]
 
 
 def logged_model_id(mv) -> str | None:

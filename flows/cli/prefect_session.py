@@ -1,0 +1,117 @@
+"""How a ``dino`` command runs its flows on Prefect: :func:`flow_session` around the flow calls.
+
+Two things it takes care of:
+
+**No traceback for an error the command reports itself.** When a flow fails on bad input (a model version that
+does not exist, a checkpoint folder that ``--resume require`` finds empty...), Prefect logs the exception with its
+traceback from the task run and again from the flow run, then the command prints the same message as
+``dino <cmd>: error: ...``. Unless ``--debug``, those Prefect records are dropped for the exception types the
+command reports (and only for them): everything else Prefect logs is shown as usual.
+
+**A clean shutdown of the in-process server.** Without ``PREFECT_API_URL``, Prefect starts a temporary API server
+(a ``uvicorn`` subprocess on 127.0.0.1) on first use and stops it with SIGTERM from an ``atexit`` hook, right after
+the client has sent its last events. The server's task-run recorder (``prefect.server.services.task_run_recorder``)
+may still be writing those events to its sqlite database: uvicorn's shutdown cancels the write, and the recorder
+logs ``Error flushing N events`` with an ``asyncio.CancelledError`` traceback through sqlalchemy/aiosqlite, on the
+command's stderr, although the command succeeded (the events are re-queued and written by the recorder's final
+flush: nothing is lost). It happens when the machine is busy and the recorder lags behind (1 run in 4 of
+``dino shard`` with a 2-core machine fully loaded). The cause is the order of the shutdown, so the fix is the
+order: when the flows return, :func:`settle_ephemeral_server` delivers the client's pending events and logs, then
+waits until the server has recorded a final state for every task run of the flows this command ran, and only then
+lets the process exit (and Prefect stop the server, with nothing left in flight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Iterator
+
+#: Prefect's loggers of flow and task runs: where the engines log a run's exception with its traceback.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+_FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+_UNFINISHED_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
+
+
+class _ReportedErrors(logging.Filter):
+    """Drops Prefect run-log records about an exception the command reports itself: records carrying it
+    (``exc_info``), and the engines' ``Finished in state Failed(...)`` summaries that name it."""
+
+    def __init__(self, reported: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.reported = reported
+        self.names = tuple(sorted({c.__name__ for cls in reported for c in _with_subclasses(cls)}))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return not isinstance(exc, self.reported)
+        message = record.getMessage()
+        if "Finished in state Failed" in message:
+            return not any(f"{name}:" in message or f"{name}(" in message for name in self.names)
+        return True
+
+
+def _with_subclasses(cls: type) -> list[type]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in _with_subclasses(sub)]
+
+
+@contextlib.contextmanager
+def flow_session(reported: tuple[type[BaseException], ...] = (), debug: bool = False) -> Iterator[None]:
+    """Run flows inside: Prefect's logs of the ``reported`` exceptions are dropped (unless ``debug``), and on the
+    way out the in-process server is left with nothing in flight (:func:`settle_ephemeral_server`)."""
+    started = datetime.now(timezone.utc)
+    quiet = _ReportedErrors(reported) if reported and not debug else None
+    loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    for logger in loggers if quiet else ():
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        try:
+            settle_ephemeral_server(started)
+        finally:
+            for logger in loggers if quiet else ():
+                logger.removeFilter(quiet)
+
+
+def settle_ephemeral_server(since: datetime, timeout: float = 30.0) -> bool:
+    """When this process uses Prefect's in-process server: send the client's pending events and logs, then wait
+    (at most ``timeout`` seconds) until the server has recorded every task run of the flow runs that started at or
+    after ``since`` and have finished, each in a final state, with the count unchanged between two looks (a task
+    run whose first event is still queued is not in the database yet). Returns whether it settled; with a
+    server of one's own (``PREFECT_API_URL``) there is nothing to wait for."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return True
+    from prefect.server.api.server import SubprocessASGIServer
+
+    if not SubprocessASGIServer().running:
+        return True
+    from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    deadline = time.monotonic() + timeout
+    EventsWorker.drain_all(timeout=timeout)
+    APILogWorker.drain_all(timeout=max(1.0, deadline - time.monotonic()))
+    ours = {"start_time": {"after_": since.isoformat()}, "state": {"type": {"any_": list(_FINAL_STATES)}}}
+    previous = None
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            total = _count_task_runs(client, ours)
+            unfinished = _count_task_runs(client, ours, {"state": {"type": {"any_": list(_UNFINISHED_STATES)}}})
+            if unfinished == 0 and total == previous:
+                return True
+            previous = total if unfinished == 0 else None
+            time.sleep(0.25)
+    return False
+
+
+def _count_task_runs(client, flow_runs: dict, task_runs: dict | None = None) -> int:
+    response = client.request("POST", "/task_runs/count", json={"flow_runs": flow_runs, "task_runs": task_runs})
+    response.raise_for_status()
+    return int(response.json())

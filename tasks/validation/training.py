@@ -1,0 +1,135 @@
+"""A ``dino-pretrain`` request checked without a side effect: the resolved training config (preset, config file,
+overrides), the launch (processes, nodes, rendezvous), the resume policy, the checkpoint URI's syntax, and the data
+(a shard set's manifest and shards, or an ImageFolder).
+
+What needs the worker or a write stays in the ``preflight`` task (:mod:`tasks.pretrain`): MLflow reachable, the
+checkpoint URI writable and its existing checkpoints against the resume policy, GPUs present, Kubernetes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from dino_model.config import ConfigError, DinoConfig, load_config
+from dino_model.data.manifest import MANIFEST_NAME
+from dino_model.storage import LocalStore, StorageError, open_store
+from tasks.trainer_process import LaunchSpec
+
+from .errors import PreflightError, problems_message
+from .shard_sets import open_shard_set, shard_problems
+
+RESUME_POLICIES = ("auto", "never", "require")
+
+
+def resolve_training_config(
+    data: str,
+    checkpoint_uri: str,
+    preset: str | None = "reference",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Preset, then the config file, then the overrides, then ``data`` and ``checkpoint_uri``: the resolved,
+    validated training config as a plain dict (what is logged to MLflow and saved in every checkpoint). Raises
+    :class:`PreflightError` naming the bad field (and the closest real one for an unknown field)."""
+    overrides = list(overrides or [])
+    overrides += [f"data.source={json.dumps(data)}", f"checkpoint.uri={json.dumps(checkpoint_uri)}"]
+    try:
+        return load_config(config_file, overrides=overrides, preset=preset or None).to_dict()
+    except ConfigError as e:
+        raise PreflightError(f"invalid training config: {_with_suggestion(str(e))}") from e
+
+
+def _with_suggestion(message: str) -> str:
+    """An "unknown field a.b" message with the closest real fields (a typo like optim.lrr is the usual cause)."""
+    m = re.search(r"unknown (?:field|section) ([\w.]+)", message)
+    if not m:
+        return message
+    fields = [f"{section}.{name}" for section, values in DinoConfig().to_dict().items() if isinstance(values, dict)
+              for name in values]
+    close = difflib.get_close_matches(m.group(1), fields, n=3, cutoff=0.6)
+    if close:
+        options = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+        return f"{message} (did you mean {options}?)"
+    return f"{message} (every field is listed, with its meaning, in dino_model/config.py)"
+
+
+def pretrain_problems(config: dict[str, Any], launch: LaunchSpec, resume: str, facts: dict[str, Any]) -> list[str]:
+    """Every problem of a pretraining request found without a side effect, each naming its field; ``facts``
+    receives what the data check learnt (``data_kind``, ``dataset_hash``, ``samples``, ``shards``)."""
+    try:
+        cfg = DinoConfig.from_dict(config)
+    except ConfigError as e:
+        return [f"config: {_with_suggestion(str(e))}"]
+    problems = []
+    try:
+        launch.validate()
+    except ValueError as e:
+        problems.append(f"launch: {e}")
+    if resume not in RESUME_POLICIES:
+        problems.append(f"resume must be one of {', '.join(RESUME_POLICIES)}, got {resume!r}")
+    try:
+        open_store(cfg.checkpoint.uri)
+    except ValueError as e:
+        problems.append(f"checkpoint: {e}")
+    return problems + data_problems(cfg, launch, facts)
+
+
+def data_problems(cfg: DinoConfig, launch: LaunchSpec, facts: dict[str, Any]) -> list[str]:
+    """``data.source`` is a shard set (manifest readable, every shard present at its size, enough shards for the
+    readers) or an ImageFolder; fills ``facts``."""
+    source = cfg.data.source
+    if not source:
+        return ["data: no data source given"]
+    try:
+        store = open_store(source)
+        has_manifest = store.exists(MANIFEST_NAME)
+    except ValueError as e:
+        return [f"data: {e}"]
+    except StorageError as e:
+        return [f"data: {source} is not readable: {e}"]
+    if not has_manifest:
+        if isinstance(store, LocalStore):
+            root = Path(store.root)
+            if not root.exists():
+                return [f"data: {source} does not exist: give a shard set written by `dino shard` (a folder or "
+                        f"s3:// prefix with {MANIFEST_NAME}) or an ImageFolder (root/<class>/*.jpg)"]
+            if root.is_dir() and any(p.is_dir() for p in root.iterdir()):
+                facts["data_kind"] = "imagefolder"
+                return []
+        return [f"data: {source} holds neither {MANIFEST_NAME} (a shard set) nor class folders (an ImageFolder)"]
+    try:
+        shards = open_shard_set(source)
+    except (ValueError, StorageError) as e:
+        return [f"data: {e}"]
+    problems = [f"data: {p}" for p in shard_problems(shards)]
+    readers = launch.nproc_per_node * launch.nnodes * max(1, cfg.data.num_workers)
+    if len(shards.manifest.shards) < readers and not cfg.data.resampled:
+        problems.append(
+            f"data: {len(shards.manifest.shards)} shards cannot feed {readers} readers (ranks x data.num_workers); "
+            "write smaller shards or lower data.num_workers"
+        )
+    facts.update(data_kind="shards", dataset_hash=shards.manifest.digest(), samples=shards.num_samples,
+                 shards=len(shards.manifest.shards))
+    return problems
+
+
+def check_pretrain_request(
+    data: str,
+    checkpoint_uri: str,
+    preset: str | None = "reference",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    launch: LaunchSpec | None = None,
+    resume: str = "auto",
+) -> dict[str, Any]:
+    """The resolved config of a pretraining request whose every side-effect-free check passed; raises
+    :class:`PreflightError` listing each problem otherwise."""
+    config = resolve_training_config(data, checkpoint_uri, preset, config_file, overrides)
+    problems = pretrain_problems(config, launch or LaunchSpec(), resume, {})
+    if problems:
+        raise PreflightError(problems_message("pre-flight failed", problems))
+    return config

@@ -1,0 +1,171 @@
+"""User errors of every ``dino`` command: exit status 2 with one ``dino <cmd>: error: ...`` message naming the field
+and the fix, no traceback (``--debug`` prints it), Prefect never imported, nothing created, and quickly.
+
+Each case runs the real command in a fresh interpreter, as a user would. The wall time is asserted loosely
+(< 15 s: the checks take about a second on a quiet 2-core machine, see docs/benchmarks.md); what the test really
+pins is that Prefect was not imported, i.e. the error came from the checks that run before it starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_model.data.shard_writer import ShardOptions, write_dataset
+from dino_model.data.sources import SourceSpec, scan_source
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Runs `dino ARGS...` and then reports whether Prefect (or torch) was imported on the way to the exit status.
+RUN_DINO = (
+    "import sys\n"
+    "from flows.cli import main\n"
+    "try:\n"
+    "    rc = main(sys.argv[1:])\n"
+    "except SystemExit as e:  # argparse's own errors\n"
+    "    rc = e.code\n"
+    "print('imported: prefect=%s torch=%s' % ('prefect' in sys.modules, 'torch' in sys.modules))\n"
+    "sys.exit(rc)\n"
+)
+LOOSE_LIMIT_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """A valid 4-class shard set of 40-px images (the inputs a case does not break)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / f"class{c}").mkdir()
+        for i in range(4):
+            img = rng.integers(0, 255, (40, 40, 3)).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
+    dest = tmp_path_factory.mktemp("shards")
+    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name="s", shard_size=4))
+    return str(dest)
+
+
+def dino(args: list[str], cwd: Path) -> tuple[int, str, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", RUN_DINO, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=300)
+    return out.returncode, out.stdout, out.stderr, time.monotonic() - started
+
+
+def assert_user_error(args: list[str], cwd: Path, *expected: str) -> float:
+    """The command fails as a user error: status 2, one ``dino <cmd>: error:`` message, no traceback, neither
+    Prefect nor torch imported, nothing written to the working folder. Returns the wall time."""
+    rc, stdout, stderr, seconds = dino(args, cwd)
+    assert rc == 2, (rc, stdout, stderr)
+    # one message (argparse's own errors come after its usage lines)
+    assert [line for line in stderr.splitlines() if "error:" in line][0].startswith(f"dino {args[0]}: error: ")
+    assert stderr.count("error:") == 1 and (stderr.startswith((f"dino {args[0]}: error: ", "usage: "))), stderr
+    for text in expected:
+        assert text in stderr, (text, stderr)
+    assert "Traceback" not in stderr
+    assert "imported: prefect=False torch=False" in stdout, stdout
+    assert not list(cwd.iterdir()), f"a failed command left {list(cwd.iterdir())}"
+    assert seconds < LOOSE_LIMIT_S, f"dino {args[0]} took {seconds:.1f} s to report a user error"
+    return seconds
+
+
+def test_pretrain_user_errors(shards, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    assert_user_error(["pretrain", str(tmp_path / "missing"), ckpt], cwd, "data:", "does not exist", "dino shard")
+    assert_user_error(["pretrain", shards, ckpt, "--set", "optim.lr=-1"], cwd, "optim.lr must be > 0, got -1.0")
+    assert_user_error(["pretrain", shards, ckpt, "--set", "optim.lrr=1"], cwd, "unknown field optim.lrr",
+                      "did you mean optim.lr")
+    assert_user_error(["pretrain", shards, ckpt, "--set", "train.epochs=abc"], cwd,
+                      "train.epochs must be an integer, got 'abc'")
+    assert_user_error(["pretrain", shards, ckpt, "--preset", "smal"], cwd, "preset must be one of")
+    assert_user_error(["pretrain", shards, ckpt, "--nproc-per-node", "0"], cwd, "nproc_per_node must be >= 1")
+    assert_user_error(["pretrain", shards, ckpt, "--set", "data.num_workers=8"], cwd, "cannot feed 8 readers")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_shard_user_errors(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    dest = str(tmp_path / "dest")
+    assert_user_error(["shard", str(tmp_path / "missing"), dest], cwd, "source root", "does not exist")
+    assert_user_error(["shard", str(tmp_path), dest, "--shard-size", "-3"], cwd, "shard_size must be a positive")
+    assert_user_error(["shard", str(tmp_path), dest, "--parallelism", "0"], cwd, "--parallelism must be >= 1")
+    assert_user_error(["shard", str(tmp_path), "ftp://host/x"], cwd, "unsupported storage URI scheme 'ftp'")
+
+
+def test_extract_user_errors(shards, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = str(tmp_path / "features")
+    assert_user_error(["extract", str(tmp_path / "missing-export"), shards, out], cwd, "does not exist",
+                      "an export folder (config.json + backbone.safetensors)")
+    assert_user_error(["extract", "models:/m/1", str(tmp_path / "missing"), out], cwd, "data:",
+                      "holds no manifest.json", "dino shard")
+    assert_user_error(["extract", "models:/m/1", shards, out, "--classes-from", str(tmp_path / "missing")], cwd,
+                      "classes_from:")
+    assert_user_error(["extract", "models:/m/1", shards, out, "--crop", "abc"], cwd, "not a size: 'abc'")
+    assert_user_error(["extract", "models:/m/1", shards, out, "--device", "gpu"], cwd,
+                      "device 'gpu' is not a device name")
+    assert_user_error(["extract", "models:m/1", shards, out], cwd, "model must be models:/<name>/<version>")
+
+
+def test_evaluate_user_errors(shards, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    export = tmp_path / "export"
+    export.mkdir()
+    sets = ["--train", shards, "--val", shards]
+    assert_user_error(["evaluate", str(export), *sets], cwd, "models:/<name>/<version>",
+                      f"dino register {export} --name NAME")
+    assert_user_error(["evaluate", "models:/m/1", "--train", shards, "--val", str(tmp_path / "missing")], cwd,
+                      "val_data:", "holds no manifest.json")
+    assert_user_error(["evaluate", "models:/m/1", *sets, "--crop", "none", "--eval", "linear"], cwd,
+                      "crop_size none: the full linear probe")
+    assert_user_error(["evaluate", "models:/m/1", *sets, "--ks", "5,x"], cwd, "knn_ks: expected comma-separated int")
+    assert_user_error(["evaluate", "models:/m/1", *sets, "--ks", "5", "--champion-metric", "knn20_top1"], cwd,
+                      "champion_metric 'knn20_top1' is not produced")
+    assert_user_error(["evaluate", "models:/m/1", "--davis", str(tmp_path / "no-davis")], cwd,
+                      "davis_root:", "is not a folder")
+
+
+def test_reevaluate_user_errors(shards, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    sets = ["--train", shards, "--val", shards]
+    assert_user_error(["reevaluate", "m", *sets, "--missing", "davis_jf_mean"], cwd, "--missing davis_jf_mean",
+                      "or use --all")
+    assert_user_error(["reevaluate", "m", *sets, "--versions", "1,b"], cwd, "--versions: expected")
+    assert_user_error(["reevaluate", "m", "--train", str(tmp_path / "missing"), "--val", shards], cwd, "train_data:")
+
+
+def test_pipeline_demo_and_register_user_errors(shards, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    workspace = str(tmp_path / "ws")
+    images = str(tmp_path)
+    assert_user_error(["pipeline", str(tmp_path / "missing"), images, workspace], cwd, "train_source:",
+                      "does not exist")
+    assert_user_error(["pipeline", images, images, workspace, "--set", "optim.lr=0"], cwd, "optim.lr must be > 0")
+    assert_user_error(["pipeline", images, images, workspace, "--davis", str(tmp_path / "no-davis")], cwd,
+                      "davis_root:")
+    assert_user_error(["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"], cwd, "train.epochs must be")
+    assert not (tmp_path / "demo").exists()
+    assert_user_error(["register", str(tmp_path / "missing"), "--name", "m"], cwd, "does not exist")
+    assert_user_error(["register", shards, "--name", "bad name"], cwd, "--name 'bad name'")
+
+
+def test_debug_prints_the_traceback(shards, tmp_path):
+    for args in (["--debug", "pretrain"], ["pretrain"]):
+        rc, _, stderr, _ = dino([*args, shards, str(tmp_path / "c"), "--set", "optim.lr=-1"]
+                                + (["--debug"] if args == ["pretrain"] else []), tmp_path)
+        assert rc == 2 and "Traceback (most recent call last)" in stderr
+        assert stderr.rstrip().endswith("dino pretrain: error: invalid training config: optim.lr must be > 0, got -1.0")
