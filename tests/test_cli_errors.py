@@ -81,7 +81,7 @@ def test_pretrain_user_errors(shards, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     assert_user_error(["pretrain", str(tmp_path / "missing"), ckpt], cwd, "data:", "does not exist", "dino shard")
-    assert_user_error(["pretrain", shards, ckpt, "--set", "optim.lr=-1"], cwd, "optim.lr must be > 0, got -1.0")
+    assert_user_error(["pretrain", shards, ckpt, "--set", "optim.lr=-1"], cwd, "optim.lr must be > 0, got -1")
     assert_user_error(["pretrain", shards, ckpt, "--set", "optim.lrr=1"], cwd, "unknown field optim.lrr",
                       "did you mean optim.lr")
     assert_user_error(["pretrain", shards, ckpt, "--set", "train.epochs=abc"], cwd,
@@ -168,4 +168,4 @@ def test_debug_prints_the_traceback(shards, tmp_path):
         rc, _, stderr, _ = dino([*args, shards, str(tmp_path / "c"), "--set", "optim.lr=-1"]
                                 + (["--debug"] if args == ["pretrain"] else []), tmp_path)
         assert rc == 2 and "Traceback (most recent call last)" in stderr
-        assert stderr.rstrip().endswith("dino pretrain: error: invalid training config: optim.lr must be > 0, got -1.0")
+        assert stderr.rstrip().endswith("dino pretrain: error: invalid training config: optim.lr must be > 0, got -1")
