@@ -335,24 +335,34 @@ def davis_section(backbone, davis_root, sequence: str, config=None, max_frames: 
 
 def feature_map_section(val: Split, names: Sequence[str], max_points: int = 2000, seed: int = 0) -> ReportSection:
     """A t-SNE map (scikit-learn) of up to ``max_points`` val features (L2-normalised, a seeded random subset
-    when there are more), one colour per class."""
+    when there are more), one colour per class. Identical feature vectors (a collapsed backbone maps many or all
+    images to one point) are embedded once and share their point."""
     from sklearn.manifold import TSNE
 
     n = len(val.labels)
     rows = np.arange(n) if n <= max_points else np.sort(np.random.default_rng(seed).choice(n, max_points, False))
-    if len(rows) < 5:
-        return ReportSection("feature-map", "Feature map",
-                             f"<p>{len(rows)} val images: too few for a 2-D map (t-SNE needs at least 5).</p>")
     x = F.normalize(torch.as_tensor(np.asarray(val.features[rows], dtype=np.float32)), dim=1).numpy()
-    perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3.0)))
-    points = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                  random_state=seed).fit_transform(x)
+    # Barnes-Hut t-SNE crashes on coincident points (a zero-size quadtree), so only distinct vectors are embedded
+    unique, inverse = np.unique(x.round(6), axis=0, return_inverse=True)
+    title = "Feature map (t-SNE)"
+    if len(unique) < 5:
+        collapsed = "; the backbone maps different images to the same features (collapsed)" \
+            if len(unique) < len(rows) else ""
+        return ReportSection("feature-map", title, f"<p>No map: the {len(rows)} val features take only "
+                                                   f"{len(unique)} distinct value(s) (t-SNE needs at least 5)"
+                                                   f"{collapsed}.</p>")
+    perplexity = float(min(30.0, max(2.0, (len(unique) - 1) / 3.0)))
+    method = "exact" if len(unique) < 200 else "barnes_hut"
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", method=method,
+                    random_state=seed).fit_transform(unique)
+    points = embedded[inverse.reshape(-1)]
+    shared = f" {len(rows) - len(unique)} of them repeat another's features exactly." if len(unique) < len(rows) else ""
     body = (f"<p>t-SNE (scikit-learn, perplexity {perplexity:.0f}, seed {seed}) of {len(rows)} val features"
             f"{'' if n <= max_points else f' (a random {max_points} of {n})'}, L2-normalised, one colour per class: "
             "images of a class that cluster together are the ones a k-NN classifies well. Distances between "
-            "clusters mean little in t-SNE.</p>")
+            f"clusters mean little in t-SNE.{shared}</p>")
     body += _figure(figures.feature_map(points, val.labels[rows], names, "val features, t-SNE"), "feature map")
-    return ReportSection("feature-map", "Feature map (t-SNE)", body)
+    return ReportSection("feature-map", title, body)
 
 
 # --------------------------------------------------------------------------------------------------------------

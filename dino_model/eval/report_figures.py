@@ -169,8 +169,9 @@ def attention_heads(image: np.ndarray, attention: np.ndarray, masks: np.ndarray,
 
 
 def davis_frames(frames: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, float]], title: str) -> str:
-    """Two rows per sequence excerpt: the ground-truth masks and the propagated masks (DAVIS palette colours)
-    over each frame, titled with the frame and its Jaccard (foreground of all objects)."""
+    """Two rows: the ground-truth masks and the propagated masks (DAVIS palette colours) over each frame, titled
+    with the frame and its Jaccard (foreground of all objects). The first frame is the sequence's first, whose
+    mask is given."""
     cols = len(frames)
     aspect = frames[0][0].shape[0] / frames[0][0].shape[1] if frames else 0.56
     width = 2.8
@@ -178,14 +179,19 @@ def davis_frames(frames: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str,
     axes = fig.subplots(2, cols, squeeze=False)
     palette = np.asarray(DAVIS_PALETTE, dtype=np.float32)
     for c, (img, gt, pred, name, j) in enumerate(frames):
-        for r, (mask, what) in enumerate(((gt, "ground truth"), (pred, "propagated"))):
+        for r, mask in enumerate((gt, pred)):
             ax = axes[r, c]
             _off(ax)
             out = img.astype(np.float32).copy()
             obj = (mask > 0) & (mask < 255)
             out[obj] = 0.45 * out[obj] + 0.55 * palette[mask[obj]]
             ax.imshow(out.round().astype(np.uint8))
-            label = f"frame {name}: {what}" + (f"\nJ {j:.1f} %" if r == 1 else ("\n(given)" if c == 0 else ""))
+            if r == 0:
+                label = f"frame {name}: ground truth" + ("\n(the given first mask)" if c == 0 else "")
+            elif c == 0:
+                label = f"frame {name}: the given mask\n(propagation starts here)"
+            else:
+                label = f"frame {name}: propagated\nJ {j:.1f} %"
             ax.set_title(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return data_uri(fig, "jpeg", dpi=90)
