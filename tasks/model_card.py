@@ -61,7 +61,7 @@ _NOT_SCORES = {"set_hash", "run_id", "set"}
 def evaluation_sets(tags: dict[str, str]) -> list[dict[str, Any]]:
     """The evaluation sets a version's tags hold scores for: ``[{"name", "hash", "run_id", "scores", "legacy"}]``,
     named sets first (the k-NN / probe sets before the video sets), then sets of the earlier hash-only layout
-    (scores converted to percent)."""
+    (scores converted to percent) that no named set has replaced."""
     sets: dict[str, dict[str, Any]] = {}
     for key, value in tags.items():
         m = _SET_TAG.fullmatch(key)
@@ -78,12 +78,15 @@ def evaluation_sets(tags: dict[str, str]) -> list[dict[str, Any]]:
                 entry["scores"][metric] = float(value)
             except ValueError:
                 continue
+    named_hashes = {e["hash"] for e in sets.values() if e["hash"]}
     out = []
     for name in sorted(sets):
         entry = sets[name]
         if not entry["scores"]:
             continue
         legacy = entry["hash"] is None and bool(_HASH.fullmatch(name))
+        if legacy and name in named_hashes:
+            continue  # the same set, evaluated again under its name: that evaluation is the one shown
         if legacy:
             entry["hash"] = name
             entry["scores"] = {k: 100.0 * v if is_fraction_metric(k) else v for k, v in entry["scores"].items()}

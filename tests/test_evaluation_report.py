@@ -4,6 +4,7 @@ checked to be self-contained (figures inline, no outside address)."""
 
 from __future__ import annotations
 
+import io
 import re
 
 import numpy as np
@@ -109,13 +110,20 @@ def test_collapsed_features_get_no_map_but_a_reason(inputs):
     assert rp.class_display_names(["class0", "class1"], {"class1": "one"}) == ["class0", "one"]
 
 
-def test_attention_without_masks_and_stale_features(inputs):
+def test_attention_without_masks_and_stale_features(inputs, shared_data):
     """Without DAVIS the attention heads are shown on val images (no Jaccard); features whose keys no longer
     match the shard set are refused instead of pairing an image with another's neighbours."""
     val_set, va = inputs["val_set"], inputs["val"]
     (key, data, _), = val_set.fetch([0]).values()
     section = rp.attention_images_section(inputs["backbone"], [(data, f"val image {key}")], size=64)
     assert "no object masks, so no Jaccard" in section.html and section.html.count("data:image/jpeg") == 1
+    # the evaluation run's attention/<sequence>.png: the same labelled figure, as PNG
+    from dino_model.eval.attention_maps import davis_attention_scores
+
+    res = davis_attention_scores(inputs["backbone"], shared_data / "davis-mini", ["kite-surf"], max_frames=1,
+                                 size=64, renderer=rp.attention_png)
+    png = Image.open(io.BytesIO(res.overlays["kite-surf"]))
+    assert png.format == "PNG" and png.size[0] > 4 * 114  # panels of ~2.3 in at 90 dpi, not a strip of 64-px tiles
     stale = rp.Split(va.labels, va.features, ["other"] * len(va.labels))
     with pytest.raises(ValueError, match="the features are stale"):
         rp.retrieval_section(inputs["train"], stale, inputs["train_set"], val_set, inputs["names"], 2, 2)

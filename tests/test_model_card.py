@@ -45,6 +45,9 @@ def test_scores_per_set_in_reading_order_and_earlier_tags_in_percent():
     assert [(s["name"], s["legacy"]) for s in sets] == [("imagenette-val", False), ("davis", False),
                                                         ("0123456789ab", True)]
     assert sets[2]["scores"] == {"knn20_top1": 65.4321, "attn_jaccard_best_head": 45.0}
+    # an earlier-layout set evaluated again under a name is shown once, under its name
+    again = {**TAGS, "eval.3f2a9c01b7de.knn20_top1": "71.0"}
+    assert [s["name"] for s in evaluation_sets(again)] == ["imagenette-val", "davis", "0123456789ab"]
     card = render_version_card("dino-backbone", 3, TAGS, TRAINING, sets, {})
     first, _, rest = card.partition("\n")
     # the versions list shows the first line raw and cut short: the headline score comes first

@@ -231,16 +231,27 @@ def _hwc(img: torch.Tensor) -> np.ndarray:
     return (to_float01(img).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def attention_figure(result, title: str, fmt: str = "uri"):
+    """One image's attention heads, labelled (head index, Jaccard in percent, best head, legend), from an
+    :class:`~dino_model.eval.attention_maps.AttentionResult`: a ``data:`` URI, or PNG bytes with ``fmt="png"``
+    (the ``renderer`` of :func:`~dino_model.eval.attention_maps.davis_attention_scores`)."""
+    scores = result.scores
+    return figures.attention_heads(
+        _hwc(result.image), result.attention.numpy(), result.masks.numpy(),
+        result.foreground.numpy() if result.foreground is not None else None,
+        [100.0 * v for v in scores.per_head] if scores else None,
+        100.0 * scores.union if scores else None, title, fmt)
+
+
+def attention_png(result, title: str) -> bytes:
+    """:func:`attention_figure` as PNG bytes (the evaluation run's ``attention/<sequence>.png`` artifacts)."""
+    return attention_figure(result, title, "png")
+
+
 def _attention_figure(backbone, image: torch.Tensor, foreground, size, threshold, device, title: str) -> str:
     from .attention_maps import analyze_image
 
-    res = analyze_image(backbone, image, foreground, size, threshold, device)
-    scores = res.scores
-    return figures.attention_heads(
-        _hwc(res.image), res.attention.numpy(), res.masks.numpy(),
-        res.foreground.numpy() if res.foreground is not None else None,
-        [100.0 * v for v in scores.per_head] if scores else None,
-        100.0 * scores.union if scores else None, title)
+    return attention_figure(analyze_image(backbone, image, foreground, size, threshold, device), title)
 
 
 def attention_section(backbone, davis_root, sequences: Sequence[str], frames: int = 3, frame_step: int = 10,

@@ -25,13 +25,18 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def data_uri(fig, fmt: str = "png", dpi: int = 90) -> str:
-    """``data:image/<fmt>;base64,...`` of a matplotlib figure."""
+def image_bytes(fig, fmt: str = "png", dpi: int = 90) -> bytes:
+    """A matplotlib figure encoded as PNG or JPEG."""
     buf = io.BytesIO()
     # PNG metadata would carry matplotlib's web address: the report holds no outside address, even encoded
     kwargs = {"pil_kwargs": {"quality": 85}} if fmt == "jpeg" else {"metadata": {"Software": None}}
     fig.savefig(buf, format=fmt, dpi=dpi, facecolor="white", **kwargs)
-    return f"data:image/{fmt};base64,{base64.b64encode(buf.getvalue()).decode()}"
+    return buf.getvalue()
+
+
+def data_uri(fig, fmt: str = "png", dpi: int = 90) -> str:
+    """``data:image/<fmt>;base64,...`` of a matplotlib figure."""
+    return f"data:image/{fmt};base64,{base64.b64encode(image_bytes(fig, fmt, dpi)).decode()}"
 
 
 def _off(ax) -> None:
@@ -119,11 +124,12 @@ def _blend(image: np.ndarray, mask: np.ndarray, color, alpha: float = 0.5) -> np
 
 
 def attention_heads(image: np.ndarray, attention: np.ndarray, masks: np.ndarray, foreground: np.ndarray | None,
-                    jaccards: Sequence[float] | None, union_jaccard: float | None, title: str) -> str:
+                    jaccards: Sequence[float] | None, union_jaccard: float | None, title: str, fmt: str = "uri"):
     """One image's attention: the image, the ground-truth foreground (when known), then one panel per head — its
     attention map (colour scale per head) over the image with the outline of its mask (the patches holding 60 %
     of the head's attention) — titled with the head index and its Jaccard, best head in green; last, the union
-    of the heads' masks."""
+    of the heads' masks. ``fmt``: ``"uri"`` (a JPEG ``data:`` URI, for the report) or ``"png"`` (bytes, for an
+    artifact)."""
     heads = attention.shape[0]
     panels = 1 + (foreground is not None) + heads + 1
     cols = min(panels, 6)
@@ -165,7 +171,7 @@ def attention_heads(image: np.ndarray, attention: np.ndarray, masks: np.ndarray,
           "union of heads" + (f" · J {union_jaccard:.1f} %" if union_jaccard is not None else ""))
     fig.suptitle(title + "\ncolour: attention of the [CLS] token (per head, low → high); cyan outline: the head's "
                  "mask (60 % of its attention mass)", fontsize=9)
-    return data_uri(fig, "jpeg", dpi=90)
+    return image_bytes(fig, "png", dpi=90) if fmt == "png" else data_uri(fig, "jpeg", dpi=90)
 
 
 def davis_frames(frames: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str, float]], title: str) -> str:

@@ -198,16 +198,17 @@ def linear_probe_full(model_uri: str, train_data: str, val_data: str, label_map:
 @task(name="attention-maps", cache_policy=NO_CACHE)
 def attention_scores(model_uri: str, settings: EvaluationSettings, run_id: str | None = None) -> dict[str, float]:
     """Jaccard of the last block's attention masks (60 % mass per head) against DAVIS foreground masks, in percent:
-    ``attn_jaccard_best_head/mean_heads/union_heads``. Side effect: the overlay PNG of each sequence's first
-    scored frame is logged to the evaluation run under ``attention/``."""
+    ``attn_jaccard_best_head/mean_heads/union_heads``. Side effect: each sequence's first scored frame, every head
+    drawn with its index and Jaccard, is logged to the evaluation run as ``attention/<sequence>.png``."""
     from dino_model.eval.attention_maps import davis_attention_scores
+    from dino_model.eval.report import attention_png
 
     device = resolve_device(settings.device)
     backbone = load_model(model_uri, device)
     res = davis_attention_scores(backbone, settings.davis_root, settings.davis_sequences,
                                  frame_step=settings.attention_frame_step, max_frames=settings.attention_max_frames,
                                  size=settings.attention_size, threshold=settings.attention_threshold,
-                                 render=run_id is not None, device=device)
+                                 render=run_id is not None, device=device, renderer=attention_png)
     if run_id is not None and res.overlays:
         from mlflow.tracking import MlflowClient
 
