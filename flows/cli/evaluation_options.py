@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from dino_model.eval.score_names import ordered
-
 from .common import UsageError, size_or_none
 
 
@@ -74,6 +72,8 @@ def evaluation_settings(args: argparse.Namespace):
 
 
 def print_scores(result: dict) -> None:
+    from dino_model.eval.score_names import ordered
+
     print(f"{result['model_uri']}  (MLflow evaluation run {result['run_id']})")
     names = result.get("evaluation_set_names") or {}
     for fam, h in result["evaluation_sets"].items():
