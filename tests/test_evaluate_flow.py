@@ -214,6 +214,29 @@ def test_evaluate_and_reevaluate_move_champion(toy, tracking, s3_bucket, shared_
     assert tracking.get_model_version_by_alias(name, "champion").version == str(v3)
 
 
+def test_a_set_name_with_a_new_hash_drops_the_old_sets_scores(tracking):
+    """Tags of a set name measured on other data or settings (another hash) are replaced, never mixed: a score
+    left from the old set would read as one of the new set."""
+    from tasks.evaluation import score_tags, tag_model_version
+
+    name = f"retag-{secrets.token_hex(3)}"
+    tracking.create_registered_model(name)
+    version = int(tracking.create_model_version(name, "s3://nowhere/model").version)
+    fam = {"knn20_top1": "classification", "linear_approx_best_top1": "classification"}
+    tag_model_version.fn(name, version, score_tags({"knn20_top1": 70.0, "linear_approx_best_top1": 75.0}, fam,
+                                                   {"classification": "a" * 12}, "RUN1", {"classification": "toy"}))
+    # the same hash again, k-NN only: the probe's score stays (still measured on this set)
+    tag_model_version.fn(name, version, score_tags({"knn20_top1": 71.0}, fam, {"classification": "a" * 12},
+                                                   "RUN2", {"classification": "toy"}))
+    tags = tracking.get_model_version(name, str(version)).tags
+    assert tags["eval.toy.knn20_top1"] == "71.00" and tags["eval.toy.linear_approx_best_top1"] == "75.00"
+    # another hash under the same name: the probe's old score goes
+    tag_model_version.fn(name, version, score_tags({"knn20_top1": 50.0}, fam, {"classification": "b" * 12},
+                                                   "RUN3", {"classification": "toy"}))
+    tags = {k: v for k, v in tracking.get_model_version(name, str(version)).tags.items() if k.startswith("eval.")}
+    assert tags == {"eval.toy.knn20_top1": "50.00", "eval.toy.set_hash": "b" * 12, "eval.toy.run_id": "RUN3"}
+
+
 def _first_part(uri: str, split: str) -> bytes:
     from dino_model.eval.features import list_feature_files
     from dino_model.storage import open_store

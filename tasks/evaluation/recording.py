@@ -170,10 +170,24 @@ def log_evaluation_metrics(run_id: str, metrics: dict[str, float], model_ids: li
 
 @task(name="tag-model-version", cache_policy=NO_CACHE)
 def tag_model_version(name: str, version: int, tags: dict[str, str]) -> None:
-    """Set ``tags`` on the model version (open-source MLflow versions hold tags, not metrics)."""
+    """Set ``tags`` on the model version (open-source MLflow versions hold tags, not metrics). When ``tags`` set
+    ``eval.<set name>.set_hash`` to another hash than the version holds (the same name now stands for other data
+    or settings), every earlier ``eval.<set name>.*`` tag is deleted first, so no score of the old set remains
+    under the new hash; the earlier evaluation run keeps them."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    current = dict(client.get_model_version(name, str(version)).tags or {})
+    for key, new_hash in tags.items():
+        m = re.fullmatch(r"eval\.(.+)\.set_hash", key)
+        if not m or current.get(key) in (None, new_hash):
+            continue
+        prefix = f"eval.{m.group(1)}."
+        stale = [k for k in current if k.startswith(prefix)]
+        run_logger().warning("%s v%s: set %r now has hash %s (was %s): its %d earlier tags are replaced", name,
+                             version, m.group(1), new_hash, current[key], len(stale))
+        for k in stale:
+            client.delete_model_version_tag(name, str(version), k)
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, v)
 
