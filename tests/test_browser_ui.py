@@ -3,7 +3,10 @@ version page (the model card's score table), the registered model page, the eval
 and the evaluation report, each rendered by headless Chromium (Debian package ``chromium``).
 
 Skipped, with the reason, when ``/usr/bin/chromium`` is not installed (``.ci/run`` installs it). Set
-``DINO_SCREENSHOT_DIR`` to keep PNG screenshots of the four pages for a look.
+``DINO_SCREENSHOT_DIR`` to also get PNG screenshots of the pages (model version, registered model, runs table,
+evaluation run, report) for a look::
+
+    DINO_SCREENSHOT_DIR=/tmp/shots .venv/bin/python -m pytest tests/test_browser_ui.py
 """
 
 from __future__ import annotations
@@ -53,14 +56,16 @@ def rendered_text(tmp_path: Path, url: str, expect: str, size: str = "1500,2000"
     return dom
 
 
-def screenshot(tmp_path: Path, url: str, name: str, size: str = "1500,2000") -> Path:
+def screenshot(tmp_path: Path, url: str, name: str, size: str = "1500,2000") -> None:
+    """A PNG of the page into ``$DINO_SCREENSHOT_DIR`` when that is set (for a person to look at; each costs a
+    browser start, so the suite skips them otherwise)."""
     keep = os.environ.get("DINO_SCREENSHOT_DIR")
-    folder = Path(keep) if keep else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
+    if not keep:
+        return
+    path = Path(keep) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     _browser(tmp_path, f"--window-size={size}", f"--screenshot={path}", url)
     assert path.is_file() and Image.open(path).size == tuple(int(v) for v in size.split(","))
-    return path
 
 
 def _text(dom: str) -> str:
