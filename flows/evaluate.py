@@ -10,12 +10,16 @@ Run them
   keeps every version's scores current on the evaluation sets).
 
 ``dino-evaluate`` pins the model to one version, checks every input (shard sets, classes, DAVIS masks) before
-running a model, extracts Parquet features (train and val, local or S3), runs the chosen evaluations, and records
-the scores: version tags ``eval.<set hash>.<metric>``, metrics of an MLflow evaluation run linked to the version's
-LoggedModel, attention overlays as run artifacts, a Prefect table artifact; then applies the champion policy.
+running a model, extracts Parquet features (train and val, local or S3), runs the chosen evaluations, builds the
+HTML evaluation report (retrieval, per-class accuracy, attention heads, DAVIS masks, a t-SNE map), and records the
+scores, all in percent: version tags ``eval.<set name>.<metric>`` (2 decimals; ``eval.<set name>.set_hash`` says
+which exact set), metrics of an MLflow evaluation run named by what it evaluates and linked to the version's
+LoggedModel and to the data sets, the report and attention overlays as run artifacts, the version's model card
+(its description), a Prefect table artifact with the champion decision; then applies the champion policy.
 With ``precision="bf16"`` the k-NN is also run on fp32 features of a bounded subset and the difference recorded
 (``knn<k>_top1_bf16_minus_fp32``, a warning beyond ``bf16_parity_tolerance``); ``nproc_per_node > 1`` extracts
-the features with torchrun (one process per GPU).
+the features with torchrun (one process per GPU). ``dino-reevaluate`` ends with a Prefect summary artifact:
+versions evaluated, their scores, how ``champion`` moved.
 MLflow comes from ``MLFLOW_TRACKING_URI``. The flows only compose tasks from :mod:`tasks.evaluation`.
 """
 
@@ -27,24 +31,31 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from dino_model.eval.features import feature_kind
+from dino_model.eval.score_names import TOP5_MIN_CLASSES
 
 from tasks.evaluation import (
     EvaluationSettings,
     attention_scores,
+    build_evaluation_report,
     check_evaluation_inputs,
     davis_scores,
+    describe_evaluation_run,
     end_evaluation_run,
     evaluation_set_hashes,
+    evaluation_set_names,
     extract_split_features,
     features_location,
     find_versions_to_evaluate,
+    is_version_tag_metric,
     knn_bf16_parity,
     knn_scores,
     linear_probe_fast,
+    link_evaluation_run,
     linear_probe_full,
     log_evaluation_metrics,
     metric_family,
     open_evaluation_run,
+    publish_reevaluation_summary,
     publish_scores,
     resolve_model_version,
     score_tags,
@@ -52,6 +63,7 @@ from tasks.evaluation import (
     update_champion,
     version_tag,
 )
+from tasks.model_card import update_model_card
 
 
 @flow(name="dino-evaluate", log_prints=True)
@@ -66,16 +78,17 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
             preprocessing, the features location, the MLflow experiment and the champion policy (metric,
             direction, ``always``/``if_better``/``never``).
 
-    Returns the version, the evaluation run id, the metrics, the evaluation-set hashes, the feature locations and
-    the champion decision.
+    Returns the version, the evaluation run id, the metrics (percent), the evaluation-set hashes and names, the
+    feature locations, the champion decision and the report's artifact path.
     """
     settings = settings or EvaluationSettings()
     chosen = settings.selected()
     info = resolve_model_version(model)  # unknown model/version/alias fails here, before anything heavy
     facts = check_evaluation_inputs(settings)
     hashes = evaluation_set_hashes(facts)
+    names = evaluation_set_names(facts)
     run_id = open_evaluation_run(settings.experiment, info, settings, hashes, str(flow_run.get_id() or "local"),
-                                 facts.get("class_alignment"))
+                                 facts.get("class_alignment"), names)
     metrics: dict[str, float] = {}
     features: dict[str, str] = {}
     try:
@@ -118,23 +131,28 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
             metrics |= attention_scores(info["uri"], settings, run_id)
         if "davis" in chosen:
             metrics |= davis_scores(info["uri"], settings)
+        families = {m: metric_family(m, settings) for m in metrics}
+        report = (build_evaluation_report(info, settings, facts, names, hashes, features, metrics, families, run_id)
+                  if settings.report else None)
     except BaseException:
         end_evaluation_run(run_id, "FAILED")
         raise
 
-    families = {m: metric_family(m, settings) for m in metrics}
-    sets = {"classification": facts.get("classification_set", ""), "video": facts.get("video_set", "")}
-    log_evaluation_metrics(run_id, metrics, info["model_id"])
-    tag_model_version(info["name"], info["version"], score_tags(metrics, families, hashes, run_id, sets))
-    publish_scores(info, metrics, families, hashes, run_id)
+    links = link_evaluation_run(run_id, info, facts, names, hashes, settings.davis_root)
+    log_evaluation_metrics(run_id, metrics, links["model_ids"], families, links["datasets"])
+    tag_model_version(info["name"], info["version"], score_tags(metrics, families, hashes, run_id, names))
     fam = metric_family(settings.champion_metric, settings)
     decision = update_champion(info["name"], info["version"], settings.champion_metric,
-                               hashes.get(fam) if fam else None, metrics.get(settings.champion_metric),
-                               settings.champion_policy, settings.higher_is_better)
+                               names.get(fam) if fam else None, hashes.get(fam) if fam else None,
+                               metrics.get(settings.champion_metric), settings.champion_policy,
+                               settings.higher_is_better)
+    update_model_card(info["name"], info["version"])
+    describe_evaluation_run(run_id, info, metrics, families, names, hashes, decision, report)
+    publish_scores(info, metrics, families, hashes, run_id, names, decision, report)
     end_evaluation_run(run_id, "FINISHED")
     return {"model_uri": info["uri"], "name": info["name"], "version": info["version"], "run_id": run_id,
-            "model_id": info["model_id"],
-            "metrics": metrics, "evaluation_sets": hashes, "features": features, "champion": decision}
+            "model_id": info["model_id"], "metrics": metrics, "evaluation_sets": hashes,
+            "evaluation_set_names": names, "features": features, "champion": decision, "report": report}
 
 
 @flow(name="dino-reevaluate", log_prints=True)
@@ -150,22 +168,33 @@ def dino_reevaluate(
         registered_model: MLflow registered-model name.
         settings: The evaluation settings, as for ``dino-evaluate`` (the evaluation-set hash comes from them).
         missing_metric: Only versions without this metric on the evaluation set of ``settings`` (tag
-            ``eval.<set hash>.<metric>``); None = every version.
+            ``eval.<set name>.<metric>`` under the set's hash, or the earlier ``eval.<set hash>.<metric>``);
+            None = every version.
         versions: Restrict to these version numbers (default: all).
 
-    A version whose evaluation fails does not stop the others; the flow fails at the end, listing them.
+    A version whose evaluation fails does not stop the others; the flow fails at the end, listing them, after
+    the summary artifact ``dino-reevaluate-<model>`` (versions, scores, alias moves) is written.
     Returns ``{"evaluated": {version: result}, "missing_tag": tag or None}``.
     """
     settings = settings or EvaluationSettings()
-    missing_tag = None
+    missing_tag = missing = None
     if missing_metric is not None:
         fam = metric_family(missing_metric, settings)
         if fam is None:
             raise ValueError(f"missing_metric {missing_metric!r} is not produced by the evaluations "
                              f"{settings.selected()}")
+        if not is_version_tag_metric(missing_metric):
+            raise ValueError(f"missing_metric {missing_metric!r} is recorded on the evaluation run only, not as a "
+                             "version tag: choose an aggregate score such as knn20_top1 or davis_jf_mean")
         facts = check_evaluation_inputs(settings)
-        missing_tag = version_tag(evaluation_set_hashes(facts)[fam], missing_metric)
-    todo = find_versions_to_evaluate(registered_model, missing_tag, versions)
+        if missing_metric.endswith("_top5") and facts.get("num_classes", TOP5_MIN_CLASSES) < TOP5_MIN_CLASSES:
+            raise ValueError(f"missing_metric {missing_metric!r}: top-5 is not reported for the "
+                             f"{facts['num_classes']} classes of {settings.train_data} (fewer than "
+                             f"{TOP5_MIN_CLASSES}); choose a top-1 metric")
+        missing = {"metric": missing_metric, "set_name": evaluation_set_names(facts)[fam],
+                   "set_hash": evaluation_set_hashes(facts)[fam]}
+        missing_tag = version_tag(missing["set_name"], missing_metric)
+    todo = find_versions_to_evaluate(registered_model, missing, versions)
     evaluated: dict[int, Any] = {}
     failed: dict[int, str] = {}
     for v in todo:
@@ -174,6 +203,7 @@ def dino_reevaluate(
             evaluated[v] = state.result()
         else:
             failed[v] = str(state.message or state.name)
+    publish_reevaluation_summary(registered_model, todo, evaluated, failed, missing)
     if failed:
         raise RuntimeError(f"evaluation failed for version(s) {sorted(failed)}: {failed}")
     return {"evaluated": evaluated, "missing_tag": missing_tag}

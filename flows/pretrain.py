@@ -1,4 +1,5 @@
-"""The ``dino-pretrain`` flow: pre-flight checks, torchrun training tracked in MLflow, model registration.
+"""The ``dino-pretrain`` flow: pre-flight checks, torchrun training tracked in MLflow, model registration with its
+model card (the version's description: data set, architecture, steps, wall time, hardware; scores once evaluated).
 
 Run it
 
@@ -18,6 +19,7 @@ from prefect.runtime import flow_run
 
 from tasks.kubernetes_job import KubernetesSettings, job_name
 from tasks.kubernetes_launch import train_on_kubernetes
+from tasks.model_card import update_model_card
 from tasks.pretrain import (
     end_mlflow_run,
     log_loss_curve,
@@ -95,6 +97,8 @@ def dino_pretrain(
     facts = preflight(config, launch, resume, kubernetes)
     tags = {"dataset_hash": str(facts.get("dataset_hash", "imagefolder")), "data": data,
             "architecture": f"{config['model']['arch']}/{config['model']['patch_size']}"}
+    if facts.get("samples") is not None:
+        tags["dataset_samples"] = str(facts["samples"])
     run_id = open_mlflow_run(experiment, config, run_id_prefect, run_name, tags)
     try:
         if kubernetes is None:
@@ -109,6 +113,7 @@ def dino_pretrain(
     version_tags = {**tags, "epochs": str(config["train"]["epochs"]), "mlflow_run_id": run_id}
     version = register_backbone(run_id, export_uri, registered_model, version_tags)
     end_mlflow_run(run_id, "FINISHED")
+    update_model_card(registered_model, version)
     pretrain_summary(run_id, registered_model, version, end, facts, export_uri)
     return {"run_id": run_id, "registered_model": registered_model, "version": version, "export_uri": export_uri,
             "final_step": end.get("step"), **{k: v for k, v in facts.items() if k != "existing_checkpoints"}}

@@ -33,7 +33,7 @@ def train_on_kubernetes(config: dict[str, Any], run_id: str, launch: LaunchSpec,
 
     logger = get_run_logger()
     job = multinode_job(config, run_id, mlflow.get_tracking_uri(), launch, kubernetes)
-    progress_id, on_progress = progress_reporter(logger)
+    progress_id, on_progress = progress_reporter(logger, run_id)
     logger.info("launching on Kubernetes: %s", " ".join(job.command()))
     end = run_kubernetes_job(job, on_line=logger.info, on_progress=on_progress)
     update_progress_artifact(progress_id, 100.0)

@@ -34,8 +34,10 @@ from tasks.validation.training import pretrain_problems
 from .kubernetes_job import KubernetesSettings
 from .kubernetes_job import preflight_problems as kubernetes_preflight
 from .listeners import Listeners
+from .model_card import HARDWARE_TAG, version_page
 from .registration import register_export
-from .tracking import flatten, get_or_create_experiment
+from .tracking import flatten, get_or_create_experiment, mlflow_ui_link
+from .training_progress import TrainingProgress, describe_hardware
 from .trainer_process import LaunchSpec, run_trainer, torchrun_command, trainer_config
 
 #: Tag on the MLflow run that ties it to the Prefect flow run, so a retried flow finds and resumes the same run.
@@ -193,24 +195,46 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def progress_reporter(logger) -> tuple[Any, Callable[[dict], None]]:
-    """A progress artifact and the callback that feeds it from the trainer's progress records (at most every 2 s),
-    logs the trainer's milestones and forwards every record to :data:`trainer_progress`. Used by both launchers."""
-    progress_id = create_progress_artifact(0.0, description="DINO pretraining: steps done")
+def progress_reporter(logger, run_id: str | None = None,
+                      accelerator: str | None = None) -> tuple[Any, Callable[[dict], None]]:
+    """A progress artifact and the callback that feeds it from the trainer's progress records (at most every 2 s:
+    step x/y, epoch, loss, images/s, time left — :class:`tasks.training_progress.TrainingProgress`), logs the
+    trainer's milestones and forwards every record to :data:`trainer_progress`. With ``run_id``, the start
+    record's machines (``accelerator``: the device model, when known) become the MLflow run's ``hardware`` tag.
+    Used by both launchers."""
+    progress_id = create_progress_artifact(0.0, description="DINO pretraining: starting")
+    state = TrainingProgress()
     last_update = [0.0]
 
     def on_progress(record: dict) -> None:
         trainer_progress.emit(record)
+        state.update(record)
         event = record.get("event")
         if event == "step" and record.get("total_steps"):
             if time.monotonic() - last_update[0] > 2.0:
                 last_update[0] = time.monotonic()
-                update_progress_artifact(progress_id, 100.0 * record["step"] / record["total_steps"])
+                update_progress_artifact(progress_id, state.percent(), description=state.describe())
         elif event in ("start", "checkpoint", "epoch", "end", "error"):
             logger.info("trainer %s: %s", event,
                         {k: v for k, v in record.items() if k not in ("event", "time", "config")})
+            if event == "start" and run_id:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient().set_tag(run_id, HARDWARE_TAG, describe_hardware(record, accelerator))
+            if event == "end" and state.last:
+                update_progress_artifact(progress_id, state.percent(),
+                                         description=f"{state.describe()} · {record.get('status', 'ended')}")
 
     return progress_id, on_progress
+
+
+def local_accelerator(config: dict[str, Any]) -> str | None:
+    """``'NVIDIA H100 80GB HBM3'`` when the trainer runs on this machine's CUDA GPUs, else None."""
+    import torch
+
+    if config.get("train", {}).get("device") == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(0)
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
@@ -224,7 +248,7 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
     logger = get_run_logger()
     config = trainer_config(config, run_id)
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_RUN_ID": run_id, **launch.extra_env}
-    progress_id, on_progress = progress_reporter(logger)
+    progress_id, on_progress = progress_reporter(logger, run_id, local_accelerator(config))
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "config.json")
         Path(config_path).write_text(json.dumps(config))
@@ -293,19 +317,20 @@ def pretrain_summary(run_id: str, registered_model: str, version: int, end: dict
 
     run = MlflowClient().get_run(run_id)
     base = mlflow.get_tracking_uri().rstrip("/")
-    web = base.startswith("http")
-    run_link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}" if web else run_id
-    model_link = f"{base}/#/models/{registered_model}/versions/{version}" if web else f"models:/{registered_model}/{version}"
+    run_link = mlflow_ui_link(f"experiments/{run.info.experiment_id}/runs/{run_id}")
+    model_link = mlflow_ui_link(version_page(registered_model, version))
     metrics = run.data.metrics
     lines = [
         f"# DINO pretraining: {registered_model} v{version}",
         "",
-        f"- MLflow run: [{run_id}]({run_link})" if web else f"- MLflow run: `{run_id}` ({base})",
-        f"- Registered model: [{registered_model} v{version}]({model_link})" if web else f"- Registered model: `{model_link}`",
+        f"- MLflow run: [{run_id}]({run_link})" if run_link else f"- MLflow run: `{run_id}` ({base})",
+        f"- Registered model: [{registered_model} v{version}]({model_link}) (its description is the model card)"
+        if model_link else f"- Registered model: `models:/{registered_model}/{version}`",
         f"- Export: `{export_uri}`",
         f"- Data: {facts.get('samples', '?')} samples in {facts.get('shards', '?')} shards "
         f"(hash `{str(facts.get('dataset_hash', '-'))[:12]}`)",
-        f"- Steps: {end.get('step', '?')}",
+        f"- Steps: {end.get('step', '?')} ({end.get('status', '?')})",
+        f"- Hardware: {run.data.tags.get(HARDWARE_TAG, 'not recorded')}",
         "",
         "| metric | last value |",
         "|---|---|",

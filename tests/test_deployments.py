@@ -97,6 +97,7 @@ def test_stack_deploy_all_and_run_pretrain_through_a_worker(tmp_path, tiny_image
         nightly = _get(f"{api}/deployments/name/dino-reevaluate/nightly")
         (schedule,) = nightly["schedules"]
         assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["active"]
+        assert schedule["schedule"]["timezone"] == "UTC"
         assert nightly["parameters"]["settings"]["train_data"] and nightly["work_pool_name"] == cfg.pool
         pretrain = _get(f"{api}/deployments/name/dino-pretrain/default")
         assert pretrain["pull_steps"] == [

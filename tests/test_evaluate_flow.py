@@ -78,6 +78,16 @@ def _register(name: str, tmp_path, degenerate: bool) -> int:
     return int(mlflow.register_model(info.model_uri, name, tags={"architecture": "vit_tiny/16"}).version)
 
 
+def _prefect_markdown(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert arts, f"no Prefect artifact {key}"
+    return arts[0].data
+
+
 def _prefect_table(key: str) -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -108,30 +118,60 @@ def test_evaluate_and_reevaluate_move_champion(toy, tracking, s3_bucket, shared_
     )
     r1 = dino_evaluate(f"models:/{name}/{v1}", full)
     h_cls, h_vid = r1["evaluation_sets"]["classification"], r1["evaluation_sets"]["video"]
+    # set names: the val shard set's folder (a bare split word, "val", gets its parent's name) and the DAVIS folder
+    n_cls, n_vid = r1["evaluation_set_names"]["classification"], r1["evaluation_set_names"]["video"]
+    assert n_cls == f"{toy['base'].name}-val" and n_vid == "davis-mini"
     m1 = r1["metrics"]
     # constant features: every val image gets the same class (the one most frequent among the first training
     # samples, by the tie rule), and class 0 is absent from val, so top-1 is 0 or 1/3
     low = m1["knn20_top1"]
-    assert low in (0.0, pytest.approx(100 / 3)) and m1["knn200_top5"] == pytest.approx(100.0)
+    assert low in (0.0, pytest.approx(100 / 3))
+    assert not any(m.endswith("_top5") for m in m1)  # 4 classes: top-5 says nothing, it is not reported
     assert {"linear_approx_best_top1", "attn_jaccard_best_head", "davis_jf_mean", "davis_seq_car-shadow_jf"} <= set(m1)
-    assert 0.0 <= m1["davis_jf_mean"] <= 1.0 and 0.0 <= m1["attn_jaccard_union_heads"] <= 1.0
+    # every score in percent: the attention and DAVIS fractions x 100
+    assert 0.0 <= m1["davis_jf_mean"] <= 100.0 and 0.0 <= m1["attn_jaccard_union_heads"] <= 100.0
+    assert m1["davis_jf_mean"] > 1.0 or m1["attn_jaccard_union_heads"] > 1.0
     assert r1["champion"]["moved"] and r1["champion"]["previous"] is None
     assert tracking.get_model_version_by_alias(name, "champion").version == str(v1)
 
-    # version tags, evaluation-run metrics, metrics on the LoggedModel, overlays, Prefect table
+    # version tags: eval.<set name>.<metric> with 2 decimals, the set's hash and run in their own tags; the
+    # per-sequence DAVIS scores stay on the run
     mv1 = tracking.get_model_version(name, str(v1))
-    assert float(mv1.tags[f"eval.{h_cls}.knn20_top1"]) == low
-    assert float(mv1.tags[f"eval.{h_vid}.davis_jf_mean"]) == pytest.approx(m1["davis_jf_mean"])
-    assert mv1.tags[f"eval.{h_cls}.run_id"] == r1["run_id"]
+    assert mv1.tags[f"eval.{n_cls}.knn20_top1"] == f"{low:.2f}"
+    assert mv1.tags[f"eval.{n_vid}.davis_jf_mean"] == f"{m1['davis_jf_mean']:.2f}"
+    assert mv1.tags[f"eval.{n_cls}.set_hash"] == h_cls and mv1.tags[f"eval.{n_vid}.set_hash"] == h_vid
+    assert mv1.tags[f"eval.{n_cls}.run_id"] == r1["run_id"]
+    assert not any(k.startswith(f"eval.{h_cls}") or "davis_seq_" in k for k in mv1.tags)
+    # the evaluation run: named by what it evaluates, metrics rounded like the tags, linked to the version's
+    # LoggedModel, to a stand-in model of its own (the run table's Model column) and to the data sets
     run = tracking.get_run(r1["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["model_version"] == str(v1)
-    assert run.data.metrics["knn20_top1"] == pytest.approx(low)
+    assert run.info.run_name == f"{name}-v{v1} knn+linear_fast+attention+davis on {n_cls} + davis-mini"
+    assert run.data.metrics["knn20_top1"] == round(low, 2)
     assert r1["model_id"] and r1["model_id"] in mv1.source
     logged = tracking.get_logged_model(r1["model_id"])
-    assert {m.key for m in logged.metrics} >= {"knn20_top1", "davis_jf_mean"}
+    assert {(m.key, m.dataset_name, m.dataset_digest) for m in logged.metrics} >= {
+        ("knn20_top1", n_cls, h_cls), ("davis_jf_mean", n_vid, h_vid)}
+    assert {m.model_id for m in run.inputs.model_inputs} == {r1["model_id"]}
+    (stand_in,) = [o.model_id for o in run.outputs.model_outputs]
+    assert tracking.get_logged_model(stand_in).name == f"{name}-v{v1}"
+    inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert {(n_cls, h_cls, "validation"), (n_vid, h_vid, "validation")} <= inputs
+    assert any(ctx == "training" for _, _, ctx in inputs)
     assert "attention/car-shadow.png" in {f.path for f in tracking.list_artifacts(r1["run_id"], "attention")}
+    assert r1["report"] == "report/evaluation-report.html" and run.data.tags["report.artifact"] == r1["report"]
+    assert "report/evaluation-report.html" in {f.path for f in tracking.list_artifacts(r1["run_id"], "report")}
+    # the model card (the version's description) and the registered model's description
+    assert f"### Scores on `{n_cls}`" in mv1.description and "| k-NN 20 top-1&emsp; |" in mv1.description
+    assert mv1.description.index(f"Scores on `{n_cls}`") < mv1.description.index("Scores on `davis-mini`")
+    assert "**champion** (now v1)" in tracking.get_registered_model(name).description
+    # the Prefect table: reading order (k-NN 20 first, k numeric), the champion decision in its description
     table = _prefect_table(f"dino-evaluate-{name}-v{v1}")
     assert {row["metric"] for row in table} == set(m1)
+    order = [row["metric"] for row in table]
+    assert order[0] == "knn20_top1" and order.index("knn10_top1") < order.index("knn100_top1") < order.index(
+        "knn200_top1") < order.index("linear_approx_best_top1") < order.index("davis_jf_mean")
+    assert table[0]["value (%)"] == f"{low:.2f}" and table[0]["evaluation set"] == n_cls
 
     # Parquet on S3: schema, metadata, labels of val remapped onto the training classes (class0 absent)
     schema = pq.read_schema(pa.BufferReader(_first_part(r1["features"]["cls"], "val")))
@@ -149,22 +189,52 @@ def test_evaluate_and_reevaluate_move_champion(toy, tracking, s3_bucket, shared_
     assert r2["version"] == v2 and r2["evaluation_sets"]["classification"] == h_cls
     assert r2["metrics"]["knn20_top1"] == pytest.approx(100.0)
     assert r2["champion"]["moved"] and r2["champion"]["previous"] == v1
-    assert r2["champion"]["previous_score"] == low
+    assert r2["champion"]["previous_score"] == round(low, 2)
     assert tracking.get_model_version_by_alias(name, "champion").version == str(v2)
 
-    # v3 (degenerate again): reevaluate picks only the version missing knn20_top1 on this set; not better -> stays
+    # v3 (degenerate again): reevaluate picks only the version missing knn20_top1 on this set; not better -> stays.
+    # v4 carries the score in the earlier tag layout (eval.<set hash>.<metric>): it has it, so it is skipped
     v3 = _register(name, tmp_path, degenerate=True)
+    v4 = _register(name, tmp_path, degenerate=True)
+    tracking.set_model_version_tag(name, str(v4), f"eval.{h_cls}.knn20_top1", repr(low))
     rr = dino_reevaluate(name, knn_only, missing_metric="knn20_top1")
-    assert sorted(rr["evaluated"]) == [v3] and rr["missing_tag"] == f"eval.{h_cls}.knn20_top1"
+    assert sorted(rr["evaluated"]) == [v3] and rr["missing_tag"] == f"eval.{n_cls}.knn20_top1"
     d3 = rr["evaluated"][v3]["champion"]
     assert not d3["moved"] and d3["previous"] == v2 and "not better" in d3["reason"]
     assert tracking.get_model_version_by_alias(name, "champion").version == str(v2)
-    assert float(tracking.get_model_version(name, str(v3)).tags[f"eval.{h_cls}.knn20_top1"]) == low
+    assert tracking.get_model_version(name, str(v3)).tags[f"eval.{n_cls}.knn20_top1"] == f"{low:.2f}"
+    summary = _prefect_markdown(f"dino-reevaluate-{name}")
+    assert f"Selected versions without k-NN 20 top-1 on `{n_cls}`" in summary and f"| v{v3} | evaluated" in summary
+    assert f"champion unchanged: k-NN 20 top-1 {low:.2f} vs champion v{v2} 100.00: not better" in summary
+    assert f"**Alias moves**: none; champion is v{v2}." in summary
 
     # the other policies
-    assert not update_champion.fn(name, v3, "knn20_top1", h_cls, low, "never")["moved"]
-    assert update_champion.fn(name, v3, "knn20_top1", h_cls, low, "always")["moved"]
+    assert not update_champion.fn(name, v3, "knn20_top1", n_cls, h_cls, low, "never")["moved"]
+    assert update_champion.fn(name, v3, "knn20_top1", n_cls, h_cls, low, "always")["moved"]
     assert tracking.get_model_version_by_alias(name, "champion").version == str(v3)
+
+
+def test_a_set_name_with_a_new_hash_drops_the_old_sets_scores(tracking):
+    """Tags of a set name measured on other data or settings (another hash) are replaced, never mixed: a score
+    left from the old set would read as one of the new set."""
+    from tasks.evaluation import score_tags, tag_model_version
+
+    name = f"retag-{secrets.token_hex(3)}"
+    tracking.create_registered_model(name)
+    version = int(tracking.create_model_version(name, "s3://nowhere/model").version)
+    fam = {"knn20_top1": "classification", "linear_approx_best_top1": "classification"}
+    tag_model_version.fn(name, version, score_tags({"knn20_top1": 70.0, "linear_approx_best_top1": 75.0}, fam,
+                                                   {"classification": "a" * 12}, "RUN1", {"classification": "toy"}))
+    # the same hash again, k-NN only: the probe's score stays (still measured on this set)
+    tag_model_version.fn(name, version, score_tags({"knn20_top1": 71.0}, fam, {"classification": "a" * 12},
+                                                   "RUN2", {"classification": "toy"}))
+    tags = tracking.get_model_version(name, str(version)).tags
+    assert tags["eval.toy.knn20_top1"] == "71.00" and tags["eval.toy.linear_approx_best_top1"] == "75.00"
+    # another hash under the same name: the probe's old score goes
+    tag_model_version.fn(name, version, score_tags({"knn20_top1": 50.0}, fam, {"classification": "b" * 12},
+                                                   "RUN3", {"classification": "toy"}))
+    tags = {k: v for k, v in tracking.get_model_version(name, str(version)).tags.items() if k.startswith("eval.")}
+    assert tags == {"eval.toy.knn20_top1": "50.00", "eval.toy.set_hash": "b" * 12, "eval.toy.run_id": "RUN3"}
 
 
 def _first_part(uri: str, split: str) -> bytes:
@@ -307,17 +377,16 @@ def test_bf16_extraction_records_knn_parity_with_fp32(toy, tracking, tmp_path):
     settings = EvaluationSettings(
         train_data=toy["train"], val_data=toy["val"], features_root=str(tmp_path / "feats"), evaluations=["knn"],
         knn_ks=[1, 20], precision="bf16", bf16_parity_train_samples=16, bf16_parity_val_samples=None,
-        champion_policy="never", **FAST)
+        champion_policy="never", report=False, **FAST)
     res = dino_evaluate(f"models:/{name}/{version}", settings)
     m = res["metrics"]
-    assert set(m) == {"knn1_top1", "knn1_top5", "knn20_top1", "knn20_top5", "knn1_top1_bf16_minus_fp32",
-                      "knn20_top1_bf16_minus_fp32"}
+    assert set(m) == {"knn1_top1", "knn20_top1", "knn1_top1_bf16_minus_fp32", "knn20_top1_bf16_minus_fp32"}
     # the toy classes are far apart: bf16 rounding changes no prediction, so both precisions agree exactly
     assert m["knn20_top1"] == pytest.approx(100.0) and m["knn20_top1_bf16_minus_fp32"] == 0.0
     assert read_features(res["features"]["cls"], "val")[3]["precision"] == "bf16"
-    h = res["evaluation_sets"]["classification"]
+    n = res["evaluation_set_names"]["classification"]
     tags = tracking.get_model_version(name, str(version)).tags
-    assert float(tags[f"eval.{h}.knn1_top1_bf16_minus_fp32"]) == m["knn1_top1_bf16_minus_fp32"]
+    assert tags[f"eval.{n}.knn1_top1_bf16_minus_fp32"] == f"{m['knn1_top1_bf16_minus_fp32']:.2f}"
     # fp32 (the reference) has no parity metric
     assert metric_family("knn20_top1_bf16_minus_fp32", settings.model_copy(update={"precision": "fp32"})) is None
 

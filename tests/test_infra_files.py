@@ -93,6 +93,7 @@ def test_reevaluation_is_scheduled_with_cron_and_its_own_parameters():
     (schedule,) = nightly["schedules"]
     cron = CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))  # Prefect's own validation
     assert cron.cron == "0 3 * * *" and schedule["active"] is True
+    assert schedule["timezone"] == cron.timezone == "UTC"  # explicit: the UI shows the time with its zone
     settings = nightly["parameters"]["settings"]
     assert settings["train_data"] and settings["val_data"] and nightly["parameters"]["registered_model"]
     from tasks.evaluation import EvaluationSettings

@@ -5,6 +5,7 @@ failures."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -75,6 +76,17 @@ def tracking(mlflow_on_s3, monkeypatch):
     return MlflowClient(mlflow_on_s3.url)
 
 
+def _last_progress_description() -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                                             sort=ArtifactSort.CREATED_DESC, limit=1)
+    return artifact.description
+
+
 def _steps(client, run_id, key="loss"):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
@@ -110,6 +122,21 @@ def test_pretrain_two_processes_tracks_and_registers(tiny_shards, tracking, tmp_
     mv = client.get_model_version_by_alias("dino-e2e", "candidate")
     assert int(mv.version) == out["version"] == 1
     assert mv.tags["dataset_hash"] == out["dataset_hash"] and mv.tags["architecture"] == "vit_tiny/16"
+    # the machines (from the trainer's start record), the model card, the registered model's description, the
+    # experiment marked as model training
+    assert run.data.tags["hardware"] == "2 processes on cpu, fp32, global batch 8"
+    assert run.data.tags["dataset_samples"] == "32"
+    card = mv.description
+    assert card.startswith("not evaluated yet · DINO vit_tiny/16 trained on ")
+    assert "- **hardware**: 2 processes on cpu, fp32, global batch 8" in card
+    assert f"hash `{out['dataset_hash'][:12]}`" in card and "32 samples" in card
+    assert "- **training**: 2 epochs configured, last step logged in epoch 2 · 8 steps (last logged)" in card
+    assert "Not evaluated yet" in card
+    assert "**candidate** (now v1)" in client.get_registered_model("dino-e2e").description
+    assert client.get_experiment_by_name("e2e").tags["mlflow.experimentKind"] == "custom_model_development"
+    # the Prefect progress card ends with where training stopped: step x/y, epoch, loss, speed, time left, status
+    assert re.fullmatch(r"step 8/8 \(100\.0 %\) · epoch 2/2 · loss \d+\.\d{4} · [\d,]+ img/s · ETA 0 s · completed",
+                        _last_progress_description())
 
     from dino_model.export import load_backbone
     import torch

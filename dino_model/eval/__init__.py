@@ -6,6 +6,8 @@
 * :mod:`.linear_probe` — the linear probe on a frozen backbone (and a fast, approximate one on cached features).
 * :mod:`.attention_maps` — last-block [CLS] attention, the 60 %-mass masks, overlays and Jaccard scores.
 * :mod:`.davis_propagation` / :mod:`.davis_metrics` — DAVIS-2017 semi-supervised label propagation and J&F.
+* :mod:`.score_names` — how scores are named, ordered, rounded and labelled (every score in percent).
+* :mod:`.report` / :mod:`.report_figures` — the self-contained HTML evaluation report and its matplotlib figures.
 """
 
 from .attention_maps import analyze_image, attention_masks, davis_attention_scores, jaccard_scores, render_png

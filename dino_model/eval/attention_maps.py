@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -226,10 +227,13 @@ def davis_attention_scores(
     threshold: float = DEFAULT_THRESHOLD,
     render: bool = True,
     device: str | torch.device | None = None,
+    renderer: Callable[[AttentionResult, str], bytes] | None = None,
 ) -> DavisAttentionScores:
     """Score attention masks on DAVIS frames: every ``frame_step``-th annotated frame (of the first ``max_frames``)
     of each sequence (default: the image set's), foreground = any object label (void ignored). Scores are the
-    per-frame best-head / mean-over-heads / union-of-heads Jaccards averaged over frames."""
+    per-frame best-head / mean-over-heads / union-of-heads Jaccards averaged over frames. With ``render``, each
+    sequence's first scored frame is drawn by ``renderer(result, "<sequence> frame <name>")`` (default: the
+    unlabelled strip of :func:`render_png`)."""
     from .davis_propagation import list_sequences, load_sequence, read_frame, read_mask
     from .davis_metrics import VOID_LABEL
 
@@ -249,7 +253,8 @@ def davis_attention_scores(
             res = analyze_image(backbone, read_frame(frame_path), fg, size, threshold, device)
             frames.append((seq.name, frame_path.stem, res.scores))
             if render and seq.name not in overlays:
-                overlays[seq.name] = render_png(res)
+                overlays[seq.name] = (renderer(res, f"{seq.name} frame {frame_path.stem}") if renderer
+                                      else render_png(res))
     if not frames:
         raise ValueError("no annotated DAVIS frame to score")
     return DavisAttentionScores(

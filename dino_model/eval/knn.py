@@ -190,3 +190,38 @@ def knn_classify(
             hits5[k] += int(correct.any(dim=1).sum().item())
     n = te_f.shape[0]
     return {k: {"top1": 100.0 * hits1[k] / n, "top5": 100.0 * hits5[k] / n} for k in ks}
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats,
+    train_labels,
+    test_feats,
+    k: int = 20,
+    T: float = DEFAULT_T,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65536,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """The weighted k-NN's top-1 class of every test row (int64 ``[N]``), with the rules and tie breaks of
+    :func:`knn_classify`: its per-row predictions, for per-class accuracies and confusion matrices."""
+    tr_f = _as_tensor(train_feats, "train_feats")
+    te_f = _as_tensor(test_feats, "test_feats")
+    tr_l = _as_tensor(train_labels, "train_labels").long().reshape(-1)
+    if tr_f.dim() != 2 or te_f.dim() != 2 or tr_f.shape[1] != te_f.shape[1] or tr_f.shape[0] != tr_l.shape[0]:
+        raise ValueError(f"features must be [N, D] with one label per training row, got train {tuple(tr_f.shape)}, "
+                         f"{tr_l.shape[0]} labels, test {tuple(te_f.shape)}")
+    if tr_f.shape[0] == 0:
+        raise ValueError("train_feats is empty: the k-NN needs at least one training feature")
+    num_classes = int(tr_l.max().item()) + 1 if num_classes is None else num_classes
+    device = torch.device(device) if device is not None else tr_f.device
+    tr_f = F.normalize(tr_f.to(device, torch.float32), dim=1)
+    tr_l = tr_l.to(device)
+    kk = min(k, tr_f.shape[0])
+    out = []
+    for start in range(0, te_f.shape[0], chunk_size):
+        q = F.normalize(te_f[start : start + chunk_size].to(device, torch.float32), dim=1)
+        sims, idx = nearest_neighbors(tr_f, q, kk, train_chunk_size)
+        out.append(rank_predictions(vote(sims, tr_l[idx], num_classes, T), top=1)[:, 0].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)

@@ -101,6 +101,32 @@ class EvalShardSet:
                 break
             yield from self._source.iter_unit(index, max(start - lo, 0), min(stop, hi) - lo)
 
+    def fetch(self, indices: Sequence[int]) -> dict[int, tuple[str, bytes, int]]:
+        """``{index: (key, encoded image, label)}`` of the samples at ``indices`` (manifest order). Each shard
+        holding one of them is read once, from its first wanted sample to its last (a tar stream cannot seek), so
+        a few samples scattered over a large set cost a partial read of their shards, not of the set."""
+        wanted = sorted({int(i) for i in indices})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < self.num_samples:
+            raise IndexError(f"sample index out of range [0, {self.num_samples}) in {wanted[0]}..{wanted[-1]}")
+        out: dict[int, tuple[str, bytes, int]] = {}
+        offset, pos = 0, 0
+        for index, unit in enumerate(self._source.units):
+            lo, hi = offset, offset + unit.samples
+            offset = hi
+            mine = []
+            while pos < len(wanted) and wanted[pos] < hi:
+                mine.append(wanted[pos])
+                pos += 1
+            if not mine:
+                continue
+            start = mine[0] - lo
+            for j, sample in enumerate(self._source.iter_unit(index, start, mine[-1] - lo + 1)):
+                if lo + start + j in mine:
+                    out[lo + start + j] = sample
+            if pos == len(wanted):
+                break
+        return out
+
     def batches(
         self,
         batch_size: int,

@@ -113,10 +113,12 @@ def use_embedded_mlflow(folder: str) -> None:
 
 def print_mlflow_hint() -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    # MLflow 3.17's UI opens in its GenAI view unless the link asks for the model-training one
     if uri.startswith("sqlite:"):
-        print(f"browse the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+        print(f"browse the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then open "
+              "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
     elif uri:
-        print(f"browse the runs: {uri}")
+        print(f"browse the runs: {uri.rstrip('/')}/#/experiments?workflowType=machine_learning")
 
 
 def size_or_none(text: str) -> int | None:

@@ -86,13 +86,20 @@ def evaluation_settings(args: argparse.Namespace):
 
 
 def print_scores(result: dict) -> None:
+    from dino_model.eval.score_names import ordered
+
     print(f"{result['model_uri']}  (MLflow evaluation run {result['run_id']})")
+    names = result.get("evaluation_set_names") or {}
     for fam, h in result["evaluation_sets"].items():
-        print(f"  evaluation set {fam}: {h}  (version tags eval.{h}.<metric>)")
+        name = names.get(fam, h)
+        print(f"  evaluation set {name} ({fam}, hash {h}): version tags eval.{name}.<metric>")
     width = max([len(m) for m in result["metrics"]] + [6])
-    print(f"  {'metric':<{width}}  value")
-    for metric, value in sorted(result["metrics"].items()):
+    print(f"  {'metric':<{width}}  value (%)")
+    for metric in ordered(result["metrics"]):
+        value = result["metrics"][metric]
         note = "  (approximate: cached features)" if metric.startswith("linear_approx_") else ""
-        print(f"  {metric:<{width}}  {value:.4f}{note}")
+        print(f"  {metric:<{width}}  {value:.2f}{note}")
     c = result["champion"]
     print(f"  champion: {'moved to v' + str(result['version']) if c['moved'] else 'unchanged'} ({c['reason']})")
+    if result.get("report"):
+        print(f"  report: {result['report']} (artifact of the MLflow evaluation run)")

@@ -150,11 +150,13 @@ def _report(out: dict) -> None:
     print(f"registered:    models:/{trained['registered_model']}/{trained['version']} (alias 'candidate')")
     print(f"export:        {trained['export_uri']} (timm-loadable safetensors)")
     print()
+    from dino_model.eval.score_names import ordered
+
     metrics = evaluated["metrics"]
     width = max(len(m) for m in metrics) if metrics else 6
-    print(f"{'metric':<{width}}  value")
+    print(f"{'metric':<{width}}  value (%)")
     print(f"{'-' * width}  ------")
-    for name in sorted(metrics):
+    for name in ordered(metrics):
         if name.startswith("davis_seq_"):
             continue
         note = "  (approximate: fast probe on cached features)" if name.startswith("linear_approx_") else ""

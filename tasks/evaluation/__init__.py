@@ -6,7 +6,8 @@
 ``preflight.py``    every bad input reported before a model runs; the evaluation-set hashes
 ``features.py``     backbone features of a shard set → Parquet (in-process or ``torchrun``)
 ``scores.py``       k-NN (+ bf16 parity), fast and full linear probes, attention maps, DAVIS J&F
-``recording.py``    MLflow evaluation run, version tags, Prefect table artifact, ``champion`` alias
+``recording.py``    MLflow evaluation run (inputs, linked metrics), version tags, Prefect artifacts, ``champion``
+``report.py``       the HTML evaluation report (:mod:`dino_model.eval.report`) logged to the evaluation run
 ``common.py``       the two input errors and the run logger
 ==================  ==================================================================================
 
@@ -14,14 +15,22 @@ Each task does one thing with at most one side effect; clients (MLflow, boto3 th
 are created inside the task; no task caches (every one reads state that changes). The computations themselves
 live in :mod:`dino_model.eval`. Import the tasks from this package (``from tasks.evaluation import knn_scores``).
 
-Where scores go (``H`` = the evaluation-set hash of the score's family, see :func:`evaluation_set_hashes`):
+Where scores go (``N`` = the evaluation set's name, ``H`` its hash, see :func:`evaluation_set_names` and
+:func:`evaluation_set_hashes`; every score in percent):
 
-* the MLflow **model version**: tags ``eval.<H>.<metric>`` (e.g. ``eval.3f2a9c01b7de.knn20_top1``), plus
-  ``eval.<H>.run_id`` (the evaluation run) and ``eval.<H>.set`` (what the set is);
-* an MLflow **evaluation run** (experiment ``dino-evaluate`` by default): the same metrics, linked to the version's
-  LoggedModel (``mlflow.log_metrics(..., model_id=...)``) so they also show on the logged model; attention
-  overlays as PNG artifacts under ``attention/``;
-* a Prefect **table artifact** ``dino-evaluate-<model>-v<version>``;
+* the MLflow **model version**: tags ``eval.<N>.<metric>`` (e.g. ``eval.imagenette-128-val.knn20_top1`` =
+  ``85.12``, 2 decimals), plus ``eval.<N>.set_hash`` (= ``H``: scores are comparable only under one hash) and
+  ``eval.<N>.run_id`` (the evaluation run); its description, the **model card**
+  (:mod:`tasks.model_card`), is rewritten with the scores. Versions scored before sets had names carry
+  ``eval.<H>.<metric>`` (full precision, attention / DAVIS as fractions): :func:`recorded_score` reads both, so
+  ``dino-reevaluate`` does not re-evaluate them and the champion policy compares with them;
+* an MLflow **evaluation run** (experiment ``dino-evaluate`` by default), named by what it evaluates
+  (``dino-backbone-v3 knn+linear_fast on imagenette-128-val``): the metrics unrounded, each linked to the
+  version's LoggedModel and to a stand-in LoggedModel of the run (the UI's Model column) and to its data set
+  (``log_inputs``: the Dataset column); the **evaluation report** ``report/evaluation-report.html``
+  (:func:`build_evaluation_report`); attention overlays under ``attention/``;
+* Prefect artifacts: a **table** ``dino-evaluate-<model>-v<version>`` (scores in reading order, champion
+  decision, links) and, for ``dino-reevaluate``, a **summary** ``dino-reevaluate-<model>``;
 * the alias ``champion`` moves to the version when the champion policy says so (:func:`update_champion`).
 
 Metric names: ``knn<k>_top1`` / ``knn<k>_top5``; ``linear_approx_best_top1`` / ``linear_approx_final_top1`` /
@@ -29,9 +38,10 @@ Metric names: ``knn<k>_top1`` / ``knn<k>_top5``; ``linear_approx_best_top1`` / `
 protocol); ``linear_best_top1`` / ``linear_final_top1`` / ``linear_final_top5`` (the full protocol);
 ``attn_jaccard_best_head`` / ``attn_jaccard_mean_heads`` / ``attn_jaccard_union_heads``; ``davis_jf_mean``,
 ``davis_j_mean``, ``davis_f_mean``, ``davis_j_recall``, ``davis_f_recall``, ``davis_j_decay``, ``davis_f_decay``
-and ``davis_seq_<sequence>_jf``. Accuracies in percent, DAVIS and Jaccard scores in [0, 1].
-With ``precision="bf16"`` the k-NN also gets its parity check against the fp32 reference
-(:func:`knn_bf16_parity`): ``knn<k>_top1_bf16_minus_fp32`` (percentage points, on a bounded subset).
+and ``davis_seq_<sequence>_jf`` (on the run only). All in percent (:mod:`dino_model.eval.score_names`); top-5
+only for sets of at least 10 classes. With ``precision="bf16"`` the k-NN also gets its parity check against the
+fp32 reference (:func:`knn_bf16_parity`): ``knn<k>_top1_bf16_minus_fp32`` (percentage points, on a bounded
+subset).
 
 Feature extraction runs in the task's process by default; ``nproc_per_node > 1`` launches
 ``torchrun -m dino_model.eval.extract`` (one process per GPU, each over its own contiguous range of the samples,
@@ -40,17 +50,29 @@ see :mod:`dino_model.eval.extract`) and follows its output like the trainer's.
 
 from .common import EvaluationInputError, ModelVersionNotFound
 from .features import extract_split_features, features_location
-from .preflight import check_evaluation_inputs, check_extraction_input, evaluation_set_hashes
+from .preflight import (
+    check_evaluation_inputs,
+    check_extraction_input,
+    default_set_name,
+    evaluation_set_hashes,
+    evaluation_set_names,
+)
 from .recording import (
     CHAMPION_ALIAS,
+    describe_evaluation_run,
     end_evaluation_run,
+    is_version_tag_metric,
+    link_evaluation_run,
     log_evaluation_metrics,
     open_evaluation_run,
+    publish_reevaluation_summary,
     publish_scores,
+    recorded_score,
     score_tags,
     tag_model_version,
     update_champion,
 )
+from .report import REPORT_PATH, build_evaluation_report
 from .registry import find_versions_to_evaluate, parse_model_uri, resolve_model_version
 from .scores import (
     attention_scores,
@@ -61,34 +83,44 @@ from .scores import (
     linear_probe_fast,
     linear_probe_full,
 )
-from .settings import EvaluationSettings, metric_family, version_tag
+from .settings import EvaluationSettings, metric_family, set_hash_tag, version_tag
 
 __all__ = [
     "CHAMPION_ALIAS",
     "EvaluationInputError",
     "EvaluationSettings",
     "ModelVersionNotFound",
+    "REPORT_PATH",
     "attention_scores",
     "bf16_parity_metrics",
+    "build_evaluation_report",
     "check_evaluation_inputs",
     "check_extraction_input",
     "davis_scores",
+    "describe_evaluation_run",
+    "default_set_name",
     "end_evaluation_run",
     "evaluation_set_hashes",
+    "evaluation_set_names",
     "extract_split_features",
     "features_location",
     "find_versions_to_evaluate",
+    "is_version_tag_metric",
     "knn_bf16_parity",
     "knn_scores",
     "linear_probe_fast",
     "linear_probe_full",
+    "link_evaluation_run",
     "log_evaluation_metrics",
     "metric_family",
     "open_evaluation_run",
     "parse_model_uri",
+    "publish_reevaluation_summary",
     "publish_scores",
+    "recorded_score",
     "resolve_model_version",
     "score_tags",
+    "set_hash_tag",
     "tag_model_version",
     "update_champion",
     "version_tag",

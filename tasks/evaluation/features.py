@@ -47,6 +47,16 @@ def features_location(root: str, model_name: str, version: int, set_hash: str, k
     return f"{root.rstrip('/')}/{model_name}/v{version}/{set_hash}/{kind.replace('+', '-')}"
 
 
+def progress_title(split: str, model_uri: str, n_last_blocks: int, avgpool: bool, samples: int,
+                   processes: int = 1) -> str:
+    """The progress card's title, distinct per feature kind and split: ``features cls_last4 of models:/m/3, split
+    train: 9469 samples`` (``cls``: the [CLS] token the k-NN uses; ``cls_last<n>[+avgpool]``: the probe's)."""
+    from dino_model.eval.features import feature_kind
+
+    text = f"features {feature_kind(n_last_blocks, avgpool)} of {model_uri}, split {split}: {samples} samples"
+    return text + (f", {processes} processes" if processes > 1 else "")
+
+
 class _Progress:
     """Reports extraction progress as a Prefect progress artifact (at most every 2 s) inside a run."""
 
@@ -109,7 +119,8 @@ def extract_split_features(
     device = resolve_device(device)
     shards = EvalShardSet(data)
     backbone = load_model(model_uri, device)
-    progress = _Progress(shards.num_samples, f"features[{split}] of {model_uri}")
+    progress = _Progress(shards.num_samples, progress_title(split, model_uri, n_last_blocks, avgpool,
+                                                            shards.num_samples))
     meta = {**metadata, "model_uri": model_uri, "data": shards.uri, "data_digest": shards.digest(),
             "classes_from": metadata.get("classes_from", shards.uri)}
     res = extract_features(
@@ -154,7 +165,8 @@ def _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_siz
     if label_map is not None:
         args += ["--label-map", ",".join(str(int(v)) for v in label_map)]
     cmd = torchrun_command(LaunchSpec(nproc_per_node=nproc_per_node), None, args, module="dino_model.eval.extract")
-    progress = _Progress(shards.num_samples, f"features[{split}] of {model_uri} ({nproc_per_node} processes)")
+    progress = _Progress(shards.num_samples, progress_title(split, model_uri, n_last_blocks, avgpool,
+                                                            shards.num_samples, nproc_per_node))
     done_by_rank: dict[int, int] = {}
 
     def on_progress(record: dict) -> None:

@@ -1,22 +1,28 @@
 """Pre-flight: every bad input (shard sets, classes, DAVIS sequences and masks, device, writable feature root) is
 reported before a model runs; and the evaluation-set hashes that make two scores comparable. The checks that need
 no side effect are :mod:`tasks.validation.evaluation_inputs` (also run by the ``dino`` command before Prefect
-starts); the tasks add the device's presence and a probe write to the features root."""
+starts); the tasks add the device's presence and a probe write to the features root. Also the sets' human names
+(the ``<name>`` of the version tags ``eval.<name>.<metric>``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dino_model.eval.score_names import TOP5_MIN_CLASSES
 from tasks.validation import check_extraction_request, evaluation_inputs
 
 from .common import EvaluationInputError, run_logger
-from .settings import CLASSIFICATION, VIDEO, EvaluationSettings, resolve_device
+from .settings import CLASSIFICATION, VIDEO, EvaluationSettings, resolve_device, set_name_problem
+
+#: Folder or shard-set names that say only which split a set is: not a name by themselves.
+_SPLIT_WORDS = {"train", "training", "val", "valid", "validation", "test", "eval", "evaluation", "shards"}
 
 
 def _digest(obj: Any) -> str:
@@ -59,6 +65,11 @@ def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
             open_store(settings.features_root).check_writable()
         except (ValueError, StorageError, OSError) as e:
             found.problems.append(f"features_root: {settings.features_root} is not writable: {e}")
+    if (found.train is not None and settings.champion_policy != "never" and settings.champion_metric.endswith("_top5")
+            and len(found.train.classes) < TOP5_MIN_CLASSES):
+        found.problems.append(f"champion_metric: {settings.champion_metric} is not reported for the "
+                              f"{len(found.train.classes)} classes of {found.train.uri} (top-5 needs at least "
+                              f"{TOP5_MIN_CLASSES}); choose a top-1 metric")
     found.raise_problems()
     logger = run_logger()
     for warning in found.warnings:
@@ -80,6 +91,12 @@ def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
                        settings.linear_fast_epochs, settings.linear_batch_size, settings.linear_base_lr],
         })
         facts["classification_set"] = f"train={train.uri} ({train.num_samples}); val={val.uri} ({val.num_samples})"
+        facts["classification_name"] = settings.classification_set_name or default_set_name(
+            val.uri, val.manifest.name)
+        facts["classification_datasets"] = {
+            split: {"uri": s.uri, "name": default_set_name(s.uri, s.manifest.name),
+                    "digest": s.manifest.digest()[:12], "samples": s.num_samples, "classes": len(s.classes)}
+            for split, s in (("train", train), ("val", val))}
 
     if any(e in VIDEO for e in chosen):
         root, names = found.davis_root, [seq.name for seq in found.davis_sequences]
@@ -91,6 +108,7 @@ def check_evaluation_inputs(settings: EvaluationSettings) -> dict[str, Any]:
                           settings.attention_threshold],
         })
         facts["video_set"] = f"davis={root} ({', '.join(names)})"
+        facts["video_name"] = settings.video_set_name or default_set_name(str(Path(root).resolve()), "")
         facts["davis_sequences"] = names
     logger.info("inputs ok: %s", {k: v for k, v in facts.items() if k not in ("label_map", "class_alignment")})
     return facts
@@ -125,6 +143,27 @@ def class_alignment(train_classes: list[str], val_classes: list[str], label_map:
         "classes.train_sha256": class_map_sha256(list(train_classes)),
         "classes.val_sha256": class_map_sha256(list(val_classes)),
     }
+
+
+def default_set_name(uri: str, manifest_name: str) -> str:
+    """A shard set's (or a DAVIS folder's) human name: its manifest name, else its folder's name, else (when
+    those only name a split, e.g. ``val``) the parent folder's name joined to it: ``.../imagenette-128/val`` ->
+    ``imagenette-128-val``; characters a tag key cannot hold become ``-``."""
+    parts = [p for p in re.split(r"[/\\]+", uri.split("://", 1)[-1].rstrip("/\\")) if p]
+    candidates = [manifest_name, parts[-1] if parts else ""]
+    if len(parts) >= 2:
+        candidates.append(f"{parts[-2]}-{parts[-1]}")
+    for raw in candidates:
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", raw or "").strip("-_")[:64].rstrip("-_")
+        if name and name.lower() not in _SPLIT_WORDS and set_name_problem(name) is None:
+            return name
+    return "evaluation-set"
+
+
+def evaluation_set_names(facts: dict[str, Any]) -> dict[str, str]:
+    """``{"classification": name, "video": name}`` (those that apply): the names of the version tags
+    ``eval.<name>.<metric>``; the set's hash goes in its own tag ``eval.<name>.set_hash``."""
+    return {fam: facts[f"{fam}_name"] for fam in ("classification", "video") if f"{fam}_name" in facts}
 
 
 def evaluation_set_hashes(facts: dict[str, Any]) -> dict[str, str]:

@@ -51,12 +51,16 @@ def resolve_model_version(model: str) -> dict[str, Any]:
 
 
 @task(name="find-versions-to-evaluate", cache_policy=NO_CACHE)
-def find_versions_to_evaluate(registered_model: str, missing_tag: str | None = None,
+def find_versions_to_evaluate(registered_model: str, missing: dict[str, str] | None = None,
                               versions: list[int] | None = None) -> list[int]:
     """Versions of ``registered_model`` (ascending) to evaluate: all of them (or those in ``versions``), keeping
-    only those without the tag ``missing_tag`` when it is given."""
+    only, when ``missing`` (``{"metric", "set_name", "set_hash"}``) is given, those without that score on that
+    evaluation set — in the version tags ``eval.<set name>.<metric>`` under the same ``eval.<set name>.set_hash``,
+    or the earlier layout ``eval.<set hash>.<metric>`` (:func:`tasks.evaluation.recording.recorded_score`)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from .recording import recorded_score
 
     client = MlflowClient()
     try:
@@ -64,18 +68,20 @@ def find_versions_to_evaluate(registered_model: str, missing_tag: str | None = N
     except MlflowException as e:
         raise ModelVersionNotFound(f"registered model {registered_model!r} does not exist") from e
     found = []
-    for mv in client.search_model_versions(f"name = '{registered_model}'"):
+    all_versions = client.search_model_versions(f"name = '{registered_model}'")
+    for mv in all_versions:
         if versions and int(mv.version) not in versions:
             continue
-        if missing_tag and missing_tag in (mv.tags or {}):
+        if missing and recorded_score(dict(mv.tags or {}), missing["set_name"], missing["set_hash"],
+                                      missing["metric"]) is not None:
             continue
         found.append(int(mv.version))
     if versions:
-        unknown = sorted(set(versions) - {int(mv.version) for mv in
-                                         client.search_model_versions(f"name = '{registered_model}'")})
+        unknown = sorted(set(versions) - {int(mv.version) for mv in all_versions})
         if unknown:
             raise ModelVersionNotFound(f"registered model {registered_model!r} has no version(s) {unknown}")
     found.sort()
-    run_logger().info("%d version(s) of %s to evaluate%s: %s", len(found), registered_model,
-                   f" (missing {missing_tag})" if missing_tag else "", found)
+    what = (f" (missing {missing['metric']} on {missing['set_name']}, set hash {missing['set_hash']})"
+            if missing else "")
+    run_logger().info("%d version(s) of %s to evaluate%s: %s", len(found), registered_model, what, found)
     return found

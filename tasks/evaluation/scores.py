@@ -1,6 +1,10 @@
 """The evaluations themselves, as tasks that return metrics (no side effect but the attention overlays and DAVIS
 predictions they are asked to write): weighted k-NN and its bf16 parity check, the fast and the full linear probe,
-attention-map Jaccard, DAVIS label propagation."""
+attention-map Jaccard, DAVIS label propagation.
+
+Every score is returned in percent (:mod:`dino_model.eval.score_names`: the library's attention and DAVIS
+fractions are multiplied by 100 here), and top-5 accuracies only for sets of at least 10 classes (below that they
+say nothing: with 5 classes top-5 is 100 %)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from dino_model.eval.score_names import TOP5_MIN_CLASSES, as_percent
 
 from .common import run_logger
 from .features import load_model
@@ -43,12 +49,24 @@ def knn_scores(features_uri: str, ks: list[int], temperature: float = 0.07, num_
     d = _read_pair(features_uri, expected)
     res = knn_classify(d["train"][1], d["train"][0], d["val"][1], d["val"][0], ks=ks, T=temperature,
                        num_classes=num_classes, device=resolve_device(device))
+    top5 = reports_top5(num_classes, d["train"][0])
     metrics = {}
     for k, r in res.items():
         metrics[f"knn{k}_top1"] = r["top1"]
-        metrics[f"knn{k}_top5"] = r["top5"]
+        if top5:
+            metrics[f"knn{k}_top5"] = r["top5"]
     run_logger().info("k-NN: %s", ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     return metrics
+
+
+def reports_top5(num_classes: int | None, train_labels=None) -> bool:
+    """Whether top-5 accuracy is reported: at least :data:`TOP5_MIN_CLASSES` classes (counted from the training
+    labels when ``num_classes`` is not given)."""
+    if num_classes is None and train_labels is not None:
+        import numpy as np
+
+        num_classes = int(np.max(train_labels)) + 1 if len(train_labels) else 0
+    return (num_classes or 0) >= TOP5_MIN_CLASSES
 
 
 def bf16_parity_metrics(bf16: dict[int, dict[str, float]], fp32: dict[int, dict[str, float]],
@@ -132,8 +150,9 @@ def linear_probe_fast(features_uri: str, epochs: int = 100, batch_size: int = 25
                                    batch_size=batch_size, base_lr=base_lr, num_classes=num_classes,
                                    device=resolve_device(device))
     assert res.approximate
-    metrics = {"linear_approx_best_top1": res.best_top1, "linear_approx_final_top1": res.final_top1,
-               "linear_approx_final_top5": res.final_top5}
+    metrics = {"linear_approx_best_top1": res.best_top1, "linear_approx_final_top1": res.final_top1}
+    if reports_top5(num_classes, d["train"][0]):
+        metrics["linear_approx_final_top5"] = res.final_top5
     run_logger().info("linear probe on cached features (approximate): %s", metrics)
     return metrics
 
@@ -170,23 +189,26 @@ def linear_probe_full(model_uri: str, train_data: str, val_data: str, label_map:
     )
     res = linear_probe(backbone, train_batches, val_batches, cfg, device=device,
                        on_epoch_end=lambda row: logger.info("linear probe epoch %d: %s", row["epoch"], row))
-    return {"linear_best_top1": res.best_top1, "linear_final_top1": res.final_top1,
-            "linear_final_top5": res.final_top5}
+    metrics = {"linear_best_top1": res.best_top1, "linear_final_top1": res.final_top1}
+    if reports_top5(num_classes):
+        metrics["linear_final_top5"] = res.final_top5
+    return metrics
 
 
 @task(name="attention-maps", cache_policy=NO_CACHE)
 def attention_scores(model_uri: str, settings: EvaluationSettings, run_id: str | None = None) -> dict[str, float]:
-    """Jaccard of the last block's attention masks (60 % mass per head) against DAVIS foreground masks:
-    ``attn_jaccard_best_head/mean_heads/union_heads``. Side effect: the overlay PNG of each sequence's first
-    scored frame is logged to the evaluation run under ``attention/``."""
+    """Jaccard of the last block's attention masks (60 % mass per head) against DAVIS foreground masks, in percent:
+    ``attn_jaccard_best_head/mean_heads/union_heads``. Side effect: each sequence's first scored frame, every head
+    drawn with its index and Jaccard, is logged to the evaluation run as ``attention/<sequence>.png``."""
     from dino_model.eval.attention_maps import davis_attention_scores
+    from dino_model.eval.report import attention_png
 
     device = resolve_device(settings.device)
     backbone = load_model(model_uri, device)
     res = davis_attention_scores(backbone, settings.davis_root, settings.davis_sequences,
                                  frame_step=settings.attention_frame_step, max_frames=settings.attention_max_frames,
                                  size=settings.attention_size, threshold=settings.attention_threshold,
-                                 render=run_id is not None, device=device)
+                                 render=run_id is not None, device=device, renderer=attention_png)
     if run_id is not None and res.overlays:
         from mlflow.tracking import MlflowClient
 
@@ -195,14 +217,15 @@ def attention_scores(model_uri: str, settings: EvaluationSettings, run_id: str |
             for seq, png in res.overlays.items():
                 Path(tmp, f"{seq}.png").write_bytes(png)
             client.log_artifacts(run_id, tmp, artifact_path="attention")
-    metrics = res.as_dict()
-    run_logger().info("attention maps on %d frames: %s", len(res.frames), metrics)
+    metrics = as_percent(res.as_dict())
+    run_logger().info("attention maps on %d frames: %s", len(res.frames),
+                      ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     return metrics
 
 
 @task(name="davis-label-propagation", cache_policy=NO_CACHE)
 def davis_scores(model_uri: str, settings: EvaluationSettings) -> dict[str, float]:
-    """DAVIS-2017 semi-supervised label propagation and the official J&F: ``davis_*`` metrics. Side effect: the
+    """DAVIS-2017 semi-supervised label propagation and the official J&F: ``davis_*`` metrics, in percent. Side effect: the
     predicted indexed PNGs under ``settings.davis_predictions_uri`` when set."""
     from dino_model.eval.davis_propagation import PropagationConfig, evaluate_davis
 
@@ -211,7 +234,7 @@ def davis_scores(model_uri: str, settings: EvaluationSettings) -> dict[str, floa
     cfg = PropagationConfig(short_side=settings.davis_short_side, multiple=settings.davis_multiple)
     res = evaluate_davis(backbone, settings.davis_root, settings.davis_sequences, settings.davis_predictions_uri,
                          cfg, max_frames=settings.davis_max_frames, device=device, progress=False)
-    metrics = res.scores.as_dict()
-    run_logger().info("DAVIS J&F %.4f (J %.4f, F %.4f) on %s", res.scores.jf_mean, res.scores.j_mean,
-                   res.scores.f_mean, res.sequences)
+    metrics = as_percent(res.scores.as_dict())
+    run_logger().info("DAVIS J&F %.2f %% (J %.2f, F %.2f) on %s", metrics["davis_jf_mean"], metrics["davis_j_mean"],
+                      metrics["davis_f_mean"], res.sequences)
     return metrics

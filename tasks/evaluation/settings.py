@@ -9,16 +9,19 @@ from __future__ import annotations
 from tasks.validation.evaluation_settings import (
     CLASSIFICATION,
     EVALUATIONS,
+    SET_HASH,
     VIDEO,
     EvaluationSettings,
     metric_family,
+    set_hash_tag,
+    set_name_problem,
     version_tag,
 )
 
 from .common import EvaluationInputError
 
-__all__ = ["CLASSIFICATION", "EVALUATIONS", "VIDEO", "EvaluationSettings", "metric_family", "resolve_device",
-           "version_tag"]
+__all__ = ["CLASSIFICATION", "EVALUATIONS", "SET_HASH", "VIDEO", "EvaluationSettings", "metric_family",
+           "resolve_device", "set_hash_tag", "set_name_problem", "version_tag"]
 
 
 def resolve_device(device: str) -> str:

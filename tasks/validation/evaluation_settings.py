@@ -71,6 +71,14 @@ class EvaluationSettings(BaseModel):
     attention_size: int = Field(480, description="Attention maps: short side of the frames fed to the model.")
     attention_threshold: float = Field(0.6, description="Attention mass kept by each head's mask (paper: 0.6).")
     experiment: str = Field("dino-evaluate", description="MLflow experiment of the evaluation runs.")
+    classification_set_name: str | None = Field(
+        None, description="Human name of the k-NN / linear-probe evaluation set, used in the version tags "
+                          "eval.<name>.<metric> and the model card; default: the val shard set's name (its "
+                          "manifest name, else its folder, e.g. imagenette-128-val).")
+    video_set_name: str | None = Field(
+        None, description="Human name of the attention / DAVIS evaluation set; default: the DAVIS folder's name.")
+    report: bool = Field(True, description="Build the HTML evaluation report (retrieval, per-class accuracy, "
+                                           "attention heads, DAVIS masks, feature map) and log it to the run.")
     champion_metric: str | None = Field(None, description="Metric deciding the 'champion' alias; None = knn20_top1 "
                                         "(or the first k), else the first of linear_approx_best_top1, "
                                         "linear_best_top1, davis_jf_mean, attn_jaccard_best_head that runs.")
@@ -102,6 +110,15 @@ class EvaluationSettings(BaseModel):
         if not v or any(k < 1 for k in v):
             raise ValueError(f"knn_ks must be a non-empty list of positive integers, got {v}")
         return sorted(set(v))
+
+    @field_validator("classification_set_name", "video_set_name")
+    @classmethod
+    def _set_name(cls, v: str | None, info):
+        if v is not None:
+            problem = set_name_problem(v)
+            if problem:
+                raise ValueError(f"{info.field_name} {v!r}: {problem}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -178,9 +195,31 @@ def metric_family(metric: str, settings: EvaluationSettings) -> str | None:
     return None
 
 
-def version_tag(set_hash: str, metric: str) -> str:
-    """The model-version tag holding ``metric`` measured on the evaluation set ``set_hash``."""
-    return f"eval.{set_hash}.{metric}"
+#: An evaluation set's hash: the first 12 hex digits of a sha256 (see ``preflight.evaluation_set_hashes``).
+SET_HASH = re.compile(r"[0-9a-f]{12}")
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def set_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an evaluation set in tag keys (``eval.<name>.<metric>``), or None."""
+    if not _SET_NAME.fullmatch(name):
+        return "use 1-64 letters, digits, '-' or '_', starting with a letter or digit (no dots: tag keys split on them)"
+    if SET_HASH.fullmatch(name):
+        return "12 hex digits read as an evaluation-set hash; choose a name"
+    return None
+
+
+def version_tag(set_name: str, metric: str) -> str:
+    """The model-version tag holding ``metric`` measured on the evaluation set named ``set_name``. Versions
+    evaluated before sets had names carry ``eval.<set hash>.<metric>`` instead (read by
+    :func:`tasks.evaluation.recording.recorded_score`)."""
+    return f"eval.{set_name}.{metric}"
+
+
+def set_hash_tag(set_name: str) -> str:
+    """The version tag holding the hash of the evaluation set named ``set_name``: a score under that name is
+    comparable with another only when their hashes match."""
+    return f"eval.{set_name}.set_hash"
 
 
 def describe_validation_error(error: ValidationError) -> str:
