@@ -249,11 +249,24 @@ def progress_reporter(logger) -> tuple[Any, Callable[[dict], None]]:
             if time.monotonic() - last_update[0] > 2.0:
                 last_update[0] = time.monotonic()
                 update_progress_artifact(progress_id, 100.0 * record["step"] / record["total_steps"])
-        elif event in ("start", "checkpoint", "epoch", "end", "error"):
+        elif event in ("start", "fast_path", "checkpoint", "epoch", "end", "error"):
             logger.info("trainer %s: %s", event,
-                        {k: v for k, v in record.items() if k not in ("event", "time", "config")})
+                        {k: v for k, v in record.items() if k not in ("event", "time", "config", "fast_path")})
+        for part, verdict in _fast_path_records(record).items():
+            log = logger.warning if verdict["status"] == "fallback" else logger.info
+            log("fast path %s: %s (%s)", part, verdict["verdict"], verdict["path"])
 
     return progress_id, on_progress
+
+
+def _fast_path_records(record: dict) -> dict[str, dict]:
+    """The fast-path verdicts a progress record carries (``start`` / ``end`` / ``error`` hold them under
+    ``fast_path``; a ``fast_path`` event is made of them)."""
+    if record.get("event") == "fast_path":
+        return {k: v for k, v in record.items() if isinstance(v, dict) and "verdict" in v}
+    if record.get("event") in ("start", "error"):
+        return dict(record.get("fast_path") or {})
+    return {}
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
@@ -366,6 +379,7 @@ def pretrain_summary(run_id: str, registered_model: str, version: int, end: dict
         f"- Data: {facts.get('samples', '?')} samples in {facts.get('shards', '?')} shards "
         f"(hash `{str(facts.get('dataset_hash', '-'))[:12]}`)",
         f"- Steps: {end.get('step', '?')}",
+        *[f"- Fast path · {part}: {r['verdict']} — {r['path']}" for part, r in (end.get("fast_path") or {}).items()],
         "",
         "| metric | last value |",
         "|---|---|",

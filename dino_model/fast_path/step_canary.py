@@ -250,13 +250,14 @@ def choose_step_path(model: DINO, optimizer: torch.optim.Optimizer, grad_scaler:
                                                         seed)
                     problem, measured = _compare(reference, twin, loss, skipped, start,
                                                  UNIT_ROUNDOFF[path.autocast_dtype])
+                    problem = problem and f"{path.describe()} vs fp32 eager: {problem}"
                     del twin
                 except Exception as error:  # noqa: BLE001 - a failing fast path is what the check is for
                     problem, measured = exception_reason(f"the {path.describe()} step", error), {}
                 figures.update({prefix + k: v for k, v in measured.items()})
                 if not problem:
                     return path, failure, figures
-                failure = (f"{failure}; " if failure else "") + f"{path.describe()} vs fp32 eager: {problem}"
+                failure = (f"{failure}; " if failure else "") + problem
         finally:
             if any(path.compiled for path in candidates):
                 torch._dynamo.reset()  # the copies' compiled code and CUDA-graph pools go with them

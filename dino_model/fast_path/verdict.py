@@ -32,6 +32,7 @@ __all__ = [
     "settle",
     "on_rank0",
     "exception_reason",
+    "combine",
     "tracking_records",
 ]
 
@@ -120,8 +121,9 @@ def exception_reason(what: str, error: BaseException) -> str:
     """``<what> raised <Type>: <first line>``, after logging the whole traceback once (the reason itself goes into
     tags and summaries, which want one line)."""
     log.warning("%s raised:\n%s", what, "".join(traceback.format_exception(error)).rstrip())
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    return f"{what} raised {type(error).__name__}: {first}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{what} raised {type(error).__name__}: {message[:300]}"
 
 
 def _number(v: Any) -> str:
@@ -130,6 +132,21 @@ def _number(v: Any) -> str:
     if isinstance(v, int) or (math.isfinite(v) and v == int(v) and abs(v) < 1e6):
         return str(int(v)) if isinstance(v, int) else f"{v:g}"
     return f"{v:.3g}"
+
+
+def combine(part: str, verdicts: dict[str, Verdict]) -> Verdict:
+    """One verdict for several checks of one part (e.g. an evaluation's extractions, keyed ``cls/train``...): a
+    fallback if any fell back (its reason names which), else verified if any was verified, else their common
+    status; the figures keyed ``<label>.<figure>``."""
+    if not verdicts:
+        raise ValueError("combine needs at least one verdict")
+    fell = {label: v for label, v in verdicts.items() if v.fell_back}
+    statuses = {v.status for v in verdicts.values()}
+    status = FALLBACK if fell else VERIFIED if VERIFIED in statuses else statuses.pop() if len(statuses) == 1 else OFF
+    paths = sorted({v.path for v in verdicts.values()})
+    return Verdict(part, status, ", ".join(paths), "; ".join(f"{label}: {v.reason}" for label, v in fell.items()),
+                   {f"{label}.{k}": x for label, v in verdicts.items() for k, x in v.figures.items()},
+                   sum(v.seconds for v in verdicts.values()))
 
 
 def tracking_records(records: dict[str, dict[str, Any]]) -> dict[str, str]:

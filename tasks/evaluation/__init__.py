@@ -31,7 +31,10 @@ protocol); ``linear_best_top1`` / ``linear_final_top1`` / ``linear_final_top5`` 
 ``davis_j_mean``, ``davis_f_mean``, ``davis_j_recall``, ``davis_f_recall``, ``davis_j_decay``, ``davis_f_decay``
 and ``davis_seq_<sequence>_jf``. Accuracies in percent, DAVIS and Jaccard scores in [0, 1].
 With ``precision="bf16"`` the k-NN also gets its parity check against the fp32 reference
-(:func:`knn_bf16_parity`): ``knn<k>_top1_bf16_minus_fp32`` (percentage points, on a bounded subset).
+(:func:`knn_bf16_parity`): ``knn<k>_top1_bf16_minus_fp32`` (percentage points, on a bounded subset). Each bf16
+extraction first checks bf16 against fp32 on its first batch (``fast_path_check``): the evaluation run's tag
+``fast_path.extract`` records the verdict (:func:`record_fast_path`); an extraction that fell back to fp32 has no
+parity to measure, so the parity check is skipped then.
 
 Feature extraction runs in the task's process by default; ``nproc_per_node > 1`` launches
 ``torchrun -m dino_model.eval.extract`` (one process per GPU, each over its own contiguous range of the samples,
@@ -47,6 +50,7 @@ from .recording import (
     log_evaluation_metrics,
     open_evaluation_run,
     publish_scores,
+    record_fast_path,
     score_tags,
     tag_model_version,
     update_champion,
@@ -78,6 +82,7 @@ __all__ = [
     "extract_split_features",
     "features_location",
     "find_versions_to_evaluate",
+    "record_fast_path",
     "knn_bf16_parity",
     "knn_scores",
     "linear_probe_fast",
