@@ -62,7 +62,7 @@ photos="$data"  # real photographs for the data check when carried (the syntheti
 timeout -k 10 "$FAST_PATH_S" python3 -m dino_model.fast_path --steps 0 data.source="\"$photos\"" \
     data.batch_size_per_gpu=32 data.num_workers=4 train.epochs=2 optim.warmup_epochs=1 ${FAST_PATH_ARGS:-} \
     2>&1 | tee "$OUT/fast-path.txt"
-echo "fast-path check exit: ${PIPESTATUS[0]} (0 = every fast path verified, 4 = a fallback)" | tee -a "$OUT/fast-path.txt"
+echo "fast-path check exit: ${PIPESTATUS[0]} (0 = no fallback, 4 = a fallback)" | tee -a "$OUT/fast-path.txt"
 
 # 3. speed table -------------------------------------------------------------------------------------------------
 # shellcheck disable=SC2086

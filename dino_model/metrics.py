@@ -24,7 +24,8 @@ lets a launcher add a logger to a ``torchrun`` child without editing this file.
     DINO_PROGRESS {"event": "step", "step": 120, "total_steps": 9000, "epoch": 1, ...}
 
 The JSON object always has ``event`` (``start``, ``fast_path``, ``step``, ``checkpoint``, ``epoch``, ``end``,
-``error``) and ``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None`` for other lines).
+``error``) and ``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None``
+for other lines).
 """
 
 from __future__ import annotations
