@@ -379,3 +379,17 @@ def test_the_check_command_measures_every_part_and_exits_4_on_a_fallback(tiny_im
     assert records["extract"]["status"] == "fallback" and "min cosine similarity" in records["extract"]["reason"]
     assert "fast path · extract · fallback: bf16 features differ from fp32" in out
     assert not (tiny_images / "unused").exists()  # checkpoints went to a temporary folder
+
+
+def test_settings_validate():
+    from dino_model.config import ConfigError
+
+    assert load_config().train.fast_path_check == "fallback" and load_config().train.compile_backend == "inductor"
+    with pytest.raises(ConfigError, match="train.fast_path_check"):
+        load_config(overrides=["train.fast_path_check=sometimes"])
+    with pytest.raises(ConfigError, match="train.compile_backend"):
+        load_config(overrides=["train.compile_backend=tvm"])
+    from tasks.evaluation import EvaluationSettings
+
+    with pytest.raises(ValueError, match="fast_path_check"):
+        EvaluationSettings(train_data="a", val_data="b", fast_path_check="never")

@@ -8,7 +8,9 @@ the training process decodes (nvjpeg on CUDA) and augments on its device (:class
 * **augment**: the device crops *of the CPU-decoded images* against :class:`MultiCropAugmentation` (the workers'
   own code) — so a decoder difference cannot hide or excuse an augmentation one;
 
-all in uint8 levels (one level after normalisation is 1/255/std; the smallest std is used, the strictest).
+all in uint8 levels (one level after normalisation is 1/255/std; the smallest std is used, the strictest). The
+crops the device really makes (its own decode, then its augmentation) against the workers' are reported too
+(``crops_*``), not judged: they are the sum of the two judged differences.
 
 Tolerances, and what they come from (a broken path — a wrong crop box, a missed flip or colour operation, a
 corrupted decode — differs by tens of levels over a whole crop, far beyond all of them):
@@ -108,6 +110,10 @@ def compare_data_paths(batch: dict[str, Any], augment: DeviceMultiCrop, cfg: Cro
     device_crops = augment.crops_from_images([img.to(augment.device) for img in cpu_images], params)
     reference = MultiCropAugmentation(cfg)
     worker_crops = [reference.apply(img, p) for img, p in zip(cpu_images, params)]
+    end_to_end = augment.crops_from_images([img.to(augment.device) for img in device_images], params)
+    e2e = torch.cat([((c.float().cpu() - torch.stack([w[k] for w in worker_crops])).abs() / level).flatten()
+                     for k, c in enumerate(end_to_end)])
+    figures.update(crops_mean_levels=float(e2e.mean()), crops_q999_levels=_quantile(e2e, 0.999))
     diffs, worst_crop = [], 0.0
     for k, crop_batch in enumerate(device_crops):
         crop_batch = crop_batch.float().cpu()
