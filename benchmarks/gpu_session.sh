@@ -9,17 +9,22 @@
 #
 # Stages, each under `timeout` against one deadline so a hang in one still leaves the others their time:
 #   1. environment: GPU, driver, torch / torchvision / timm versions (the image's torch, the carried timm);
-#   2. benchmarks/speed.py: the device data path and the fast step checked against the CPU / fp32 paths, then
+#   2. is the fast path right here? python -m dino_model.fast_path on the paper's ViT-S/16 recipe and generated
+#      images: the run's own checks (device data path vs CPU workers, compiled bf16 fused step vs fp32 eager,
+#      bf16 vs fp32 features), every verdict and its figures -> $OUT/fast-path.txt, printed before any speed;
+#   3. benchmarks/speed.py: the device data path and the fast step checked against the CPU / fp32 paths, then
 #      the table (ViT-S/16, ViT-B/16 at 2x224+8x96 and 2x128+8x64) -> $OUT/speed.txt;
-#   3. torchrun -m dino_model.train on generated images for a few dozen steps with everything on (device
-#      decode + augmentation on the prefetch thread's side stream, bf16, torch.compile, fused AdamW) -> train.txt;
-#   4. the same with train.compile_mode=reduce-overhead (CUDA graphs) -> train-cudagraphs.txt.
+#   4. torchrun -m dino_model.train on generated images for a few dozen steps with everything on (device
+#      decode + augmentation on the prefetch thread's side stream, bf16, torch.compile, fused AdamW) and
+#      train.fast_path_check=strict (a failed check stops the run with exit code 4) -> train.txt;
+#   5. the same with train.compile_mode=reduce-overhead (CUDA graphs) -> train-cudagraphs.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-session-out}"
 mkdir -p "$OUT"
 TOTAL_S="${TOTAL_S:-560}"          # the whole script
-SPEED_BUDGET_S="${SPEED_BUDGET_S:-360}"
+FAST_PATH_S="${FAST_PATH_S:-150}"  # stage 2
+SPEED_BUDGET_S="${SPEED_BUDGET_S:-280}"
 deadline=$(( $(date +%s) + TOTAL_S ))
 left() { echo $(( deadline - $(date +%s) )); }
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -45,17 +50,27 @@ EOF
 
 shared=()
 [ -d .gpu-data/imagenet-sample ] && shared=(--shared .gpu-data)
+data=/tmp/gpu-session-images
+python3 -m dino_model.data.synthetic "$data" --classes 8 --per-class 64 --size 256 >/dev/null || exit 1
+photos="$data"  # real photographs for the data check when carried (the synthetic shapes have hard colour edges)
+[ -d .gpu-data/imagenet-sample ] && photos="$PWD/.gpu-data/imagenet-sample"
 
-# 2. speed table -------------------------------------------------------------------------------------------------
-# SPEED_ARGS / TRAIN_ARGS: extra arguments (e.g. a CPU smoke run of this script: see docs/benchmarks.md)
+# 2. is the fast path right here? ---------------------------------------------------------------------------------
+# FAST_PATH_ARGS / SPEED_ARGS / TRAIN_ARGS: extra arguments (e.g. a CPU smoke run: see docs/benchmarks.md)
+# --steps 0: the checks only; the training stages below take their first steps under the guard (strict).
+# shellcheck disable=SC2086
+timeout -k 10 "$FAST_PATH_S" python3 -m dino_model.fast_path --steps 0 data.source="\"$photos\"" \
+    data.batch_size_per_gpu=32 data.num_workers=4 train.epochs=2 optim.warmup_epochs=1 ${FAST_PATH_ARGS:-} \
+    2>&1 | tee "$OUT/fast-path.txt"
+echo "fast-path check exit: ${PIPESTATUS[0]} (0 = no fallback, 4 = a fallback)" | tee -a "$OUT/fast-path.txt"
+
+# 3. speed table -------------------------------------------------------------------------------------------------
 # shellcheck disable=SC2086
 timeout -k 10 $(( $(left) - 150 )) python3 benchmarks/speed.py --budget-s "$SPEED_BUDGET_S" "${shared[@]}" \
     ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.txt"
 echo "speed.py exit: ${PIPESTATUS[0]}" | tee -a "$OUT/speed.txt"
 
-# 3./4. the real training loop on the GPU --------------------------------------------------------------------------
-data=/tmp/gpu-session-images
-python3 -m dino_model.data.synthetic "$data" --classes 8 --per-class 64 --size 256 >/dev/null || exit 1
+# 4./5. the real training loop on the GPU --------------------------------------------------------------------------
 train() {  # $1 = log name, the rest = extra overrides
     local name="$1"; shift
     local budget=$(( $(left) - ${RESERVE_S:-0} ))
@@ -64,7 +79,8 @@ train() {  # $1 = log name, the rest = extra overrides
     # shellcheck disable=SC2086
     timeout -k 10 "$budget" python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m dino_model.train \
         data.source="\"$data\"" data.batch_size_per_gpu=64 data.num_workers=8 \
-        train.epochs=4 train.max_steps=24 optim.warmup_epochs=1 logging.log_every=4 logging.loggers='["console"]' logging.progress=false \
+        train.epochs=4 train.max_steps=24 optim.warmup_epochs=1 train.fast_path_check=strict \
+        logging.log_every=4 logging.loggers='["console"]' logging.progress=false \
         checkpoint.uri="\"/tmp/gpu-session-ckpt-$name\"" checkpoint.every_n_steps=12 "$@" ${TRAIN_ARGS:-} \
         2>&1 | tee "$OUT/$name.txt"
     echo "train exit: ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"

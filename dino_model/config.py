@@ -334,6 +334,17 @@ class TrainConfig(Section):
     when the step is launch-bound, i.e. small models or batches); ``max-autotune`` (autotuned kernels + CUDA
     graphs, long compile); ``max-autotune-no-cudagraphs``. The speed of the modes with CUDA graphs is not
     measured yet (docs/benchmarks.md)."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """``torch.compile`` backend: ``inductor`` (generated kernels: the fast path) or ``aot_eager`` (traces forward
+    and backward as inductor does but runs PyTorch's own kernels: no speed-up; to tell an inductor problem from a
+    tracing one when the fast-path check falls back, and for quick tests)."""
+    fast_path_check: Literal["fallback", "strict", "off"] = "fallback"
+    """Before training, the run proves its fast paths on its own first batch (:mod:`dino_model.fast_path`): the
+    device data path against the CPU workers' crops, and the fast step (compiled, bf16 / fp16 autocast, fused AdamW)
+    against the fp32 eager step from the same state. ``fallback``: a path that fails its check is replaced by the
+    reference path (workers augment; the step runs eager, in bf16 autocast if that alone passes, else fp32), with a
+    WARNING and the reason in the run's records; ``strict``: the run stops with exit code 4 instead (benchmarks);
+    ``off``: no check. Every verdict is recorded (MLflow tags ``fast_path.data`` / ``fast_path.step``)."""
     nonfinite_check_every: NonNegInt = 0
     """Check the loss for NaN/inf (and, across ranks, for a stop signal) every this many steps; 0 = every step on
     CPU and every ``logging.log_every`` steps on GPU, where each check is a host-device sync. Steps between checks

@@ -119,6 +119,14 @@ class DINO(nn.Module):
         self._compiled_loss = torch.compile(self.dino_loss.loss_and_stats, **compile_kwargs)
         self._marks_cuda_graph_steps = mode in CUDA_GRAPH_MODES
 
+    def uncompile(self) -> None:
+        """Undo :meth:`compile`: student, teacher and loss run eagerly again (the same modules and parameters).
+        The fast-path fallback uses it when a compiled step fails during the first steps."""
+        for module in (unwrap(self.student), unwrap(self.teacher)):
+            module._compiled_call_impl = None  # what nn.Module.compile sets; None = the plain forward
+        self._compiled_loss = None
+        self._marks_cuda_graph_steps = False
+
     # -- training step ------------------------------------------------------------------------------------
     def forward_backward(self, crops: list[torch.Tensor], teacher_temp: float,
                          autocast_dtype: torch.dtype | None = None,

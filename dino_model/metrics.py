@@ -8,8 +8,9 @@ pretrain flow's MLflow logger) plugs in without the trainer knowing about it::
     logger = build_loggers(["console", "jsonl:/tmp/metrics.jsonl", "mlflow:RUN_ID"])
     logger.on_run_start(total_steps=31200, epochs=100)                  # optional hooks, passed on to the
     logger.log(10, {"loss": 9.1, "lr": 1e-4})                           # loggers that define them (the console;
-    logger.on_checkpoint("s3://b/runs/r1/checkpoint-000000010.pt", 10)  # MLflow uploads checkpoints)
-    logger.close()
+    logger.on_checkpoint("s3://b/runs/r1/checkpoint-000000010.pt", 10)  # MLflow uploads checkpoints;
+    logger.on_fast_path({"data": {...}, "step": {...}})                 # the fast-path verdicts: MLflow tags
+    logger.close()                                                      # and params, a console line)
 
 Built in: ``mlflow:RUN_ID`` (:mod:`dino_model.mlflow_logger`: step and system metrics, checkpoints as artifacts),
 ``console`` (progress and metrics a person reads, on stdout) and ``jsonl:PATH`` (one JSON object per call,
@@ -22,8 +23,9 @@ lets a launcher add a logger to a ``torchrun`` child without editing this file.
 
     DINO_PROGRESS {"event": "step", "step": 120, "total_steps": 9000, "epoch": 1, ...}
 
-The JSON object always has ``event`` (``start``, ``step``, ``checkpoint``, ``epoch``, ``end``, ``error``) and
-``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None`` for other lines).
+The JSON object always has ``event`` (``start``, ``fast_path``, ``step``, ``checkpoint``, ``epoch``, ``end``,
+``error``) and ``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None``
+for other lines).
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class ConsoleLogger:
 
     def on_run_start(self, total_steps: int, epochs: int) -> None:
         self.total_steps, self.epochs = total_steps, epochs
+
+    def on_fast_path(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """One line per checked part: ``fast path · step · verified · compiled (default), bf16 autocast, ...``."""
+        for part, r in records.items():
+            print(f"fast path · {part} · {r['verdict']} · {r['path']}", file=self.stream or sys.stdout, flush=True)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         parts = []
@@ -166,6 +173,15 @@ class MultiLogger:
             hook = getattr(lg, "on_checkpoint", None)
             if hook is not None:
                 hook(uri, step)
+
+    def on_fast_path(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Tell the loggers that care (those with an ``on_fast_path`` method: MLflow's, the console's) the
+        fast-path verdicts (:meth:`dino_model.fast_path.Verdict.as_record` per part), at start and whenever a
+        verdict changes."""
+        for lg in self.loggers:
+            hook = getattr(lg, "on_fast_path", None)
+            if hook is not None:
+                hook(records)
 
     def close(self) -> None:
         errors = []

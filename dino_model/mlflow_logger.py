@@ -1,6 +1,7 @@
 """The trainer's MLflow logger (rank 0 only): step metrics, system metrics and checkpoint artifacts.
 
-The pretrain flow creates (or resumes) the MLflow run and hands its id to the trainer; rank 0 then logs into it::
+The pretrain flow creates (or resumes) the MLflow run and hands its id to the trainer; rank 0 then logs into it
+(step metrics, and the fast-path verdicts as ``fast_path.*`` tags and params)::
 
     torchrun ... -m dino_model.train --config run.yaml 'logging.loggers=[console, "mlflow:<RUN_ID>"]'
 
@@ -69,6 +70,21 @@ class MlflowLogger:
         ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def on_fast_path(self, records: Mapping[str, Mapping]) -> None:
+        """The fast-path verdicts (:mod:`dino_model.fast_path`) as tags of the run (``fast_path.data`` = ``verified``
+        / ``fallback: <reason>`` / ..., ``fast_path.<part>.<figure>``: the latest, also after a resume) and as
+        params (the first attempt's: MLflow params cannot change, so keys already logged are left as they are)."""
+        from mlflow.entities import Param, RunTag
+
+        from .fast_path.verdict import tracking_records
+
+        values = tracking_records(dict(records))
+        logged = self.client.get_run(self.run_id).data.params
+        params = [Param(k, v) for k, v in values.items() if k not in logged]
+        tags = [RunTag(k, v) for k, v in values.items()]
+        for i in range(0, max(len(params), len(tags)), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=params[i:i + 100], tags=tags[i:i + 100], synchronous=True)
 
     def on_checkpoint(self, uri: str, step: int) -> None:
         """Queue the checkpoint at ``uri`` (local path or ``s3://``) for upload as a run artifact."""

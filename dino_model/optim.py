@@ -120,6 +120,34 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float = 0.0, mo
     raise ValueError(f"optimizer: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The per-parameter state (moments, step counters, momentum buffers) in parameter order, cloned: what
+    :func:`load_optimizer_state` puts into another optimiser of the same kind over the same (or copied)
+    parameters — fused or not, whatever each expects."""
+    return [{k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+             for k, v in optimizer.state.get(p, {}).items()}
+            for group in optimizer.param_groups for p in group["params"]]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, states: list[dict[str, Any]]) -> None:
+    """Put ``states`` (from :func:`optimizer_state`) into ``optimizer``'s parameters, in order. Unlike
+    ``load_state_dict``, the optimiser keeps its own settings (fused or for-each): PyTorch's AdamW wants the step
+    counter on the parameter's device when fused and on the CPU otherwise, so it is placed accordingly."""
+    params = [(group, p) for group in optimizer.param_groups for p in group["params"]]
+    if len(params) != len(states):
+        raise ValueError(f"optimizer state for {len(states)} parameters, the optimizer has {len(params)}")
+    optimizer.state.clear()
+    for (group, p), state in zip(params, states):
+        if not state:
+            continue
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        optimizer.state[p] = {
+            k: (v.to(p.device if on_device else "cpu", torch.float32, copy=True) if k == "step"
+                else v.to(p.device, copy=True))  # copies: the same states may go into several optimisers
+            if isinstance(v, torch.Tensor) else v
+            for k, v in state.items()}
+
+
 def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.grad is not None]
 

@@ -22,8 +22,11 @@ What a run does (``train()`` below reads in this order):
 
 1. :func:`setup_run`: join the process group (NCCL on GPU, gloo on CPU); remove what interrupted checkpoint writes
    left under ``checkpoint.uri``; find the latest checkpoint there; build the data loader of its cursor's epoch
-   (which tells the steps per epoch); seed and build student, teacher and loss (student in DDP when distributed,
-   compiled on CUDA), the optimiser and the per-step schedules; restore the checkpoint; build the loggers.
+   (which tells the steps per epoch); seed and build student, teacher and loss, the optimiser and the per-step
+   schedules; restore the checkpoint; check the fast paths on rank 0's first batch (:mod:`dino_model.fast_path`:
+   device data path vs CPU workers, fast step vs fp32 eager step; a failure falls back to the reference path,
+   every rank following rank 0); then the student in DDP when distributed, compiled and with fused AdamW when the
+   step path says so (on CUDA by default); build the loggers, which record the verdicts.
 2. :func:`run_epoch`, from the cursor to the end of each epoch: per step, lr / weight decay / teacher momentum /
    teacher temperature from the schedule arrays at the global step, forward and backward, gradient clipping (per
    parameter by default), drop the last layer's gradients during the ``freeze_last_layer`` epochs, optimiser
@@ -38,6 +41,7 @@ Exit codes of ``python -m dino_model.train``:
 * 1   any other error (the traceback is printed)
 * 2   invalid configuration (the message names the field)
 * 3   non-finite loss (the message names the step; no checkpoint is written after it, earlier ones stay intact)
+* 4   a fast path failed its check with ``train.fast_path_check=strict`` (the message gives the figures)
 * 143 stopped by SIGTERM or SIGINT: the current step is finished, a checkpoint is written (atomically; a
   second signal abandons it and nothing half-written remains), then the process exits. Under torchrun, each
   worker exits 143 and torchrun itself reports the failure.
@@ -77,17 +81,22 @@ from dino_model.checkpoint import (
 from dino_model.config import ConfigError, DinoConfig, load_config
 from dino_model.data.device_prefetch import DevicePrefetcher
 from dino_model.data.rng import derive_seed
+from dino_model.fast_path import FastPathError, Verdict
+from dino_model.fast_path.data_canary import device_multicrop
+from dino_model.fast_path.step_canary import StepPath, compile_model
+from dino_model.fast_path.training import FirstStepsGuard, check_training_paths
 from dino_model.meta_arch import DINO, unwrap
 from dino_model.metrics import MultiLogger, build_loggers, emit_progress
-from dino_model.optim import build_optimizer, param_groups
+from dino_model.optim import build_optimizer, load_optimizer_state, optimizer_state, param_groups
 from dino_model.schedules import Schedules, build_schedules
-from dino_model.step import StepSettings, resolve_compile, resolve_precision, train_step
+from dino_model.step import StepSettings, resolve_precision, train_step
 
 __all__ = [
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_CONFIG",
     "EXIT_NONFINITE",
+    "EXIT_FAST_PATH",
     "EXIT_TERMINATED",
     "NonFiniteLoss",
     "TrainingTerminated",
@@ -108,6 +117,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_FAST_PATH = 4
 EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's convention for "terminated by a signal"
 
 # Stats of train_step that are averaged over ranks at log steps (order matters: one all-reduce).
@@ -283,14 +293,16 @@ def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
     return mode == "device" or (mode == "auto" and device.type == "cuda")
 
 
-def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int, start_batch: int = 0):
-    """The reader for one epoch, positioned at ``start_batch`` (the saved cursor). With ``data.augment_on``
-    resolving to ``device`` the workers yield encoded bytes plus each sample's drawn crop parameters."""
+def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int, start_batch: int = 0,
+                       on_device: bool | None = None):
+    """The reader for one epoch, positioned at ``start_batch`` (the saved cursor). ``on_device`` (default: as
+    ``data.augment_on`` resolves): the workers yield encoded bytes plus each sample's drawn crop parameters, for
+    the training process to decode and augment on its device; else they augment."""
     from dino_model.data.augment import MultiCropAugmentation
     from dino_model.data.gpu_augment import CropParamSampler
     from dino_model.data.reader import build_loader
 
-    on_device = augment_on_device(cfg, ctx.device)
+    on_device = augment_on_device(cfg, ctx.device) if on_device is None else on_device
     return build_loader(
         cfg.data.source,
         batch_size=cfg.data.batch_size_per_gpu,
@@ -310,34 +322,55 @@ def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int,
     )
 
 
-def batch_preparer(cfg: DinoConfig, device: torch.device) -> Callable[[dict[str, Any]], list[torch.Tensor]]:
+def batch_preparer(cfg: DinoConfig, device: torch.device,
+                   on_device: bool | None = None) -> Callable[[dict[str, Any]], list[torch.Tensor]]:
     """A loader batch -> the step's crops on the device (runs on the prefetch thread): decode + augment the whole
-    batch on the device, or copy the workers' crops there."""
-    if augment_on_device(cfg, device):
-        from dino_model.data.gpu_augment import DeviceMultiCrop
-
-        augment = DeviceMultiCrop(cfg.crops, device)
+    batch on the device (``on_device``, default as ``data.augment_on`` resolves), or copy the workers' crops
+    there."""
+    if augment_on_device(cfg, device) if on_device is None else on_device:
+        augment = device_multicrop(cfg.crops, device)
         return lambda batch: augment(batch["encoded"], batch["params"])
     return lambda batch: [c.to(device, non_blocking=True) for c in batch["crops"]]
 
 
 def build_model_and_optimizer(cfg: DinoConfig, ctx: dist_utils.DistContext) -> tuple[DINO, torch.optim.Optimizer]:
     """Student, teacher and loss on this rank's device — identical initial replicas on every rank (same seed) —
-    and the optimiser; the student in DDP when distributed; compiled as ``train.compile`` says."""
-    device = ctx.device
+    and the reference's (for-each) optimiser: plain, so the fast-path check can copy them; :func:`prepare_model`
+    makes them what the step path needs."""
     torch.manual_seed(cfg.train.seed)
-    model = DINO.from_config(cfg).to(device)
+    model = DINO.from_config(cfg).to(ctx.device)
+    optimizer = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()),
+                                momentum=cfg.optim.sgd_momentum)
+    return model, optimizer
+
+
+def prepare_model(cfg: DinoConfig, ctx: dist_utils.DistContext, model: DINO, optimizer: torch.optim.Optimizer,
+                  grad_scaler: torch.amp.GradScaler | None, path: StepPath | None,
+                  ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    """Put ``model`` on step path ``path`` (in place): SyncBatchNorm when distributed with ``model.sync_bn``, the
+    student in DDP when distributed, compiled when the path is; the optimiser rebuilt fused or not as the path
+    says, its state kept; a GradScaler for fp16 only. ``path=None``: back to plain (not compiled, no DDP), for the
+    first-steps guard's check. Returns the optimiser and the grad scaler."""
+    model.uncompile()
+    model.student = unwrap(model.student)
+    if path is None:
+        return optimizer, grad_scaler
     if ctx.world_size > 1 and cfg.model.sync_bn:
         model.convert_sync_batchnorm()
-    optimizer = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()),
-                                momentum=cfg.optim.sgd_momentum, fused=device.type == "cuda")
+    rebuilt = build_optimizer(cfg.optim.optimizer, param_groups(model.student_module()),
+                              momentum=cfg.optim.sgd_momentum, fused=path.fused)
+    load_optimizer_state(rebuilt, optimizer_state(optimizer))
+    if path.autocast_dtype != torch.float16:
+        grad_scaler = None
+    elif grad_scaler is None:
+        grad_scaler = torch.amp.GradScaler(ctx.device.type)
     if dist_utils.is_distributed():
         model.student = nn.parallel.DistributedDataParallel(
-            model.student, device_ids=[device.index] if device.type == "cuda" else None
+            model.student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
-    if resolve_compile(cfg.train.compile, device):
-        model.compile(cfg.train.compile_mode)
-    return model, optimizer
+    if path.compiled:
+        compile_model(model, path)
+    return rebuilt, grad_scaler
 
 
 def teacher_replicas_identical(model: DINO) -> bool:
@@ -374,6 +407,10 @@ class Run:
     schedules: Schedules
     cadence: Cadence
     steps_per_epoch: int
+    augment_on_device: bool  #: where batches are decoded and augmented (as the data check decided)
+    step_path: StepPath  #: how the step runs (as the step check decided)
+    fast_path: dict[str, Verdict]  #: the fast-path verdicts ("data", "step")
+    first_steps: FirstStepsGuard
     prepare_batch: Callable[[dict[str, Any]], list[torch.Tensor]]
     loggers: MultiLogger
     progress: Progress
@@ -389,19 +426,44 @@ class Run:
     def take_loader(self) -> Any:
         """The loader of the cursor's epoch, positioned at the cursor, built here unless setup_run already did."""
         loader, self.loader = self.loader, None
-        return loader if loader is not None else build_train_loader(self.cfg, self.ctx, self.epoch, self.batch)
+        return loader if loader is not None else build_train_loader(self.cfg, self.ctx, self.epoch, self.batch,
+                                                                    on_device=self.augment_on_device)
 
     def take_step(self, crops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One update at schedule index ``step``; advances the step and the cursor."""
-        # Randomness inside the step (drop-path) is a function of (seed, rank, step) rather than of everything
-        # drawn before, so a resumed run draws what the uninterrupted one drew.
-        torch.manual_seed(derive_seed(self.cfg.train.seed, "step", self.ctx.rank, self.step))
-        stats = train_step(self.model, self.optimizer, crops, epoch=self.epoch, settings=self.step_settings,
-                           grad_scaler=self.grad_scaler, **self.schedules.at(self.step))
+        """One update at schedule index ``step`` (through the first-steps guard while it watches); advances the
+        step and the cursor."""
+        stats = self.first_steps.step(self, crops) if self.first_steps.active else self.step_once(crops)
         self.step += 1
         self.batch += 1
         self.watch.observe(stats["loss"], self.step)
         return stats
+
+    def step_once(self, crops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:func:`dino_model.step.train_step` at schedule index ``step``, on the run's step path."""
+        # Randomness inside the step (drop-path) is a function of (seed, rank, step) rather than of everything
+        # drawn before, so a resumed run draws what the uninterrupted one drew.
+        torch.manual_seed(derive_seed(self.cfg.train.seed, "step", self.ctx.rank, self.step))
+        return train_step(self.model, self.optimizer, crops, epoch=self.epoch, settings=self.step_settings,
+                          grad_scaler=self.grad_scaler, **self.schedules.at(self.step))
+
+    def use_step_path(self, path: StepPath | None) -> None:
+        """Run the step on ``path`` from now on (``None``: plain, for a check; see :func:`prepare_model`)."""
+        self.optimizer, self.grad_scaler = prepare_model(self.cfg, self.ctx, self.model, self.optimizer,
+                                                         self.grad_scaler, path)
+        if path is not None:
+            self.step_path = path
+            self.step_settings = StepSettings.from_config(self.cfg, path.autocast_dtype)
+
+    def record_fast_path(self, *verdicts: Verdict, announce: bool = True) -> None:
+        """Keep the verdicts and hand them to the loggers (MLflow tags and params, the console) and, with
+        ``announce``, to the parent process as a ``fast_path`` progress line (the ``start`` line carries the first
+        verdicts)."""
+        for verdict in verdicts:
+            self.fast_path[verdict.part] = verdict
+        records = {part: v.as_record() for part, v in self.fast_path.items()}
+        self.loggers.on_fast_path(records)
+        if announce:
+            self.progress("fast_path", **records)
 
     def agree(self, stop: StopSignals) -> bool:
         """Agree with the other ranks: raise :class:`NonFiniteLoss` if any rank saw one; whether any rank was
@@ -450,7 +512,7 @@ def setup_run(cfg: DinoConfig) -> Run:
     if not cfg.data.source:
         raise ConfigError("data.source must be set: a shard-set URI (with manifest.json) or an ImageFolder path")
     ctx = dist_utils.init(cfg.train.device)
-    autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, ctx.device)
+    _, use_scaler = resolve_precision(cfg.train.precision, ctx.device)
     if ctx.is_main:
         for removed in remove_stale_writes(cfg.checkpoint.uri):
             log.info("removed what an interrupted checkpoint write left: %s", removed)
@@ -475,20 +537,37 @@ def setup_run(cfg: DinoConfig) -> Run:
         del state
         if ctx.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch)
+    cadence = Cadence.from_config(cfg, schedules.total_steps, ctx.device)
+
+    # The fast paths prove themselves on rank 0's first batch, on copies of the plain model, before DDP and
+    # compile; every rank takes rank 0's decision (dino_model.fast_path).
+    paths = check_training_paths(
+        cfg, ctx, loader=loader, augment_on_device=augment_on_device(cfg, ctx.device),
+        rebuild_loader=lambda on_device: build_train_loader(cfg, ctx, epoch, batch, on_device=on_device),
+        batch_preparer=lambda on_device: batch_preparer(cfg, ctx.device, on_device),
+        device_augment=lambda: device_multicrop(cfg.crops, ctx.device), model=model, optimizer=optimizer,
+        grad_scaler=grad_scaler, schedules=schedules, step=step, epoch=epoch, nothing_left=cadence.done(step))
+    optimizer, grad_scaler = prepare_model(cfg, ctx, model, optimizer, grad_scaler, paths.step_path)
+
     loggers = build_loggers(cfg.logging.loggers) if ctx.is_main else MultiLogger()  # rank 0 logs
     loggers.on_run_start(schedules.total_steps, cfg.train.epochs)
     global_batch = cfg.data.batch_size_per_gpu * ctx.world_size
     run = Run(cfg=cfg, ctx=ctx, model=model, optimizer=optimizer, grad_scaler=grad_scaler,
-              step_settings=StepSettings.from_config(cfg, autocast_dtype), schedules=schedules,
-              cadence=Cadence.from_config(cfg, schedules.total_steps, ctx.device), steps_per_epoch=steps_per_epoch,
-              prepare_batch=batch_preparer(cfg, ctx.device), loggers=loggers,
+              step_settings=StepSettings.from_config(cfg, paths.step_path.autocast_dtype), schedules=schedules,
+              cadence=cadence, steps_per_epoch=steps_per_epoch, augment_on_device=paths.augment_on_device,
+              step_path=paths.step_path, fast_path={}, first_steps=FirstStepsGuard(cfg.train.fast_path_check,
+                                                                                   paths.step_path),
+              prepare_batch=batch_preparer(cfg, ctx.device, paths.augment_on_device), loggers=loggers,
               progress=Progress(ctx.is_main and cfg.logging.progress), watch=NonFiniteWatch(ctx.device),
               throughput=Throughput(step, global_batch), step=step, epoch=epoch, batch=batch,
-              last_checkpoint=resume_from, loader=loader)
+              last_checkpoint=resume_from, loader=paths.loader)
+    run.record_fast_path(paths.data, paths.step, announce=False)
     run.progress("start", step=step, total_steps=schedules.total_steps, steps_per_epoch=steps_per_epoch,
                  epochs=cfg.train.epochs, world_size=ctx.world_size, global_batch=global_batch,
-                 device=str(ctx.device), precision=str(autocast_dtype or "fp32"), resumed_from=resume_from,
-                 checkpoint_uri=cfg.checkpoint.uri, config=cfg.to_dict())
+                 device=str(ctx.device), precision=paths.step_path.precision, step_path=paths.step_path.describe(),
+                 augment_on="device" if paths.augment_on_device else "workers", resumed_from=resume_from,
+                 checkpoint_uri=cfg.checkpoint.uri, config=cfg.to_dict(),
+                 fast_path={part: v.as_record() for part, v in run.fast_path.items()})
     return run
 
 
@@ -548,7 +627,8 @@ def finish(run: Run) -> TrainResult:
         log.info("teacher backbone exported: %s", export["weights"])
     dist_utils.barrier()
     run.progress("end", status=status, step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint,
-                 export=export, teacher_replicas_identical=replicas_identical)
+                 export=export, teacher_replicas_identical=replicas_identical,
+                 fast_path={part: v.as_record() for part, v in run.fast_path.items()})
     return TrainResult(step=run.step, epoch=run.epoch, status=status, checkpoint=run.last_checkpoint, export=export,
                        metrics=run.last_metrics)
 
@@ -617,6 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         log.error("%s", e)
         return EXIT_NONFINITE
+    except FastPathError as e:
+        log.error("%s", e)
+        if dist_utils.is_main_process():
+            emit_progress("error", kind="fast_path", part=e.verdict.part, message=str(e),
+                          fast_path={e.verdict.part: e.verdict.as_record()})
+        return EXIT_FAST_PATH
     except (TrainingTerminated, KeyboardInterrupt) as e:
         log.error("%s", e)
         return EXIT_TERMINATED

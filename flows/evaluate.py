@@ -20,6 +20,8 @@ With ``precision="bf16"`` the k-NN is also run on fp32 features of a bounded sub
 (``knn<k>_top1_bf16_minus_fp32``, a warning beyond ``bf16_parity_tolerance``); ``nproc_per_node > 1`` extracts
 the features with torchrun (one process per GPU). ``dino-reevaluate`` ends with a Prefect summary artifact:
 versions evaluated, their scores, how ``champion`` moved.
+With ``precision="bf16"`` each extraction first checks bf16 against fp32 on its first batch, falling back to fp32
+when it fails (tag ``fast_path.extract`` of the evaluation run).
 MLflow comes from ``MLFLOW_TRACKING_URI``. The flows only compose tasks from :mod:`tasks.evaluation`.
 """
 
@@ -57,6 +59,7 @@ from tasks.evaluation import (
     open_evaluation_run,
     publish_reevaluation_summary,
     publish_scores,
+    record_fast_path,
     resolve_model_version,
     score_tags,
     tag_model_version,
@@ -96,7 +99,8 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
             expected = {"train": facts["train_samples"], "val": facts["val_samples"]}
             common = dict(resize_size=settings.resize_size, crop_size=settings.crop_size,
                           batch_size=settings.batch_size, precision=settings.precision, device=settings.device,
-                          nproc_per_node=settings.nproc_per_node)
+                          nproc_per_node=settings.nproc_per_node, fast_path_check=settings.fast_path_check)
+            extracted: dict[str, dict[str, Any]] = {}
             meta = {"model_name": info["name"], "model_version": info["version"],
                     "evaluation_set": hashes["classification"], "classes_from": settings.train_data}
             kinds = []
@@ -108,15 +112,19 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
                 kind = feature_kind(n_last, avgpool)
                 uri = features_location(settings.features_root, info["name"], info["version"],
                                         hashes["classification"], kind)
-                extract_split_features(info["uri"], settings.train_data, uri, "train", meta, n_last_blocks=n_last,
-                                       avgpool=avgpool, **common)
-                extract_split_features(info["uri"], settings.val_data, uri, "val", meta, n_last_blocks=n_last,
-                                       avgpool=avgpool, label_map=facts["label_map"], **common)
+                for split, data, label_map in (("train", settings.train_data, None),
+                                               ("val", settings.val_data, facts["label_map"])):
+                    extracted[f"{kind}/{split}"] = extract_split_features(
+                        info["uri"], data, uri, split, meta, n_last_blocks=n_last, avgpool=avgpool,
+                        label_map=label_map, **common)
                 features[kind] = uri
+            record_fast_path(run_id, "extract", {label: r["fast_path"] for label, r in extracted.items()})
             if "knn" in chosen:
                 metrics |= knn_scores(features["cls"], settings.knn_ks, settings.knn_temperature,
                                       facts["num_classes"], settings.device, expected)
-                if settings.runs_bf16_parity():
+                # an extraction that fell back to fp32 stored fp32 features: no bf16 to compare
+                if settings.runs_bf16_parity() and all(extracted[f"cls/{split}"]["precision"] == "bf16"
+                                                       for split in ("train", "val")):
                     metrics |= knn_bf16_parity(info["uri"], features["cls"], facts["label_map"],
                                                facts["num_classes"], settings)
             if "linear_fast" in chosen:

@@ -35,6 +35,7 @@ def dino_extract(
     precision: Literal["fp32", "bf16"] = "fp32",
     device: str = "auto",
     nproc_per_node: int = 1,
+    fast_path_check: Literal["fallback", "strict", "off"] = "fallback",
 ) -> dict[str, Any]:
     """Extract features of every sample of ``data`` (in order, none dropped) to ``<output>/<split>/``.
 
@@ -56,6 +57,9 @@ def dino_extract(
         nproc_per_node: Extraction processes: 1 = in the flow's process; G > 1 = ``torchrun --nproc_per_node=G
             -m dino_model.eval.extract`` (one GPU each, ``device`` ``auto``/``cuda``/``cpu``), each over a
             contiguous range of the samples, writing ``part-r<rank>-*.parquet``.
+        fast_path_check: With bf16: compare bf16 with fp32 features on the first batch; ``fallback`` extracts in
+            fp32 when that fails, ``strict`` fails, ``off`` skips the check. The result's ``precision`` is what
+            ran and ``fast_path`` the verdict (also in the files' metadata).
     """
     facts = check_extraction_input(data, classes_from, resize_size, crop_size)  # the checks `dino extract` runs first
     metadata: dict[str, Any] = {"classes_from": classes_from or data}
@@ -67,4 +71,5 @@ def dino_extract(
     return extract_split_features(model_uri, data, output, split, metadata, resize_size=resize_size,
                                   crop_size=crop_size, batch_size=batch_size, n_last_blocks=n_last_blocks,
                                   avgpool=avgpool, precision=precision, device=device,
-                                  label_map=facts["label_map"], nproc_per_node=nproc_per_node)
+                                  label_map=facts["label_map"], nproc_per_node=nproc_per_node,
+                                  fast_path_check=fast_path_check)

@@ -214,9 +214,9 @@ def progress_reporter(logger, run_id: str | None = None,
             if time.monotonic() - last_update[0] > 2.0:
                 last_update[0] = time.monotonic()
                 update_progress_artifact(progress_id, state.percent(), description=state.describe())
-        elif event in ("start", "checkpoint", "epoch", "end", "error"):
+        elif event in ("start", "fast_path", "checkpoint", "epoch", "end", "error"):
             logger.info("trainer %s: %s", event,
-                        {k: v for k, v in record.items() if k not in ("event", "time", "config")})
+                        {k: v for k, v in record.items() if k not in ("event", "time", "config", "fast_path")})
             if event == "start" and run_id:
                 from mlflow.tracking import MlflowClient
 
@@ -224,6 +224,9 @@ def progress_reporter(logger, run_id: str | None = None,
             if event == "end" and state.last:
                 update_progress_artifact(progress_id, state.percent(),
                                          description=f"{state.describe()} · {record.get('status', 'ended')}")
+        for part, verdict in _fast_path_records(record).items():
+            log = logger.warning if verdict["status"] == "fallback" else logger.info
+            log("fast path %s: %s (%s)", part, verdict["verdict"], verdict["path"])
 
     return progress_id, on_progress
 
@@ -235,6 +238,16 @@ def local_accelerator(config: dict[str, Any]) -> str | None:
     if config.get("train", {}).get("device") == "cpu" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_name(0)
+
+
+def _fast_path_records(record: dict) -> dict[str, dict]:
+    """The fast-path verdicts a progress record carries (``start`` / ``end`` / ``error`` hold them under
+    ``fast_path``; a ``fast_path`` event is made of them)."""
+    if record.get("event") == "fast_path":
+        return {k: v for k, v in record.items() if isinstance(v, dict) and "verdict" in v}
+    if record.get("event") in ("start", "error"):
+        return dict(record.get("fast_path") or {})
+    return {}
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
@@ -331,6 +344,7 @@ def pretrain_summary(run_id: str, registered_model: str, version: int, end: dict
         f"(hash `{str(facts.get('dataset_hash', '-'))[:12]}`)",
         f"- Steps: {end.get('step', '?')} ({end.get('status', '?')})",
         f"- Hardware: {run.data.tags.get(HARDWARE_TAG, 'not recorded')}",
+        *[f"- Fast path · {part}: {r['verdict']} — {r['path']}" for part, r in (end.get("fast_path") or {}).items()],
         "",
         "| metric | last value |",
         "|---|---|",

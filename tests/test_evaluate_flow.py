@@ -389,6 +389,33 @@ def test_bf16_extraction_records_knn_parity_with_fp32(toy, tracking, tmp_path):
     assert tags[f"eval.{n}.knn1_top1_bf16_minus_fp32"] == f"{m['knn1_top1_bf16_minus_fp32']:.2f}"
     # fp32 (the reference) has no parity metric
     assert metric_family("knn20_top1_bf16_minus_fp32", settings.model_copy(update={"precision": "fp32"})) is None
+    # each extraction checked bf16 against fp32 on its first batch: the evaluation run records the verdict
+    run_tags = tracking.get_run(res["run_id"]).data.tags
+    assert run_tags["fast_path.extract"] == "verified"
+    assert float(run_tags["fast_path.extract.cls/val.min_cosine"]) > 0.99
+
+
+def test_a_failing_bf16_extraction_falls_back_to_fp32_and_skips_the_parity(toy, tracking, tmp_path, monkeypatch):
+    """The bf16 path returns shifted features (an injected fault): every extraction runs in fp32 instead, the
+    evaluation run's tag says why, and the k-NN parity (bf16 vs fp32) is not measured: there is no bf16 feature."""
+    from dino_model.eval.features import read_features
+    from dino_model.fast_path.faults import FAULT_ENV
+    from flows.evaluate import dino_evaluate
+    from tasks.evaluation import EvaluationSettings
+
+    monkeypatch.setenv(FAULT_ENV, "extract")
+    name = f"bf16-fault-{secrets.token_hex(3)}"
+    version = _register(name, tmp_path, degenerate=False)
+    settings = EvaluationSettings(
+        train_data=toy["train"], val_data=toy["val"], features_root=str(tmp_path / "feats"), evaluations=["knn"],
+        knn_ks=[1], precision="bf16", champion_policy="never", **FAST)
+    res = dino_evaluate(f"models:/{name}/{version}", settings)
+    assert set(res["metrics"]) == {"knn1_top1"}  # no parity metric; no top-5 on a set of fewer than 10 classes
+    assert read_features(res["features"]["cls"], "val")[3]["precision"] == "fp32"
+    run = tracking.get_run(res["run_id"])
+    assert run.data.tags["fast_path.extract"].startswith("fallback: cls/train: bf16 features differ from fp32")
+    assert "cls/val: bf16 features differ" in run.data.tags["fast_path.extract"]
+    assert run.data.params["fast_path.extract.path"] == "fp32"
 
 
 def test_bf16_parity_warns_beyond_tolerance():

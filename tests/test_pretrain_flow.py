@@ -112,6 +112,9 @@ def test_pretrain_two_processes_tracks_and_registers(tiny_shards, tracking, tmp_
     assert run.info.run_id == out["run_id"] and run.info.status == "FINISHED"
     assert run.data.params["model.arch"] == "vit_tiny" and run.data.params["crops.n_local"] == "2"
     assert run.data.tags["dataset_hash"] == out["dataset_hash"] and "git_commit" in run.data.tags
+    # the trainer records its fast-path verdicts; on the CPU's defaults both paths are the reference itself
+    assert run.data.tags["fast_path.data"] == run.data.tags["fast_path.step"] == "reference"
+    assert run.data.params["fast_path.step.path"] == "eager, fp32, for-each optimiser"
     # 32 images, 2 ranks x batch 4 -> 4 steps per epoch, 2 epochs.
     assert sorted(_steps(client, run.info.run_id)) == list(range(1, 9))
     for key in ("lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s"):

@@ -18,6 +18,9 @@ count and that every part file reported is there, and deletes the parts of an ea
 
 The ranks exchange only that bookkeeping (a few Python objects and a barrier), never tensors, so the process
 group is gloo on CPU and GPU alike (NCCL would add nothing but a CUDA-device requirement on the collectives).
+With ``--precision bf16`` rank 0 checks bf16 against fp32 on its first batch (``--fast-path-check``, see
+:func:`dino_model.eval.features.check_precision`) and every rank extracts in the precision rank 0's verdict gives;
+the verdict is in the files' metadata and the ``end`` record (``fast_path``).
 
 Progress goes to stdout as ``DINO_PROGRESS`` lines (:mod:`dino_model.metrics`): ``{"event": "step", "rank": r,
 "done": n, "total": rank_total}`` per batch (at most every 2 s), and on rank 0 a final ``{"event": "end", ...}``
@@ -39,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dino_model.fast_path import on_rank0
 from dino_model.metrics import emit_progress
 
 from .features import delete_stale_parts, extract_features, feature_kind, list_feature_files
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-last-blocks", type=int, default=1, help="[CLS] of the last n blocks (1: k-NN features)")
     p.add_argument("--avgpool", action="store_true", help="append the average of the last block's patch tokens")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="inference precision (fp32)")
+    p.add_argument("--fast-path-check", default="fallback", choices=["fallback", "strict", "off"],
+                   help="bf16: check it against fp32 on the first batch; fallback (default) extracts in fp32 when "
+                        "the check fails, strict fails instead, off skips the check")
     p.add_argument("--device", default="auto", help="auto (cuda:<LOCAL_RANK> when present), cpu, cuda, cuda:1")
     p.add_argument("--metadata", default="{}", help="JSON object stored in every file (model name, version...)")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="rows per Parquet part (100000)")
@@ -114,7 +121,10 @@ def run(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank
             "classes_from": user_meta.get("classes_from", args.classes_from or shards.uri)}
     start, stop = shards.rank_range(rank, world_size)
     summary: dict[str, Any] = {"rank": rank, "num_rows": 0, "names": [], "dim": None, "range": [start, stop]}
-    if stop == start:  # more ranks than samples: this one has nothing to do
+    decide = (lambda check: on_rank0(check, rank == 0)) if distributed else None
+    if stop == start:  # more ranks than samples: this one has nothing to do but take part in rank 0's verdict
+        if decide is not None:
+            decide(lambda: None)
         return summary
     backbone = _load_backbone(args.model).to(device).eval()
     last = [0.0]
@@ -133,9 +143,11 @@ def run(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank
         args.split, meta, transform=EvalTransform(args.resize, args.crop), n_last_blocks=args.n_last_blocks,
         avgpool=args.avgpool, precision=args.precision, device=device, rows_per_file=args.rows_per_file,
         progress=False, total=stop - start, rank=rank if distributed else None,
+        fast_path_check=args.fast_path_check, decide=decide,
     )
     summary.update(num_rows=res.num_rows, names=res.names, dim=res.dim, uri=res.uri,
-                   feature_kind=res.metadata["feature_kind"], files=res.files)
+                   feature_kind=res.metadata["feature_kind"], files=res.files, fast_path=res.metadata["fast_path"],
+                   precision=res.metadata["precision"])
     return summary
 
 
@@ -154,7 +166,8 @@ def finish(args: argparse.Namespace, summaries: list[dict[str, Any]], expected: 
     first = next(s for s in summaries if s["num_rows"] > 0)
     return {"uri": first["uri"], "split": args.split, "num_rows": total, "dim": first["dim"],
             "feature_kind": feature_kind(args.n_last_blocks, args.avgpool),
-            "files": [f for s in summaries for f in s.get("files", [])], "world_size": len(summaries)}
+            "files": [f for s in summaries for f in s.get("files", [])], "world_size": len(summaries),
+            "precision": first["precision"], "fast_path": summaries[0]["fast_path"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,10 @@ Features are the [CLS] token after the final norm (``backbone(x)``, the k-NN pro
 linear-probe features: the [CLS] tokens of the last ``n_last_blocks`` blocks (each through the final norm)
 concatenated, plus optionally the average of the last block's patch tokens (:func:`backbone_features`).
 Inference runs in fp32 like the reference; ``precision="bf16"`` runs under bfloat16 autocast (stored values are
-float32 either way).
+float32 either way). A bf16 extraction first checks itself on its first batch (``fast_path_check``, default
+``fallback``: :mod:`dino_model.fast_path.extract_canary`, bf16 against fp32 features, cosine similarity per sample)
+and, if the check fails, runs in fp32 instead; the metadata's ``precision`` is what ran and ``fast_path`` holds the
+verdict and its figures (``strict``: :class:`dino_model.fast_path.FastPathError` instead of the fallback).
 
     >>> res = extract_features(backbone, batches, "s3://bucket/feats/run1", "train", {"model_version": "3"})
     >>> keys, labels, feats, meta = read_features("s3://bucket/feats/run1", split="train")
@@ -34,7 +37,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +45,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from dino_model.fast_path import OFF, REFERENCE, VERIFIED, FALLBACK, Verdict, settle
+from dino_model.fast_path.extract_canary import compare_feature_precisions
+from dino_model.fast_path.verdict import exception_reason
 from dino_model.storage import ObjectStore, open_store
 
 from .transforms import EvalTransform, ImageBatch, as_image_list, normalize
@@ -161,6 +167,38 @@ def _batch_features(backbone, images, transform, device, autocast, n_last_blocks
     return f.float().cpu().numpy()
 
 
+def check_precision(backbone: torch.nn.Module, x: torch.Tensor, precision: str, mode: str = "fallback",
+                    n_last_blocks: int = 1, avgpool: bool = False,
+                    decide: Callable[[Callable[[], Verdict]], Verdict] | None = None) -> tuple[Verdict, str]:
+    """The extraction's fast-path check on one normalised batch ``x`` already on the backbone's device: (verdict,
+    the precision to extract in). ``fp32`` is the reference (nothing to check); ``bf16`` is compared with fp32 unless
+    ``mode`` is ``off``. ``decide(check)``: how the verdict is reached — in a multi-process extraction rank 0's
+    check, broadcast (:func:`dino_model.fast_path.on_rank0`); by default the check itself. A failed check gives
+    ``fp32`` (``mode="strict"``: :class:`dino_model.fast_path.FastPathError`)."""
+    import time
+
+    def check() -> Verdict:
+        if precision == "fp32":
+            return Verdict("extract", REFERENCE, "fp32")
+        if mode == "off":
+            return Verdict("extract", OFF, "bf16 autocast")
+        started = time.perf_counter()
+
+        def features_of(batch: torch.Tensor, p: str) -> torch.Tensor:
+            with _autocast(batch.device, p):
+                return backbone_features(backbone, batch, n_last_blocks, avgpool)
+
+        try:
+            failure, figures = compare_feature_precisions(features_of, x)
+        except Exception as error:  # noqa: BLE001 - a bf16 path that raises has failed its check
+            failure, figures = exception_reason("the bf16 extraction", error), {}
+        return Verdict("extract", FALLBACK if failure else VERIFIED, "fp32" if failure else "bf16 autocast", failure,
+                       figures, time.perf_counter() - started)
+
+    verdict = settle(decide(check) if decide is not None else check(), mode)
+    return verdict, "fp32" if verdict.fell_back else precision
+
+
 def _batch_labels(keys, images, labels) -> tuple[list[str], np.ndarray]:
     keys = [str(k) for k in keys]
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
@@ -216,6 +254,8 @@ def extract_features(
     progress: bool = True,
     total: int | None = None,
     rank: int | None = None,
+    fast_path_check: str = "fallback",
+    decide: Callable[[Callable[[], Verdict]], Verdict] | None = None,
 ) -> FeatureWriteResult:
     """Run ``backbone`` (put in eval mode) over ``batches`` and write ``<out_uri>/<split>/part-*.parquet``.
 
@@ -226,6 +266,8 @@ def extract_features(
     preprocessing, feature kind and precision. ``total`` (number of images) sizes the progress bar.
     ``rank`` (multi-process extraction): name the parts ``part-r<rank>-*.parquet`` and leave every other file
     alone (the stale parts are then deleted by rank 0 with :func:`delete_stale_parts` once all ranks are done).
+    ``fast_path_check`` / ``decide``: the bf16 check on the first batch (:func:`check_precision`); the metadata's
+    ``precision`` is what ran, ``fast_path`` the verdict.
     Raises :class:`ValueError` for a bad split name, mismatched key/image/label counts, duplicate keys, or an
     empty input (nothing is written then).
     """
@@ -254,6 +296,7 @@ def extract_features(
         "precision": precision,
     }
     seen: set[str] = set()
+    checked = False
     pending_keys: list[str] = []
     pending_labels: list[np.ndarray] = []
     pending_feats: list[np.ndarray] = []
@@ -283,6 +326,12 @@ def extract_features(
                 if k in seen:
                     raise ValueError(f"duplicate sample key {k!r} in split {split!r}")
                 seen.add(k)
+            if not checked:  # the first batch decides the precision of the whole extraction
+                checked = True
+                verdict, used = check_precision(backbone, prepare_batch(images, transform).to(device), precision,
+                                                fast_path_check, n_last_blocks, avgpool, decide)
+                autocast = _autocast(device, used)
+                meta.update(precision=used, fast_path=verdict.as_record())
             f = _batch_features(backbone, images, transform, device, autocast, n_last_blocks, avgpool)
             if dim < 0:
                 dim = f.shape[1]

@@ -54,6 +54,9 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        #: All-reduce the centre update across ranks when torch.distributed is initialised. A copy of the model
+        #: that one rank steps alone (the fast-path check, :mod:`dino_model.fast_path`) turns it off.
+        self.sync_center = True
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> int:
         if teacher_output.ndim != 2 or teacher_output.shape[0] % 2 or teacher_output.shape[1] != self.out_dim:
@@ -98,7 +101,7 @@ class DINOLoss(nn.Module):
         """c <- m c + (1 - m) mean(teacher_output over the global batch); one all-reduce (sum and count)."""
         t = teacher_output.detach().float()
         summed = torch.cat((t.sum(dim=0), t.new_tensor([t.shape[0]])))
-        if dist.is_available() and dist.is_initialized():
+        if self.sync_center and dist.is_available() and dist.is_initialized():
             dist.all_reduce(summed)
         batch_center = (summed[:-1] / summed[-1]).unsqueeze(0)
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))

@@ -26,6 +26,9 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avgpool", action="store_true", help="append the average of the last block's patch tokens")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="inference precision (default fp32)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--fast-path-check", default="fallback", choices=["fallback", "strict", "off"],
+                   help="bf16: check it against fp32 on the first batch; fallback (default) extracts in fp32 when "
+                        "the check fails, strict fails instead, off skips the check")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="extraction processes, one per GPU (default 1: in-process; >1: torchrun)")
 
@@ -54,9 +57,10 @@ def run_extract(args: argparse.Namespace) -> int:
                 classes_from=args.classes_from, resize_size=args.resize, crop_size=args.crop,
                 batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
                 precision=args.precision, device=args.device, nproc_per_node=args.nproc_per_node,
+                fast_path_check=args.fast_path_check,
             )
         except (StorageError, FileNotFoundError) as e:
             raise UsageError(str(e)) from e
     print(f"{out['num_rows']} x {out['dim']} {out['feature_kind']} features of split {out['split']!r} -> {out['uri']}"
-          f" ({len(out['files'])} file(s))")
+          f" ({len(out['files'])} file(s), {out['precision']}; fast path: {out['fast_path']['verdict']})")
     return 0

@@ -41,7 +41,10 @@ protocol); ``linear_best_top1`` / ``linear_final_top1`` / ``linear_final_top5`` 
 and ``davis_seq_<sequence>_jf`` (on the run only). All in percent (:mod:`dino_model.eval.score_names`); top-5
 only for sets of at least 10 classes. With ``precision="bf16"`` the k-NN also gets its parity check against the
 fp32 reference (:func:`knn_bf16_parity`): ``knn<k>_top1_bf16_minus_fp32`` (percentage points, on a bounded
-subset).
+subset). Each bf16
+extraction first checks bf16 against fp32 on its first batch (``fast_path_check``): the evaluation run's tag
+``fast_path.extract`` records the verdict (:func:`record_fast_path`); an extraction that fell back to fp32 has no
+parity to measure, so the parity check is skipped then.
 
 Feature extraction runs in the task's process by default; ``nproc_per_node > 1`` launches
 ``torchrun -m dino_model.eval.extract`` (one process per GPU, each over its own contiguous range of the samples,
@@ -68,6 +71,7 @@ from .recording import (
     publish_reevaluation_summary,
     publish_scores,
     recorded_score,
+    record_fast_path,
     score_tags,
     tag_model_version,
     update_champion,
@@ -106,6 +110,7 @@ __all__ = [
     "features_location",
     "find_versions_to_evaluate",
     "is_version_tag_metric",
+    "record_fast_path",
     "knn_bf16_parity",
     "knn_scores",
     "linear_probe_fast",

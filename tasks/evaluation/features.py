@@ -99,11 +99,15 @@ def extract_split_features(
     device: str = "auto",
     label_map: list[int] | None = None,
     nproc_per_node: int = 1,
+    fast_path_check: str = "fallback",
 ) -> dict[str, Any]:
     """Run the backbone over every sample of the shard set ``data`` (in order, none dropped) and write
     ``<out_uri>/<split>/part-*.parquet``. Labels go through ``label_map`` (val -> train class indices). Checks
     that the rows written equal the manifest's sample count. ``nproc_per_node > 1``: the extraction runs as
-    ``torchrun -m dino_model.eval.extract`` child processes (one per GPU), rank 0 checking the total."""
+    ``torchrun -m dino_model.eval.extract`` child processes (one per GPU), rank 0 checking the total. With bf16,
+    ``fast_path_check`` decides what a failed bf16-vs-fp32 check on the first batch does (see
+    :func:`dino_model.eval.features.check_precision`); the result's ``precision`` is what ran and ``fast_path``
+    the verdict."""
     import numpy as np
 
     from dino_model.eval.features import extract_features
@@ -115,7 +119,8 @@ def extract_split_features(
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     if nproc_per_node > 1:
         return _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_size, crop_size, batch_size,
-                                      n_last_blocks, avgpool, precision, device, label_map, nproc_per_node)
+                                      n_last_blocks, avgpool, precision, device, label_map, nproc_per_node,
+                                      fast_path_check)
     device = resolve_device(device)
     shards = EvalShardSet(data)
     backbone = load_model(model_uri, device)
@@ -128,6 +133,7 @@ def extract_split_features(
         progress.wrap(shards.batches(batch_size, np.asarray(label_map) if label_map is not None else None)),
         out_uri, split, meta, transform=EvalTransform(resize_size, crop_size), n_last_blocks=n_last_blocks,
         avgpool=avgpool, precision=precision, device=device, progress=False, total=shards.num_samples,
+        fast_path_check=fast_path_check,
     )
     progress.finish()
     if res.num_rows != shards.num_samples:
@@ -135,11 +141,13 @@ def extract_split_features(
     logger.info("%s: %d x %d features (%s) -> %s", split, res.num_rows, res.dim, res.metadata["feature_kind"],
                 res.uri)
     return {"uri": res.uri, "split": split, "num_rows": res.num_rows, "dim": res.dim, "files": res.files,
-            "feature_kind": res.metadata["feature_kind"]}
+            "feature_kind": res.metadata["feature_kind"], "precision": res.metadata["precision"],
+            "fast_path": res.metadata["fast_path"]}
 
 
 def _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_size, crop_size, batch_size,
-                           n_last_blocks, avgpool, precision, device, label_map, nproc_per_node) -> dict[str, Any]:
+                           n_last_blocks, avgpool, precision, device, label_map, nproc_per_node,
+                           fast_path_check) -> dict[str, Any]:
     """The multi-process extraction: ``torchrun -m dino_model.eval.extract``, its output forwarded to the run logs
     and its per-rank progress records summed into the progress artifact."""
     import torch
@@ -159,7 +167,7 @@ def _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_siz
     args = ["--model", model_uri, "--data", data, "--out", out_uri, "--split", split,
             "--resize", str(resize_size), "--crop", str(crop_size), "--batch-size", str(batch_size),
             "--n-last-blocks", str(n_last_blocks), "--precision", precision, "--device", device,
-            "--metadata", json.dumps(metadata)]
+            "--metadata", json.dumps(metadata), "--fast-path-check", fast_path_check]
     if avgpool:
         args.append("--avgpool")
     if label_map is not None:
@@ -186,4 +194,5 @@ def _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_siz
     logger.info("%s: %d x %d features (%s) -> %s, %d processes", split, end["num_rows"], end["dim"],
                 end["feature_kind"], end["uri"], nproc_per_node)
     return {"uri": end["uri"], "split": split, "num_rows": end["num_rows"], "dim": end["dim"],
-            "files": end["files"], "feature_kind": end["feature_kind"]}
+            "files": end["files"], "feature_kind": end["feature_kind"], "precision": end["precision"],
+            "fast_path": end["fast_path"]}

@@ -82,6 +82,31 @@ def open_evaluation_run(experiment: str, model: dict[str, Any], settings: Evalua
     return run.info.run_id
 
 
+@task(name="record-fast-path", cache_policy=NO_CACHE)
+def record_fast_path(run_id: str, part: str, records: dict[str, dict[str, Any]]) -> str:
+    """The fast-path verdicts of the evaluation's extractions (``{"cls/train": Verdict.as_record(), ...}``)
+    combined into one (:func:`dino_model.fast_path.verdict.combine`), as tags and params of the evaluation run:
+    ``fast_path.<part>`` = ``verified`` / ``fallback: <which>: <reason>`` / ``reference`` / ``off``, plus the
+    figures. Params already logged by an earlier attempt are kept (MLflow params cannot change); tags hold the
+    latest. Returns the combined verdict."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from dino_model.fast_path.verdict import Verdict, combine, tracking_records
+
+    verdict = combine(part, {label: Verdict.from_record(part, r) for label, r in records.items()})
+    values = tracking_records({part: verdict.as_record()})
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    params = [Param(k, v) for k, v in values.items() if k not in logged]
+    tags = [RunTag(k, v) for k, v in values.items()]
+    for i in range(0, max(len(params), len(tags)), 100):
+        client.log_batch(run_id, params=params[i:i + 100], tags=tags[i:i + 100])
+    if verdict.fell_back:
+        run_logger().warning("fast path %s: %s", part, verdict.text)
+    return verdict.text
+
+
 def _dataset(uri: str, name: str, digest: str):
     """An MLflow dataset record (no data: a name, a digest and where the data is)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source

@@ -36,6 +36,10 @@ class EvaluationSettings(BaseModel):
                                   "the full linear probe).")
     batch_size: int = Field(64, description="Images per forward pass.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Inference precision (fp32 = reference).")
+    fast_path_check: Literal["fallback", "strict", "off"] = Field(
+        "fallback", description="With precision bf16: each extraction first compares bf16 with fp32 features on its "
+                                "first batch (cosine similarity per sample); fallback = extract in fp32 when that "
+                                "fails (recorded as tag fast_path.extract), strict = fail, off = no check.")
     bf16_parity: bool = Field(True, description="With precision bf16 and k-NN: also run the k-NN on fp32 features "
                               "of a subset and record knn<k>_top1_bf16_minus_fp32 (see knn_bf16_parity).")
     bf16_parity_train_samples: int | None = Field(
