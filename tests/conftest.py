@@ -70,8 +70,30 @@ def s3_bucket(s3_env) -> str:
     from dino_model.storage import S3Store
 
     uri = f"s3://test-{secrets.token_hex(4)}"
-    S3Store(uri).ensure_bucket()
+    store = S3Store(uri)
+    store.ensure_bucket()
+    wait_until_writable(store)
     return uri
+
+
+def wait_until_writable(store, timeout: float = 120.0) -> None:
+    """SeaweedFS allocates a new bucket's volumes on its first write; on a loaded machine that allocation can
+    outlast boto3's retries (``InternalError``). Make that first write here, patiently, so tests start with a
+    bucket that takes writes."""
+    import time
+
+    from dino_model.storage import StorageError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.put_bytes(".writable-probe", b"ok")
+            store.delete(".writable-probe")
+            return
+        except StorageError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 @pytest.fixture(scope="session")
