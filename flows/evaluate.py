@@ -15,7 +15,8 @@ the scores: version tags ``eval.<set hash>.<metric>``, metrics of an MLflow eval
 LoggedModel, attention overlays as run artifacts, a Prefect table artifact; then applies the champion policy.
 With ``precision="bf16"`` the k-NN is also run on fp32 features of a bounded subset and the difference recorded
 (``knn<k>_top1_bf16_minus_fp32``, a warning beyond ``bf16_parity_tolerance``); ``nproc_per_node > 1`` extracts
-the features with torchrun (one process per GPU).
+the features with torchrun (one process per GPU), ``task_runner`` ``processes`` / ``dask`` / ``tcp://HOST:PORT``
+as one task per sample range on that runner's workers (:func:`flows.extract.extract_split`).
 MLflow comes from ``MLFLOW_TRACKING_URI``. The flows only compose tasks from :mod:`tasks.evaluation`.
 """
 
@@ -26,8 +27,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from dino_model.eval.features import feature_kind
-
+from flows.extract import extract_split
 from tasks.evaluation import (
     EvaluationSettings,
     attention_scores,
@@ -35,8 +35,6 @@ from tasks.evaluation import (
     davis_scores,
     end_evaluation_run,
     evaluation_set_hashes,
-    extract_split_features,
-    features_location,
     find_versions_to_evaluate,
     knn_bf16_parity,
     knn_scores,
@@ -45,6 +43,7 @@ from tasks.evaluation import (
     log_evaluation_metrics,
     metric_family,
     open_evaluation_run,
+    plan_feature_sets,
     publish_scores,
     resolve_model_version,
     score_tags,
@@ -83,32 +82,25 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
             expected = {"train": facts["train_samples"], "val": facts["val_samples"]}
             common = dict(resize_size=settings.resize_size, crop_size=settings.crop_size,
                           batch_size=settings.batch_size, precision=settings.precision, device=settings.device,
-                          nproc_per_node=settings.nproc_per_node)
+                          nproc_per_node=settings.nproc_per_node, task_runner=settings.task_runner,
+                          parallelism=settings.parallelism)
             meta = {"model_name": info["name"], "model_version": info["version"],
                     "evaluation_set": hashes["classification"], "classes_from": settings.train_data}
-            kinds = []
+            plan = plan_feature_sets(settings, info["name"], info["version"], hashes["classification"])
+            for fs in plan["sets"]:
+                kind_options = dict(n_last_blocks=fs["n_last_blocks"], avgpool=fs["avgpool"], **common)
+                extract_split(info["uri"], settings.train_data, fs["uri"], "train", meta, **kind_options)
+                extract_split(info["uri"], settings.val_data, fs["uri"], "val", meta, label_map=facts["label_map"],
+                              **kind_options)
+                features[fs["kind"]] = fs["uri"]
             if "knn" in chosen:
-                kinds.append((1, False))
-            if "linear_fast" in chosen and (settings.linear_n_last_blocks, settings.linear_avgpool) not in kinds:
-                kinds.append((settings.linear_n_last_blocks, settings.linear_avgpool))
-            for n_last, avgpool in kinds:
-                kind = feature_kind(n_last, avgpool)
-                uri = features_location(settings.features_root, info["name"], info["version"],
-                                        hashes["classification"], kind)
-                extract_split_features(info["uri"], settings.train_data, uri, "train", meta, n_last_blocks=n_last,
-                                       avgpool=avgpool, **common)
-                extract_split_features(info["uri"], settings.val_data, uri, "val", meta, n_last_blocks=n_last,
-                                       avgpool=avgpool, label_map=facts["label_map"], **common)
-                features[kind] = uri
-            if "knn" in chosen:
-                metrics |= knn_scores(features["cls"], settings.knn_ks, settings.knn_temperature,
+                metrics |= knn_scores(features[plan["knn"]], settings.knn_ks, settings.knn_temperature,
                                       facts["num_classes"], settings.device, expected)
                 if settings.runs_bf16_parity():
-                    metrics |= knn_bf16_parity(info["uri"], features["cls"], facts["label_map"],
+                    metrics |= knn_bf16_parity(info["uri"], features[plan["knn"]], facts["label_map"],
                                                facts["num_classes"], settings)
             if "linear_fast" in chosen:
-                probe_kind = feature_kind(settings.linear_n_last_blocks, settings.linear_avgpool)
-                metrics |= linear_probe_fast(features[probe_kind], settings.linear_fast_epochs,
+                metrics |= linear_probe_fast(features[plan["linear_fast"]], settings.linear_fast_epochs,
                                              settings.linear_batch_size, settings.linear_base_lr,
                                              facts["num_classes"], settings.device, expected)
         if "linear" in chosen:

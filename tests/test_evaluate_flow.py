@@ -13,38 +13,25 @@ import json
 import secrets
 import shutil
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from dino_model.data.shard_writer import ShardOptions, write_dataset
 from dino_model.data.sources import SourceSpec, scan_source
+from tests.datasets import write_colour_set
 
 FAST = dict(resize_size=None, crop_size=32, batch_size=16, linear_fast_epochs=3, linear_batch_size=8,
             davis_short_side=64, attention_size=64)
-
-
-def _write_set(root, dest, classes, per_class, seed, name):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            base = np.zeros((40, 40, 3), np.uint8) + np.array([60 * c, 255 - 60 * c, 128], np.uint8)
-            img = np.clip(base + rng.integers(0, 60, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
-    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name=name, shard_size=8))
-    return str(dest)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """train: 4 classes x 8 images (4 shards); val: classes 1-3 x 3 images; empty: a manifest without samples."""
     base = tmp_path_factory.mktemp("toy")
-    train = _write_set(base / "train-img", base / "train", range(4), 8, 0, "train")
-    val = _write_set(base / "val-img", base / "val", range(1, 4), 3, 1, "val")
+    train = write_colour_set(base / "train-img", base / "train", range(4), 8, 0, "train")
+    val = write_colour_set(base / "val-img", base / "val", range(1, 4), 3, 1, "val")
     (base / "empty-img" / "class0").mkdir(parents=True)
     write_dataset(scan_source(SourceSpec(str(base / "empty-img"))), str(base / "empty"), ShardOptions(name="e"))
     return {"train": train, "val": val, "empty": str(base / "empty"), "base": base}

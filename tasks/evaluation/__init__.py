@@ -4,7 +4,8 @@
 ``settings.py``     :class:`EvaluationSettings`, which metrics the selected evaluations produce, device
 ``registry.py``     pin ``models:/name@alias`` to a version; the versions ``dino-reevaluate`` evaluates
 ``preflight.py``    every bad input reported before a model runs; the evaluation-set hashes
-``features.py``     backbone features of a shard set → Parquet (in-process or ``torchrun``)
+``features.py``     backbone features of a shard set → Parquet (in-process, ``torchrun``, or one task per
+                    sample range on a task runner)
 ``scores.py``       k-NN (+ bf16 parity), fast and full linear probes, attention maps, DAVIS J&F
 ``recording.py``    MLflow evaluation run, version tags, Prefect table artifact, ``champion`` alias
 ``common.py``       the two input errors and the run logger
@@ -35,11 +36,20 @@ With ``precision="bf16"`` the k-NN also gets its parity check against the fp32 r
 
 Feature extraction runs in the task's process by default; ``nproc_per_node > 1`` launches
 ``torchrun -m dino_model.eval.extract`` (one process per GPU, each over its own contiguous range of the samples,
-see :mod:`dino_model.eval.extract`) and follows its output like the trainer's.
+see :mod:`dino_model.eval.extract`) and follows its output like the trainer's; ``task_runner`` ``processes``,
+``dask`` or ``tcp://HOST:PORT`` runs one :func:`extract_feature_range` task per sample range on that runner's
+workers instead (``flows.extract.extract_split``).
 """
 
 from .common import EvaluationInputError, ModelVersionNotFound
-from .features import extract_split_features, features_location
+from .features import (
+    extract_feature_range,
+    extract_split_features,
+    features_location,
+    finish_feature_ranges,
+    plan_feature_ranges,
+    plan_feature_sets,
+)
 from .preflight import check_evaluation_inputs, check_extraction_input, evaluation_set_hashes
 from .recording import (
     CHAMPION_ALIAS,
@@ -75,8 +85,10 @@ __all__ = [
     "davis_scores",
     "end_evaluation_run",
     "evaluation_set_hashes",
+    "extract_feature_range",
     "extract_split_features",
     "features_location",
+    "finish_feature_ranges",
     "find_versions_to_evaluate",
     "knn_bf16_parity",
     "knn_scores",
@@ -86,6 +98,8 @@ __all__ = [
     "metric_family",
     "open_evaluation_run",
     "parse_model_uri",
+    "plan_feature_ranges",
+    "plan_feature_sets",
     "publish_scores",
     "resolve_model_version",
     "score_tags",

@@ -57,3 +57,18 @@ def check_parallelism(value: object, field: str = "parallelism") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserInputError(f"{field} must be a positive integer (workers of the task runner), got {value!r}")
     return value
+
+
+def check_extraction_runner(task_runner: object, parallelism: object, nproc_per_node: int,
+                            prefix: str = "") -> str:
+    """The task runner of a feature extraction: a valid choice with a valid worker count, and not combined with
+    ``nproc_per_node > 1`` (torchrun's processes on this machine's GPUs are the other way to parallelise it).
+    ``prefix`` names the fields as the caller spells them (``--`` for the command line)."""
+    option = (lambda name: f"--{name.replace('_', '-')}") if prefix == "--" else (lambda name: name)
+    check_task_runner(task_runner, option("task_runner"))
+    check_parallelism(parallelism, option("parallelism"))
+    if nproc_per_node > 1 and task_runner != "threads":
+        raise UserInputError(f"{option('nproc_per_node')} {nproc_per_node} and {option('task_runner')} "
+                             f"{task_runner} are two ways to run the extraction in parallel: use torchrun processes "
+                             f"(one per GPU of this machine) or the task runner's workers, not both")
+    return task_runner  # type: ignore[return-value]
