@@ -171,6 +171,7 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
     from dino_model.export import export_backbone
     from dino_model.models import build_backbone
     from flows.extract import dino_extract
+    from tasks.evaluation import extract_split_features
 
     data = write_colour_set(tmp_path / "img", tmp_path / "train", range(3), 7, 3, "train")  # shards of 8, 8, 5
     torch.manual_seed(0)
@@ -179,8 +180,9 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
     common = dict(resize_size=None, crop_size=32, batch_size=3, device="cpu")
     single, ranged = str(tmp_path / "single"), str(tmp_path / "ranged")
 
-    one = dino_extract(str(export), data, single, "train", **common)
-    dino_extract(str(export), data, ranged, "train", **common)  # part-00000, replaced below
+    one = extract_split_features.fn(str(export), data, single, "train", {"classes_from": data}, **common)
+    # an earlier single-process extraction (part-00000), which the ranged one replaces
+    extract_split_features.fn(str(export), data, ranged, "train", {"classes_from": data}, **common)
     two = dino_extract(str(export), data, ranged, "train", task_runner=dask_cluster.address, **common)
     assert two["num_rows"] == one["num_rows"] == 21
     assert (two["dim"], two["feature_kind"]) == (one["dim"], one["feature_kind"]) == (192, "cls")
