@@ -16,6 +16,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
+from dino_model.config import DinoConfig
 from tasks.kubernetes_job import KubernetesSettings, job_name
 from tasks.kubernetes_launch import train_on_kubernetes
 from tasks.pretrain import (
@@ -105,7 +106,7 @@ def dino_pretrain(
         end_mlflow_run(run_id, "FAILED")
         raise
     log_loss_curve(run_id)
-    export_uri = config["export"]["uri"] or config["checkpoint"]["uri"].rstrip("/") + "/export"
+    export_uri = DinoConfig.from_dict(config).export_uri
     version_tags = {**tags, "epochs": str(config["train"]["epochs"]), "mlflow_run_id": run_id}
     version = register_backbone(run_id, export_uri, registered_model, version_tags)
     end_mlflow_run(run_id, "FINISHED")
