@@ -75,7 +75,8 @@ def dino_pretrain(
             ``require`` refuses one that holds none. Task retries always resume.
         train_retries: How many times a failed trainer is relaunched (resuming) before the flow fails.
         launcher: ``local`` runs torchrun on this worker; ``kubernetes`` submits an Indexed Job of ``nnodes`` pods
-            (torchrun with a c10d rendezvous on pod 0) with kubectl and follows it (``infra/k8s/multinode-job.yaml``).
+            (torchrun with a c10d rendezvous on pod 0) with kubectl and follows it
+            (``tasks/kubernetes/multinode-job.yaml``).
         k8s_image: Trainer image for ``launcher="kubernetes"`` (``infra/docker/Dockerfile``); required there.
         k8s_namespace: Namespace of the Job (must exist).
         k8s_gpus_per_node: GPUs requested per pod (default ``nproc_per_node``; 0 = CPU pods, one gloo process).
