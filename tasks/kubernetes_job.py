@@ -33,7 +33,7 @@ from typing import Any, Callable
 from dino_model.metrics import parse_progress_line
 from .kubernetes.render import MultiNodeJob, render_multinode_job, to_yaml
 
-from .trainer_process import LaunchSpec, TrainerFailed, _last_error, trainer_config
+from .trainer_process import LaunchSpec, TrainerFailed, last_error, trainer_config
 
 #: The annotation (and, from Kubernetes 1.28, label) an Indexed Job puts on each pod: its completion index.
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
@@ -378,7 +378,7 @@ def run_kubernetes_job(
             signal.signal(sig, handler)
     if state == "failed":
         failures = [r for r in (pod_failure(p) for p in _rank0_first(pods, pod)) if r]
-        reason = ((follower.error_record or {}).get("message") or _last_error(follower.tail)
+        reason = ((follower.error_record or {}).get("message") or last_error(follower.tail)
                   or (failures[0] if failures else "") or job_failure(json.loads(kubectl(get_job_command(ns, name))))
                   or "the Job failed")
         detail = "\n".join(f" - {f}" for f in failures)

@@ -40,7 +40,7 @@ _FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 _UNFINISHED_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 
-class _ReportedErrors(logging.Filter):
+class ReportedErrors(logging.Filter):
     """Drops Prefect run-log records about an exception the command reports itself: records carrying it
     (``exc_info``), and the engines' ``Finished in state Failed(...)`` summaries that name it."""
 
@@ -71,7 +71,7 @@ def flow_session(reported: tuple[type[BaseException], ...] = (), debug: bool = F
     started = datetime.now(timezone.utc)
     if not debug:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    quiet = _ReportedErrors(reported) if reported and not debug else None
+    quiet = ReportedErrors(reported) if reported and not debug else None
     loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
     for logger in loggers if quiet else ():
         logger.addFilter(quiet)
@@ -110,8 +110,8 @@ def settle_ephemeral_server(since: datetime, timeout: float = 30.0) -> bool:
     previous = None
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            total = _count_task_runs(client, ours)
-            unfinished = _count_task_runs(client, ours, {"state": {"type": {"any_": list(_UNFINISHED_STATES)}}})
+            total = count_task_runs(client, ours)
+            unfinished = count_task_runs(client, ours, {"state": {"type": {"any_": list(_UNFINISHED_STATES)}}})
             if unfinished == 0 and total == previous:
                 return True
             previous = total if unfinished == 0 else None
@@ -119,7 +119,9 @@ def settle_ephemeral_server(since: datetime, timeout: float = 30.0) -> bool:
     return False
 
 
-def _count_task_runs(client, flow_runs: dict, task_runs: dict | None = None) -> int:
+def count_task_runs(client, flow_runs: dict, task_runs: dict | None = None) -> int:
+    """How many task runs the Prefect API has recorded for the flow runs matching the ``flow_runs`` filter (and
+    ``task_runs``, e.g. a state filter), through ``client`` (a sync Prefect client)."""
     response = client.request("POST", "/task_runs/count", json={"flow_runs": flow_runs, "task_runs": task_runs})
     response.raise_for_status()
     return int(response.json())
