@@ -195,3 +195,27 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
     np.testing.assert_array_equal(l2, l1)
     np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
     assert m2 == m1
+
+
+def test_a_worker_process_loads_the_backbone_once_per_extraction(tmp_path):
+    """The range tasks of one extraction (one ``reuse_key``) that land on a worker process share the backbone it
+    loaded first; another extraction reads the export afresh, even when it was overwritten in between."""
+    from dino_model.export import export_backbone
+    from dino_model.models import build_backbone
+    from tasks.evaluation.features import load_model
+
+    export = str(tmp_path / "export")
+
+    def write_export(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        backbone = build_backbone("vit_tiny", patch_size=16)
+        export_backbone(backbone, export, arch="vit_tiny", patch_size=16)
+        return backbone.cls_token.detach().clone()
+
+    first = write_export(0)
+    assert torch.equal(load_model(export, "cpu", "extraction-1").cls_token, first)
+    second = write_export(1)
+    assert not torch.equal(first, second)
+    assert torch.equal(load_model(export, "cpu", "extraction-1").cls_token, first)  # this extraction's copy
+    assert torch.equal(load_model(export, "cpu", "extraction-2").cls_token, second)  # a new extraction reloads
+    assert torch.equal(load_model(export, "cpu").cls_token, second)  # no key: always read

@@ -52,14 +52,13 @@ def load_model(model_uri: str, device: str, reuse_key: str | None = None):
         key: tuple | None = (mlflow.get_tracking_uri(), model_uri)
     else:
         key = (model_uri, reuse_key) if reuse_key else None
+    if key is None:
+        return load_backbone(model_uri).to(device).eval()
     with _BACKBONE_LOCK:
-        cached = _BACKBONE_CACHE.get(key) if key is not None else None
-        if cached is None:
-            cached = load_backbone(model_uri)
-            if key is not None:
-                _BACKBONE_CACHE.clear()
-                _BACKBONE_CACHE[key] = cached
-        backbone = copy.deepcopy(cached)  # each task moves and runs its own copy
+        if key not in _BACKBONE_CACHE:
+            _BACKBONE_CACHE.clear()
+            _BACKBONE_CACHE[key] = load_backbone(model_uri)
+        backbone = copy.deepcopy(_BACKBONE_CACHE[key])  # each task moves and runs its own copy
     return backbone.to(device).eval()
 
 
