@@ -381,3 +381,40 @@ def test_crop_larger_than_the_images_warns(toy, capsys):
                                                                                         224).warnings[0]
     settings = EvaluationSettings(train_data=toy["train"], val_data=toy["val"], resize_size=None)
     assert "97% black" in evaluation_inputs(settings).warnings[0]
+
+
+@pytest.mark.slow
+def test_evaluate_extracts_features_on_a_dask_cluster(toy, tracking, mlflow_server, seaweedfs, tmp_path):
+    """``settings.task_runner = tcp://...``: both feature kinds of k-NN and the fast probe are extracted as range
+    tasks on a Dask cluster (workers that reach the MLflow registry through their own environment); the features
+    and the k-NN scores are those of the in-process extraction."""
+    import numpy as np
+
+    from dino_model.eval.features import read_features
+    from flows.evaluate import dino_evaluate
+    from infra.services import start_dask_cluster
+    from tasks.evaluation import EvaluationSettings
+
+    name = f"toy-{secrets.token_hex(3)}"
+    version = _register(name, tmp_path, degenerate=False)
+    common = dict(train_data=toy["train"], val_data=toy["val"], evaluations=["knn", "linear_fast"],
+                  linear_n_last_blocks=2, knn_ks=[1, 5], champion_policy="never", **FAST)
+    local = dino_evaluate(f"models:/{name}/{version}",
+                          EvaluationSettings(features_root=str(tmp_path / "local"), **common))
+    cluster = start_dask_cluster(tmp_path / "dask", workers=2,
+                                 env={**seaweedfs.env(), "MLFLOW_TRACKING_URI": mlflow_server.url})
+    try:
+        ranged = dino_evaluate(f"models:/{name}/{version}",
+                               EvaluationSettings(features_root=str(tmp_path / "dask"), task_runner=cluster.address,
+                                                  **common))
+    finally:
+        cluster.stop()
+    assert sorted(ranged["features"]) == sorted(local["features"]) == ["cls", "cls_last2"]
+    for kind in ("cls", "cls_last2"):
+        for split in ("train", "val"):
+            k1, l1, f1, _ = read_features(local["features"][kind], split)
+            k2, l2, f2, _ = read_features(ranged["features"][kind], split)
+            assert k2 == k1 and np.array_equal(l2, l1)
+            np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
+    for metric in ("knn1_top1", "knn5_top1", "knn5_top5"):
+        assert ranged["metrics"][metric] == local["metrics"][metric]
