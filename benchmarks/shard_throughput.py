@@ -2,13 +2,18 @@
 
     .venv/bin/python benchmarks/shard_throughput.py                       # imagenette-128/train from ../shared
     .venv/bin/python benchmarks/shard_throughput.py --source DIR --workers 4 --no-s3 --no-flow
+    .venv/bin/python benchmarks/shard_throughput.py --runners threads,processes,dask --workers 2
 
 Rows (best of ``--repeat`` runs, page cache warm — the source is read once first):
 
 * ``tar -cf``: the floor — GNU tar copying the same files into one archive on the same disk.
 * ``decode only``: validating every image by decoding it, nothing written (the writer's unavoidable CPU cost).
 * ``writer -> local``: ``dino_model.data.shard_writer.write_dataset`` (scan, plan, validate, write tars, manifest).
-* ``flow -> local``: the ``dino-shard`` Prefect flow, server already warm (adds task orchestration).
+* ``flow -> local``: the ``dino-shard`` Prefect flow, server already warm (adds task orchestration), once per task
+  runner of ``--runners``: ``threads`` (Prefect's thread pool in the flow's process), ``processes`` (Prefect's
+  process pool, started by each run: its start-up is in the time), ``dask`` (a running ``dask scheduler`` with
+  ``--workers`` single-threaded ``dask worker`` processes on this machine, ``infra.services.start_dask_cluster``,
+  reached as ``tcp://``: the cluster's start-up is not in the time).
 * ``writer -> SeaweedFS``: the same writer to ``s3://`` on a local SeaweedFS (``infra.services.start_seaweedfs``).
 * ``read (webdataset + PIL)``: samples/s decoding the local shards back to RGB arrays.
 
@@ -54,6 +59,8 @@ def main() -> None:
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--no-s3", action="store_true")
     p.add_argument("--no-flow", action="store_true")
+    p.add_argument("--runners", default="threads",
+                   help="task runners of the flow rows, comma-separated: threads, processes, dask (default threads)")
     args = p.parse_args()
 
     source = Path(args.source).resolve()
@@ -102,12 +109,26 @@ def main() -> None:
         shutil.copytree(source / sorted(os.listdir(source))[0], tiny / "c", dirs_exist_ok=True)
         dino_shard(str(tiny), str(work / "tiny-out"), name="warm", shard_size=1000)  # start the ephemeral server
 
-        def flow_local():
-            dest = work / "flow"
-            shutil.rmtree(dest, ignore_errors=True)
-            dino_shard(str(source), str(dest), name="bench", shard_size=args.shard_size, parallelism=args.workers)
+        for runner in [r.strip() for r in args.runners.split(",") if r.strip()]:
+            cluster = None
+            task_runner, label = runner, f"{runner}, parallelism {args.workers}"
+            if runner == "dask":
+                from infra.services import start_dask_cluster
 
-        rows.append((f"flow -> local (parallelism {args.workers})", best_of(args.repeat, flow_local), n))
+                cluster = start_dask_cluster(work / "dask", workers=args.workers)
+                task_runner, label = cluster.address, f"dask, {args.workers} workers"
+
+            def flow_local():
+                dest = work / "flow"
+                shutil.rmtree(dest, ignore_errors=True)
+                dino_shard(str(source), str(dest), name="bench", shard_size=args.shard_size,
+                           parallelism=args.workers, task_runner=task_runner)
+
+            try:
+                rows.append((f"flow -> local ({label})", best_of(args.repeat, flow_local), n))
+            finally:
+                if cluster is not None:
+                    cluster.stop()
 
     if not args.no_s3:
         from dino_model.storage import S3Store

@@ -18,7 +18,9 @@ LoggedModel and to the data sets, the report and attention overlays as run artif
 (its description), a Prefect table artifact with the champion decision; then applies the champion policy.
 With ``precision="bf16"`` the k-NN is also run on fp32 features of a bounded subset and the difference recorded
 (``knn<k>_top1_bf16_minus_fp32``, a warning beyond ``bf16_parity_tolerance``); ``nproc_per_node > 1`` extracts
-the features with torchrun (one process per GPU). ``dino-reevaluate`` ends with a Prefect summary artifact:
+the features with torchrun (one process per GPU), ``task_runner`` ``processes`` / ``dask`` / ``tcp://HOST:PORT``
+as one task per sample range on that runner's workers (:func:`flows.extract.extract_split`). ``dino-reevaluate``
+ends with a Prefect summary artifact:
 versions evaluated, their scores, how ``champion`` moved.
 With ``precision="bf16"`` each extraction first checks bf16 against fp32 on its first batch, falling back to fp32
 when it fails (tag ``fast_path.extract`` of the evaluation run).
@@ -32,9 +34,8 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from dino_model.eval.features import feature_kind
 from dino_model.eval.score_names import TOP5_MIN_CLASSES
-
+from flows.extract import extract_split
 from tasks.evaluation import (
     EvaluationSettings,
     attention_scores,
@@ -45,8 +46,6 @@ from tasks.evaluation import (
     end_evaluation_run,
     evaluation_set_hashes,
     evaluation_set_names,
-    extract_split_features,
-    features_location,
     find_versions_to_evaluate,
     is_version_tag_metric,
     knn_bf16_parity,
@@ -57,6 +56,7 @@ from tasks.evaluation import (
     log_evaluation_metrics,
     metric_family,
     open_evaluation_run,
+    plan_feature_sets,
     publish_reevaluation_summary,
     publish_scores,
     record_fast_path,
@@ -99,37 +99,30 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
             expected = {"train": facts["train_samples"], "val": facts["val_samples"]}
             common = dict(resize_size=settings.resize_size, crop_size=settings.crop_size,
                           batch_size=settings.batch_size, precision=settings.precision, device=settings.device,
-                          nproc_per_node=settings.nproc_per_node, fast_path_check=settings.fast_path_check)
-            extracted: dict[str, dict[str, Any]] = {}
+                          nproc_per_node=settings.nproc_per_node, fast_path_check=settings.fast_path_check,
+                          task_runner=settings.task_runner, parallelism=settings.parallelism)
             meta = {"model_name": info["name"], "model_version": info["version"],
                     "evaluation_set": hashes["classification"], "classes_from": settings.train_data}
-            kinds = []
-            if "knn" in chosen:
-                kinds.append((1, False))
-            if "linear_fast" in chosen and (settings.linear_n_last_blocks, settings.linear_avgpool) not in kinds:
-                kinds.append((settings.linear_n_last_blocks, settings.linear_avgpool))
-            for n_last, avgpool in kinds:
-                kind = feature_kind(n_last, avgpool)
-                uri = features_location(settings.features_root, info["name"], info["version"],
-                                        hashes["classification"], kind)
+            plan = plan_feature_sets(settings, info["name"], info["version"], hashes["classification"])
+            extracted: dict[str, dict[str, Any]] = {}
+            for fs in plan["sets"]:
+                kind_options = dict(n_last_blocks=fs["n_last_blocks"], avgpool=fs["avgpool"], **common)
                 for split, data, label_map in (("train", settings.train_data, None),
                                                ("val", settings.val_data, facts["label_map"])):
-                    extracted[f"{kind}/{split}"] = extract_split_features(
-                        info["uri"], data, uri, split, meta, n_last_blocks=n_last, avgpool=avgpool,
-                        label_map=label_map, **common)
-                features[kind] = uri
+                    extracted[f"{fs['kind']}/{split}"] = extract_split(info["uri"], data, fs["uri"], split, meta,
+                                                                       label_map=label_map, **kind_options)
+                features[fs["kind"]] = fs["uri"]
             record_fast_path(run_id, "extract", {label: r["fast_path"] for label, r in extracted.items()})
             if "knn" in chosen:
-                metrics |= knn_scores(features["cls"], settings.knn_ks, settings.knn_temperature,
+                metrics |= knn_scores(features[plan["knn"]], settings.knn_ks, settings.knn_temperature,
                                       facts["num_classes"], settings.device, expected)
                 # an extraction that fell back to fp32 stored fp32 features: no bf16 to compare
-                if settings.runs_bf16_parity() and all(extracted[f"cls/{split}"]["precision"] == "bf16"
+                if settings.runs_bf16_parity() and all(extracted[f"{plan['knn']}/{split}"]["precision"] == "bf16"
                                                        for split in ("train", "val")):
-                    metrics |= knn_bf16_parity(info["uri"], features["cls"], facts["label_map"],
+                    metrics |= knn_bf16_parity(info["uri"], features[plan["knn"]], facts["label_map"],
                                                facts["num_classes"], settings)
             if "linear_fast" in chosen:
-                probe_kind = feature_kind(settings.linear_n_last_blocks, settings.linear_avgpool)
-                metrics |= linear_probe_fast(features[probe_kind], settings.linear_fast_epochs,
+                metrics |= linear_probe_fast(features[plan["linear_fast"]], settings.linear_fast_epochs,
                                              settings.linear_batch_size, settings.linear_base_lr,
                                              facts["num_classes"], settings.device, expected)
         if "linear" in chosen:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
+from dino_model.config import DinoConfig
 from tasks.kubernetes_job import KubernetesSettings, job_name
 from tasks.kubernetes_launch import train_on_kubernetes
 from tasks.model_card import update_model_card
@@ -76,7 +77,8 @@ def dino_pretrain(
             ``require`` refuses one that holds none. Task retries always resume.
         train_retries: How many times a failed trainer is relaunched (resuming) before the flow fails.
         launcher: ``local`` runs torchrun on this worker; ``kubernetes`` submits an Indexed Job of ``nnodes`` pods
-            (torchrun with a c10d rendezvous on pod 0) with kubectl and follows it (``infra/k8s/multinode-job.yaml``).
+            (torchrun with a c10d rendezvous on pod 0) with kubectl and follows it
+            (``tasks/kubernetes/multinode-job.yaml``).
         k8s_image: Trainer image for ``launcher="kubernetes"`` (``infra/docker/Dockerfile``); required there.
         k8s_namespace: Namespace of the Job (must exist).
         k8s_gpus_per_node: GPUs requested per pod (default ``nproc_per_node``; 0 = CPU pods, one gloo process).
@@ -109,7 +111,7 @@ def dino_pretrain(
         end_mlflow_run(run_id, "FAILED")
         raise
     log_loss_curve(run_id)
-    export_uri = config["export"]["uri"] or config["checkpoint"]["uri"].rstrip("/") + "/export"
+    export_uri = DinoConfig.from_dict(config).export_uri
     version_tags = {**tags, "epochs": str(config["train"]["epochs"]), "mlflow_run_id": run_id}
     version = register_backbone(run_id, export_uri, registered_model, version_tags)
     end_mlflow_run(run_id, "FINISHED")

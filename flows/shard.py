@@ -3,11 +3,15 @@
     dino shard ../shared/data/imagenette-128/train s3://bucket/imagenette/train          # the CLI (in-process)
     python -c "from flows.shard import dino_shard; dino_shard('/data/train', '/data/shards/train')"
 
+    dino shard /data/train s3://bucket/train --task-runner dask --parallelism 8    # a local Dask cluster
+    dino shard /data/train s3://bucket/train --task-runner tcp://10.0.0.5:8786     # a running Dask scheduler
+
 Steps: validate the input as a whole (destination URI, source root, label files, options, destination writable,
 at least one image) before anything is written; scan; plan shuffled shard ranges; write them in parallel — one
-Prefect task per shard range, at most ``parallelism`` at a time, each retried on transient storage errors and
-skipped when an identical shard is already there; write the manifest; publish a markdown summary. A progress
-artifact follows the shards as they finish.
+Prefect task per shard range on the chosen task runner (``threads``, ``processes``, ``dask`` or a Dask scheduler's
+``tcp://`` address; see :mod:`tasks.task_runners`), which runs ``parallelism`` of them at a time; each is retried
+on transient storage errors, rerun elsewhere if its worker dies, and skipped when an identical shard is already
+there; write the manifest; publish a markdown summary. A progress artifact follows the shards as they finish.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow
-from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from dino_model.data.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
@@ -25,6 +27,7 @@ from dino_model.data.sources import SourceSpec
 from tasks.shard import (
     assemble_manifest,
     check_destination,
+    collect_shard_outcomes,
     emit_progress,
     make_summary,
     plan_shards_task,
@@ -35,13 +38,13 @@ from tasks.shard import (
     write_manifest_task,
     write_shard_task,
 )
+from tasks.task_runners import open_task_runner
+from tasks.validation.task_runners import check_parallelism, check_task_runner
 
 SourceKind = Literal["auto", "imagefolder", "ilsvrc-train", "ilsvrc-val", "flat"]
-#: Threads available to shard tasks; the flow itself keeps at most ``parallelism`` of them busy.
-MAX_THREADS = 64
 
 
-@flow(name="dino-shard", task_runner=ThreadPoolTaskRunner(max_workers=MAX_THREADS), validate_parameters=True)
+@flow(name="dino-shard", validate_parameters=True)
 def dino_shard(
     source: str,
     destination: str,
@@ -57,6 +60,7 @@ def dino_shard(
     quality: int = DEFAULT_QUALITY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     parallelism: int = 4,
+    task_runner: str = "threads",
 ) -> ShardSummary:
     """Shard an image dataset for DINO pretraining.
 
@@ -78,14 +82,19 @@ def dino_shard(
         seed: seed of the global shuffle that mixes classes across shards.
         quality: JPEG quality for images that must be re-encoded (CMYK JPEG, PNG, WebP, ...).
         max_pixels: images with more pixels are rejected as decompression bombs.
-        parallelism: how many shard tasks run at once.
+        parallelism: how many shard tasks run at once: the threads, processes or local Dask workers of the task
+            runner (a ``tcp://`` scheduler's own workers decide there).
+        task_runner: where the shard tasks run: ``threads`` (of the flow's process), ``processes`` (of its
+            machine), ``dask`` (a local Dask cluster of ``parallelism`` worker processes) or ``tcp://HOST:PORT``
+            (a running Dask scheduler; its workers need this project installed and the destination's
+            credentials in their environment).
 
     Returns:
         A :class:`~dino_model.data.shard_writer.ShardSummary` (counts, shards written vs already present).
     """
     # -- 1. the input as a whole: every check here runs before anything is written ---------------------------
-    if not isinstance(parallelism, int) or parallelism < 1:
-        raise ValueError(f"parallelism must be a positive integer, got {parallelism!r}")
+    check_parallelism(parallelism)
+    check_task_runner(task_runner)
     options = ShardOptions(
         name=name or default_name(source), shard_size=shard_size, shard_bytes=shard_bytes, seed=seed,
         quality=quality, max_pixels=max_pixels,
@@ -101,26 +110,18 @@ def dino_shard(
     plans, previous, old_manifest = plan_shards_task(destination, quote(scan), options)
     emit_progress("total", sum(len(p.items) for p in plans))
     progress_id = start_progress(options.name, len(plans))
-    outcomes: dict[int, object] = {}
-    pending: dict = {}
-    queue = list(plans)
-    while queue or pending:
-        while queue and len(pending) < parallelism:
-            plan = queue.pop(0)
-            future = write_shard_task.submit(
-                destination, quote(plan), options, quote(scan.classes), quote(scan.class_names),
-                quote(previous.get(plan.index)),
-            )
-            pending[future] = plan
-        completed = as_completed(list(pending))
-        future = next(completed)  # the first shard task to finish frees a slot
-        completed.close()
-        plan = pending.pop(future)
-        outcomes[plan.index] = future.result()  # raises the task's error once its retries are spent
-        report_progress(progress_id, len(outcomes), len(plans), options.name)
+    with open_task_runner(task_runner, parallelism) as runner:
+        # Plain values, no quote(): a Dask scheduler would unpack the annotation (a tuple) into the arguments.
+        futures = [
+            runner.submit(write_shard_task, {
+                "destination": destination, "plan": plan, "options": options, "classes": scan.classes,
+                "class_names": scan.class_names, "previous": previous.get(plan.index),
+            })
+            for plan in plans
+        ]
+        ordered = collect_shard_outcomes(futures, plans, progress_id, options.name, task_runner)
 
     # -- 3. manifest and summary -----------------------------------------------------------------------------
-    ordered = [outcomes[p.index] for p in plans]
     manifest = assemble_manifest(scan, plans, ordered, options)
     wrote = write_manifest_task(destination, quote(manifest), quote(old_manifest))
     summary = make_summary(destination, manifest, ordered, wrote)

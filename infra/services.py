@@ -1,4 +1,4 @@
-"""Start and stop real local servers on 127.0.0.1 — SeaweedFS (S3) and MLflow — by PID.
+"""Start and stop real local servers on 127.0.0.1 — SeaweedFS (S3), MLflow, Prefect and a Dask cluster — by PID.
 
 Used by the test fixtures, the benchmarks and the local stack scripts. Every port is chosen free (or given), so
 several instances never collide: ``weed mini`` in particular opens master, volume, filer, admin, webdav and gRPC
@@ -7,6 +7,9 @@ ports besides the S3 one, each set explicitly here.
     >>> s3 = start_seaweedfs("/tmp/weed")           # S3 with credentials required
     >>> s3.env()                                    # {"AWS_ENDPOINT_URL": ..., "AWS_ACCESS_KEY_ID": ..., ...}
     >>> s3.stop()
+    >>> dask = start_dask_cluster("/tmp/dask", workers=2, env=s3.env())   # `dask scheduler` + 2 `dask worker`
+    >>> dask.address                                # tcp://127.0.0.1:PORT: the value of --task-runner
+    >>> dask.stop()
 """
 
 from __future__ import annotations
@@ -406,3 +409,104 @@ def start_prefect_worker(
         stop_pid(proc.pid)
         raise
     return Server("worker", url, proc.pid, log, extra={"pool": pool})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dask: a scheduler and its workers, for --task-runner tcp://HOST:PORT
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DaskCluster:
+    """A ``dask scheduler`` and its ``dask worker`` processes; ``address`` is what ``--task-runner`` takes."""
+
+    scheduler: Server
+    workers: list[Server]
+
+    @property
+    def address(self) -> str:
+        return self.scheduler.url
+
+    def stop(self) -> None:
+        """Stop the workers, then the scheduler (each by PID, with its process group)."""
+        for worker in self.workers:
+            worker.stop()
+        self.scheduler.stop()
+
+
+def start_dask_cluster(
+    work_dir: str | Path,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    env: dict[str, str] | None = None,
+    nanny: bool = False,
+    host: str = HOST,
+    timeout: float = 120.0,
+) -> DaskCluster:
+    """Start ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1 (free ports, no dashboard)
+    and return once every worker has joined the scheduler.
+
+    The workers run in the repository root with it on ``PYTHONPATH`` (they import ``tasks`` and ``dino_model`` to
+    run the flows' tasks) and get ``env`` on top of this environment (e.g. the S3 variables of
+    :meth:`SeaweedFS.env`). Without ``nanny`` each worker is the process whose PID is recorded (a SIGKILL of that
+    PID loses the worker for good, as a lost machine would); with it, a nanny process restarts a worker that dies.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[1]
+    base_env = {**os.environ, **(env or {})}
+    base_env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    port = free_port()
+    address = f"tcp://{_url_host(host)}:{port}"
+    dask = [sys.executable, "-m", "dask"]
+    scheduler = _spawn_process("dask-scheduler", [*dask, "scheduler", "--host", host, "--port", str(port),
+                                                   "--no-dashboard", "--no-show"],
+                               base_env, work_dir / "scheduler.log", address, root)
+    started: list[Server] = []
+    try:
+        for i in range(workers):
+            started.append(_spawn_process(
+                f"dask-worker-{i}",
+                [*dask, "worker", address, "--host", host, "--nthreads", str(threads_per_worker), "--name",
+                 f"worker-{i}", "--no-dashboard", "--nanny" if nanny else "--no-nanny", "--local-directory",
+                 str(work_dir / f"worker-{i}"), "--death-timeout", "60"],
+                base_env, work_dir / f"worker-{i}.log", address, root))
+        cluster = DaskCluster(scheduler, started)
+        _wait_for_dask_workers(cluster, workers, timeout)
+        return cluster
+    except BaseException:
+        DaskCluster(scheduler, started).stop()
+        raise
+
+
+def _spawn_process(name: str, args: list[str], env: dict[str, str], log: Path, url: str, cwd: Path) -> Server:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    return Server(name, url, proc.pid, log)
+
+
+def _wait_for_dask_workers(cluster: DaskCluster, n: int, timeout: float) -> None:
+    """Until ``n`` workers are registered with the scheduler; a process that exits meanwhile fails it with its log."""
+    from distributed import Client
+
+    deadline = time.monotonic() + timeout
+    for server in (cluster.scheduler, *cluster.workers):
+        _raise_if_exited(server)
+    with Client(cluster.address, timeout=timeout, set_as_default=False) as client:
+        while time.monotonic() < deadline:
+            if len(client.scheduler_info(n_workers=-1)["workers"]) >= n:
+                return
+            for server in (cluster.scheduler, *cluster.workers):
+                _raise_if_exited(server)
+            time.sleep(0.3)
+    raise TimeoutError(f"{n} Dask workers did not join {cluster.address} within {timeout:.0f} s")
+
+
+def _raise_if_exited(server: Server) -> None:
+    try:
+        finished, status = os.waitpid(server.pid, os.WNOHANG)
+    except ChildProcessError:
+        finished, status = server.pid, 0
+    if finished == server.pid:
+        tail = server.log.read_text(errors="replace")[-3000:] if server.log.exists() else ""
+        raise RuntimeError(f"{server.name} exited with status {status} while starting:\n{tail}")

@@ -1,6 +1,6 @@
 """Submit a multi-node training to Kubernetes and follow it with ``kubectl`` (no Prefect here: the task wraps it).
 
-``dino-pretrain`` with ``launcher="kubernetes"`` renders ``infra/k8s/multinode-job.yaml`` (headless Service,
+``dino-pretrain`` with ``launcher="kubernetes"`` renders ``tasks/kubernetes/multinode-job.yaml`` (headless Service,
 ConfigMap with the resolved config, Indexed Job with one pod per node running torchrun with a c10d rendezvous on
 pod 0) and then runs exactly these commands (``NS`` = ``k8s_namespace``, ``JOB`` = ``<k8s_job_prefix>-<flow run>``)::
 
@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dino_model.metrics import parse_progress_line
-from infra.k8s.render import MultiNodeJob, render_multinode_job, to_yaml
+from .kubernetes.render import MultiNodeJob, render_multinode_job, to_yaml
 
-from .trainer_process import LaunchSpec, TrainerFailed, _last_error, trainer_config
+from .trainer_process import LaunchSpec, TrainerFailed, last_error, trainer_config
 
 #: The annotation (and, from Kubernetes 1.28, label) an Indexed Job puts on each pod: its completion index.
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
-#: The trainer container's name in ``infra/k8s/multinode-job.yaml``.
+#: The trainer container's name in ``tasks/kubernetes/multinode-job.yaml``.
 CONTAINER = "trainer"
 RDZV_PORT = 29500
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
@@ -65,7 +65,7 @@ class KubernetesSettings:
 
     @property
     def rdzv_endpoint(self) -> str:
-        # The same address infra.k8s.render.MultiNodeJob gives pod 0 through the headless Service.
+        # The same address tasks.kubernetes.render.MultiNodeJob gives pod 0 through the headless Service.
         return f"{self.job_name}-0.{self.job_name}:{RDZV_PORT}"
 
     def problems(self, launch: LaunchSpec) -> list[str]:
@@ -378,7 +378,7 @@ def run_kubernetes_job(
             signal.signal(sig, handler)
     if state == "failed":
         failures = [r for r in (pod_failure(p) for p in _rank0_first(pods, pod)) if r]
-        reason = ((follower.error_record or {}).get("message") or _last_error(follower.tail)
+        reason = ((follower.error_record or {}).get("message") or last_error(follower.tail)
                   or (failures[0] if failures else "") or job_failure(json.loads(kubectl(get_job_command(ns, name))))
                   or "the Job failed")
         detail = "\n".join(f" - {f}" for f in failures)

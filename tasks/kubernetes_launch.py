@@ -1,5 +1,5 @@
 """The ``train-on-kubernetes`` task of ``dino-pretrain`` (``launcher="kubernetes"``): one side effect, the training
-Job submitted to the cluster (rendered from ``infra/k8s/multinode-job.yaml``, followed with kubectl; see
+Job submitted to the cluster (rendered from ``tasks/kubernetes/multinode-job.yaml``, followed with kubectl; see
 :mod:`tasks.kubernetes_job` for the exact commands).
 
     prefect deployment run dino-pretrain/default --param launcher=kubernetes --param nnodes=4 \\

@@ -4,19 +4,21 @@ Stores (and their boto3 clients) are opened inside each task from the destinatio
 caches its inputs (``cache_policy=NO_CACHE``): they read or write the world, so a cached result would be a lie.
 Shard writes retry on transient storage errors; the writer's own idempotency makes a retry safe.
 
-In-process callers (the ``dino`` CLI's progress bar) can follow sample-level progress with
-:func:`add_progress_listener`.
+In-process callers (the ``dino`` CLI's progress bar) can follow progress with :func:`add_progress_listener`:
+sample by sample when the shard tasks run on threads of the flow's process, shard by shard (as the flow collects
+them) when they run in other processes or on a Dask cluster.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Callable
+from typing import Callable, Sequence
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
 
 from dino_model.data.manifest import Manifest
 from dino_model.data.shard_writer import (
@@ -35,6 +37,7 @@ from dino_model.data.sources import Scan, SourceSpec, require_images, scan_sourc
 from dino_model.storage import ObjectNotFound, StorageError, open_store
 
 from .listeners import Listeners
+from .validation.task_runners import runs_in_flow_process
 
 # -- in-process progress listeners (threads share them; tasks run in the flow's process) ----------------------
 
@@ -153,6 +156,23 @@ def start_progress(name: str, total_shards: int) -> object:
 def report_progress(artifact_id, done_shards: int, total_shards: int, name: str) -> None:
     update_progress_artifact(artifact_id, 100.0 * done_shards / max(1, total_shards),
                              description=f"dino-shard {name}: {done_shards}/{total_shards} shards")
+
+
+def collect_shard_outcomes(futures: Sequence[PrefectFuture], plans: Sequence[ShardPlan], progress_id, name: str,
+                           task_runner: str) -> list[ShardOutcome]:
+    """Wait for the shard tasks (``futures[i]`` writes ``plans[i]``) as they finish, updating the progress artifact
+    (and, for tasks outside the flow's process, the in-process listeners); return the outcomes in plan order.
+    The first task that fails once its retries are spent raises its error here."""
+    index = {future.task_run_id: i for i, future in enumerate(futures)}
+    outcomes: list[ShardOutcome | None] = [None] * len(futures)
+    remote = not runs_in_flow_process(task_runner)
+    for done, future in enumerate(as_completed(list(futures)), start=1):
+        i = index[future.task_run_id]
+        outcomes[i] = future.result()
+        if remote:  # the task's per-sample progress stayed in its worker process
+            emit_progress("advance", len(plans[i].items))
+        report_progress(progress_id, done, len(plans), name)
+    return outcomes
 
 
 def assemble_manifest(scan: Scan, plans: list[ShardPlan], outcomes: list[ShardOutcome], options: ShardOptions) -> Manifest:

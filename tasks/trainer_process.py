@@ -152,12 +152,12 @@ def run_trainer(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if code != 0:
-        reason = (error_record or {}).get("message") or _last_error(tail) or f"exit code {code}"
+        reason = (error_record or {}).get("message") or last_error(tail) or f"exit code {code}"
         raise TrainerFailed(f"trainer failed (exit code {code}): {reason}\n--- last trainer output ---\n" + "\n".join(tail))
     return end_record
 
 
-def _last_error(lines) -> str:
+def last_error(lines) -> str:
     """The most telling line of a Python traceback in the trainer's output."""
     for line in reversed(lines):
         text = line.split("]:", 1)[-1].strip()  # torchrun prefixes worker lines with "[rank0]:"

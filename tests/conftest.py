@@ -1,5 +1,5 @@
-"""Shared fixtures: real servers on 127.0.0.1 (SeaweedFS for S3, MLflow), started once per session and stopped by
-PID; isolated Prefect and MLflow settings; paths to the shared test data."""
+"""Shared fixtures: real servers on 127.0.0.1 (SeaweedFS for S3, MLflow, a Dask scheduler with two workers), started
+once per session and stopped by PID; isolated Prefect and MLflow settings; paths to the shared test data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.services import start_mlflow, start_seaweedfs
+from infra.services import start_dask_cluster, start_mlflow, start_seaweedfs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -102,3 +102,12 @@ def mlflow_server(tmp_path_factory):
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(seaweedfs, tmp_path_factory):
+    """``dask scheduler`` + 2 single-threaded ``dask worker`` processes on 127.0.0.1 (free ports), the workers
+    with the SeaweedFS credentials in their environment; ``dask_cluster.address`` is a ``--task-runner`` value."""
+    cluster = start_dask_cluster(tmp_path_factory.mktemp("dask"), workers=2, env=seaweedfs.env())
+    yield cluster
+    cluster.stop()

@@ -100,6 +100,8 @@ def test_shard_user_errors(tmp_path):
     assert_user_error(["shard", str(tmp_path), dest, "--shard-size", "-3"], cwd, "shard_size must be a positive")
     assert_user_error(["shard", str(tmp_path), dest, "--parallelism", "0"], cwd, "--parallelism must be >= 1")
     assert_user_error(["shard", str(tmp_path), "ftp://host/x"], cwd, "unsupported storage URI scheme 'ftp'")
+    assert_user_error(["shard", str(tmp_path), dest, "--task-runner", "threadz"], cwd,
+                      "argument --task-runner: must be one of threads, processes, dask or", "tcp://HOST:PORT")
 
 
 def test_extract_user_errors(shards, tmp_path):
@@ -116,6 +118,8 @@ def test_extract_user_errors(shards, tmp_path):
     assert_user_error(["extract", "models:/m/1", shards, out, "--device", "gpu"], cwd,
                       "device 'gpu' is not a device name")
     assert_user_error(["extract", "models:m/1", shards, out], cwd, "model must be models:/<name>/<version>")
+    assert_user_error(["extract", "models:/m/1", shards, out, "--nproc-per-node", "2", "--task-runner", "dask"], cwd,
+                      "--nproc-per-node 2 and --task-runner dask are two ways")
 
 
 def test_evaluate_user_errors(shards, tmp_path):
@@ -131,6 +135,8 @@ def test_evaluate_user_errors(shards, tmp_path):
     assert_user_error(["evaluate", "models:/m/1", *sets, "--crop", "none", "--eval", "linear"], cwd,
                       "crop_size none: the full linear probe")
     assert_user_error(["evaluate", "models:/m/1", *sets, "--ks", "5,x"], cwd, "knn_ks: expected comma-separated int")
+    assert_user_error(["evaluate", "models:/m/1", *sets, "--task-runner", "dask", "--parallelism", "0"], cwd,
+                      "parallelism: parallelism must be >= 1")
     assert_user_error(["evaluate", "models:/m/1", *sets, "--ks", "5", "--champion-metric", "knn20_top1"], cwd,
                       "champion_metric 'knn20_top1' is not produced")
     assert_user_error(["evaluate", "models:/m/1", "--davis", str(tmp_path / "no-davis")], cwd,

@@ -13,38 +13,25 @@ import json
 import secrets
 import shutil
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from dino_model.data.shard_writer import ShardOptions, write_dataset
 from dino_model.data.sources import SourceSpec, scan_source
+from tests.datasets import write_colour_set
 
 FAST = dict(resize_size=None, crop_size=32, batch_size=16, linear_fast_epochs=3, linear_batch_size=8,
             davis_short_side=64, attention_size=64)
-
-
-def _write_set(root, dest, classes, per_class, seed, name):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            base = np.zeros((40, 40, 3), np.uint8) + np.array([60 * c, 255 - 60 * c, 128], np.uint8)
-            img = np.clip(base + rng.integers(0, 60, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
-    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name=name, shard_size=8))
-    return str(dest)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """train: 4 classes x 8 images (4 shards); val: classes 1-3 x 3 images; empty: a manifest without samples."""
     base = tmp_path_factory.mktemp("toy")
-    train = _write_set(base / "train-img", base / "train", range(4), 8, 0, "train")
-    val = _write_set(base / "val-img", base / "val", range(1, 4), 3, 1, "val")
+    train = write_colour_set(base / "train-img", base / "train", range(4), 8, 0, "train")
+    val = write_colour_set(base / "val-img", base / "val", range(1, 4), 3, 1, "val")
     (base / "empty-img" / "class0").mkdir(parents=True)
     write_dataset(scan_source(SourceSpec(str(base / "empty-img"))), str(base / "empty"), ShardOptions(name="e"))
     return {"train": train, "val": val, "empty": str(base / "empty"), "base": base}
@@ -490,3 +477,40 @@ def test_crop_larger_than_the_images_warns(toy, capsys):
                                                                                         224).warnings[0]
     settings = EvaluationSettings(train_data=toy["train"], val_data=toy["val"], resize_size=None)
     assert "97% black" in evaluation_inputs(settings).warnings[0]
+
+
+@pytest.mark.slow
+def test_evaluate_extracts_features_on_a_dask_cluster(toy, tracking, mlflow_server, seaweedfs, tmp_path):
+    """``settings.task_runner = tcp://...``: both feature kinds of k-NN and the fast probe are extracted as range
+    tasks on a Dask cluster (workers that reach the MLflow registry through their own environment); the features
+    and the k-NN scores are those of the in-process extraction."""
+    import numpy as np
+
+    from dino_model.eval.features import read_features
+    from flows.evaluate import dino_evaluate
+    from infra.services import start_dask_cluster
+    from tasks.evaluation import EvaluationSettings
+
+    name = f"toy-{secrets.token_hex(3)}"
+    version = _register(name, tmp_path, degenerate=False)
+    common = dict(train_data=toy["train"], val_data=toy["val"], evaluations=["knn", "linear_fast"],
+                  linear_n_last_blocks=2, knn_ks=[1, 5], champion_policy="never", **FAST)
+    local = dino_evaluate(f"models:/{name}/{version}",
+                          EvaluationSettings(features_root=str(tmp_path / "local"), **common))
+    cluster = start_dask_cluster(tmp_path / "dask", workers=2,
+                                 env={**seaweedfs.env(), "MLFLOW_TRACKING_URI": mlflow_server.url})
+    try:
+        ranged = dino_evaluate(f"models:/{name}/{version}",
+                               EvaluationSettings(features_root=str(tmp_path / "dask"), task_runner=cluster.address,
+                                                  **common))
+    finally:
+        cluster.stop()
+    assert sorted(ranged["features"]) == sorted(local["features"]) == ["cls", "cls_last2"]
+    for kind in ("cls", "cls_last2"):
+        for split in ("train", "val"):
+            k1, l1, f1, _ = read_features(local["features"][kind], split)
+            k2, l2, f2, _ = read_features(ranged["features"][kind], split)
+            assert k2 == k1 and np.array_equal(l2, l1)
+            np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
+    for metric in ("knn1_top1", "knn5_top1", "knn5_top5"):
+        assert ranged["metrics"][metric] == local["metrics"][metric]

@@ -10,15 +10,15 @@ import torch
 
 from dino_model.eval.features import list_feature_files, read_features
 from dino_model.eval.shard_source import EvalShardSet
-from tests.test_evaluate_flow import _write_set
+from tests.datasets import write_colour_set
 
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
     """3 classes x 7 images in shards of 8 (8, 8, 5 samples): rank ranges cut through shards."""
     base = tmp_path_factory.mktemp("uneven")
-    return {"train": _write_set(base / "img", base / "train", range(3), 7, 3, "train"),
-            "val": _write_set(base / "val-img", base / "val", range(1, 3), 2, 4, "val"), "base": base}
+    return {"train": write_colour_set(base / "img", base / "train", range(3), 7, 3, "train"),
+            "val": write_colour_set(base / "val-img", base / "val", range(1, 3), 2, 4, "val"), "base": base}
 
 
 def test_rank_ranges_read_every_sample_once(uneven):

@@ -17,18 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.k8s.render import (
+from infra.k8s.work_pool import load_work_pool_template, render_work_pool_job
+from infra.stack import StackConfig, StackError, down, env_lines, load_or_create_credentials, up, write_compose_env
+from tasks.kubernetes.render import (
     CONFIG_PATH,
     MultiNodeJob,
     RenderError,
     fill,
-    load_work_pool_template,
     placeholders,
     render_multinode_job,
-    render_work_pool_job,
     to_yaml,
 )
-from infra.stack import StackConfig, StackError, down, env_lines, load_or_create_credentials, up, write_compose_env
 from tasks.trainer_process import LaunchSpec, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,13 +353,13 @@ def test_stack_scripts_wrap_the_cli():
 
 def test_installed_entry_points_import_without_the_checkout_on_the_path(tmp_path):
     """`dino demo` / `dino pretrain` run as the installed command, from any folder: every package the flows
-    import (infra included, for the Kubernetes launcher's templates) must be part of the installed project."""
+    import (the Kubernetes launcher's template included) must be part of the installed project."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = ("import flows.cli, flows.pipeline, flows.pretrain, flows.evaluate, flows.extract, flows.shard, "
-            "infra.stack, infra.k8s.render as r; assert r.HERE.joinpath('multinode-job.yaml').is_file()")
+            "infra.stack, tasks.kubernetes.render as r; assert r.HERE.joinpath('multinode-job.yaml').is_file()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dino_model.config import load_config
-from infra.k8s.render import CONFIG_PATH, render_multinode_job
+from tasks.kubernetes.render import CONFIG_PATH, render_multinode_job
 from tasks.kubernetes_job import (
     KubectlError,
     KubernetesSettings,

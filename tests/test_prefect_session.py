@@ -28,7 +28,7 @@ import sys
 from datetime import datetime, timezone
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from flows.cli.prefect_session import _count_task_runs, flow_session
+from flows.cli.prefect_session import count_task_runs, flow_session
 
 @task
 def square(i: int) -> int:
@@ -43,8 +43,8 @@ with flow_session():
     many_tasks(40)
 with get_client(sync_client=True) as client:
     ours = {"start_time": {"after_": since.isoformat()}}
-    print("recorded", _count_task_runs(client, ours),
-          "completed", _count_task_runs(client, ours, {"state": {"type": {"any_": ["COMPLETED"]}}}))
+    print("recorded", count_task_runs(client, ours),
+          "completed", count_task_runs(client, ours, {"state": {"type": {"any_": ["COMPLETED"]}}}))
 """
 
 
@@ -131,10 +131,10 @@ def test_user_errors_are_never_retried():
 
 
 def test_reported_errors_are_dropped_from_prefect_logs_unless_debug(caplog):
-    from flows.cli.prefect_session import RUN_LOGGERS, _ReportedErrors
+    from flows.cli.prefect_session import RUN_LOGGERS, ReportedErrors
     from tasks.validation import PreflightError, UserInputError
 
-    quiet = _ReportedErrors((PreflightError,))
+    quiet = ReportedErrors((PreflightError,))
     logger = logging.getLogger(RUN_LOGGERS[1])
     err = PreflightError("pre-flight failed: data: /x does not exist")
 
@@ -145,7 +145,7 @@ def test_reported_errors_are_dropped_from_prefect_logs_unless_debug(caplog):
     assert not quiet.filter(record("Task run failed with exception: PreflightError(...)", err))
     assert not quiet.filter(record("Finished in state Failed('Task run encountered an exception PreflightError: "
                                    "pre-flight failed')"))
-    subclass = _ReportedErrors((UserInputError,))  # the names of its subclasses count too
+    subclass = ReportedErrors((UserInputError,))  # the names of its subclasses count too
     assert not subclass.filter(record("Finished in state Failed(\"Flow run encountered an exception: "
                                       "ModelVersionNotFound: registered model 'x' does not exist\")"))
     assert quiet.filter(record("Task run failed with exception", RuntimeError("a bug")))

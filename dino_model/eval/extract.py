@@ -22,6 +22,10 @@ With ``--precision bf16`` rank 0 checks bf16 against fp32 on its first batch (``
 :func:`dino_model.eval.features.check_precision`) and every rank extracts in the precision rank 0's verdict gives;
 the verdict is in the files' metadata and the ``end`` record (``fast_path``).
 
+The same per-range extraction (:func:`extract_range`) and final check (:func:`finish`) run as Prefect tasks on
+a task runner (``dino extract --task-runner dask``: one task per sample range on a Dask cluster, see
+:mod:`tasks.evaluation.features`), with the same part files.
+
 Progress goes to stdout as ``DINO_PROGRESS`` lines (:mod:`dino_model.metrics`): ``{"event": "step", "rank": r,
 "done": n, "total": rank_total}`` per batch (at most every 2 s), and on rank 0 a final ``{"event": "end", ...}``
 with the summary (``num_rows``, ``dim``, ``feature_kind``, ``uri``, ``files``) — what the ``extract-features``
@@ -37,12 +41,12 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from dino_model.fast_path import on_rank0
+from dino_model.fast_path import Verdict, on_rank0
 from dino_model.metrics import emit_progress
 
 from .features import delete_stale_parts, extract_features, feature_kind, list_feature_files
@@ -103,6 +107,63 @@ def _load_backbone(model: str) -> torch.nn.Module:
     return load_backbone(model)
 
 
+def feature_metadata(metadata: dict[str, Any], model_uri: str, shards: EvalShardSet,
+                     classes_from: str | None = None) -> dict[str, Any]:
+    """What every part file of an extraction records besides the caller's ``metadata``: the model, the shard set
+    and its digest, and the set whose class indices the labels use."""
+    return {**metadata, "model_uri": model_uri, "data": shards.uri, "data_digest": shards.digest(),
+            "classes_from": metadata.get("classes_from", classes_from or shards.uri)}
+
+
+def extract_range(
+    load_backbone: Callable[[], torch.nn.Module],
+    shards: EvalShardSet,
+    out: str,
+    split: str,
+    meta: dict[str, Any],
+    rank: int,
+    world_size: int,
+    *,
+    transform: EvalTransform,
+    batch_size: int,
+    label_map: np.ndarray | None,
+    n_last_blocks: int,
+    avgpool: bool,
+    precision: str,
+    device: torch.device,
+    rows_per_file: int = 100_000,
+    part_names: bool = True,
+    on_batches: Callable[[Iterable, int], Iterable] | None = None,
+    fast_path_check: str = "fallback",
+    decide: Callable[[Callable[[], Verdict]], Verdict] | None = None,
+) -> dict[str, Any]:
+    """Extract the sample range ``rank`` of ``world_size`` (:meth:`EvalShardSet.rank_range`) of ``shards`` into
+    ``<out>/<split>/part-r<rank>-*.parquet`` (``part_names=False``: ``part-*.parquet``, a single process's);
+    ``load_backbone`` is called only when the range holds samples. ``on_batches(batches, total)`` may wrap the
+    batch iterator (progress reports). With bf16, ``fast_path_check`` / ``decide`` settle the precision on the
+    first batch (:func:`dino_model.eval.features.check_precision`; under torchrun ``decide`` is rank 0's verdict,
+    which every rank takes part in). Returns the range's summary, as :func:`finish` takes it."""
+    start, stop = shards.rank_range(rank, world_size)
+    summary: dict[str, Any] = {"rank": rank, "num_rows": 0, "names": [], "dim": None, "range": [start, stop]}
+    if stop == start:  # more ranges than samples: nothing to do but take part in the verdict
+        if decide is not None:
+            decide(lambda: None)
+        return summary
+    backbone = load_backbone()
+    batches = shards.batches(batch_size, label_map, sample_range=(start, stop))
+    if on_batches is not None:
+        batches = on_batches(batches, stop - start)
+    res = extract_features(
+        backbone, batches, out, split, meta, transform=transform, n_last_blocks=n_last_blocks, avgpool=avgpool,
+        precision=precision, device=device, rows_per_file=rows_per_file, progress=False, total=stop - start,
+        rank=rank if part_names else None, fast_path_check=fast_path_check, decide=decide,
+    )
+    summary.update(num_rows=res.num_rows, names=res.names, dim=res.dim, uri=res.uri,
+                   feature_kind=res.metadata["feature_kind"], files=res.files, fast_path=res.metadata["fast_path"],
+                   precision=res.metadata["precision"])
+    return summary
+
+
 def run(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> dict[str, Any]:
     """Extract this rank's share; return its summary (``num_rows``, ``names``, ``dim``...)."""
     distributed = world_size > 1
@@ -117,57 +178,47 @@ def run(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank
     user_meta = json.loads(args.metadata)
     if not isinstance(user_meta, dict):
         raise ValueError("--metadata must be a JSON object")
-    meta = {**user_meta, "model_uri": args.model, "data": shards.uri, "data_digest": shards.digest(),
-            "classes_from": user_meta.get("classes_from", args.classes_from or shards.uri)}
-    start, stop = shards.rank_range(rank, world_size)
-    summary: dict[str, Any] = {"rank": rank, "num_rows": 0, "names": [], "dim": None, "range": [start, stop]}
-    decide = (lambda check: on_rank0(check, rank == 0)) if distributed else None
-    if stop == start:  # more ranks than samples: this one has nothing to do but take part in rank 0's verdict
-        if decide is not None:
-            decide(lambda: None)
-        return summary
-    backbone = _load_backbone(args.model).to(device).eval()
+    meta = feature_metadata(user_meta, args.model, shards, args.classes_from)
     last = [0.0]
     done = [0]
 
-    def reported(batches):
+    def reported(batches, total):
         for batch in batches:
             yield batch
             done[0] += len(batch[0])
-            if time.monotonic() - last[0] > 2.0 or done[0] == stop - start:
+            if time.monotonic() - last[0] > 2.0 or done[0] == total:
                 last[0] = time.monotonic()
-                emit_progress("step", rank=rank, done=done[0], total=stop - start, split=args.split)
+                emit_progress("step", rank=rank, done=done[0], total=total, split=args.split)
 
-    res = extract_features(
-        backbone, reported(shards.batches(args.batch_size, label_map, sample_range=(start, stop))), args.out,
-        args.split, meta, transform=EvalTransform(args.resize, args.crop), n_last_blocks=args.n_last_blocks,
-        avgpool=args.avgpool, precision=args.precision, device=device, rows_per_file=args.rows_per_file,
-        progress=False, total=stop - start, rank=rank if distributed else None,
+    decide = (lambda check: on_rank0(check, rank == 0)) if distributed else None
+    return extract_range(
+        lambda: _load_backbone(args.model).to(device).eval(), shards, args.out, args.split, meta, rank, world_size,
+        transform=EvalTransform(args.resize, args.crop), batch_size=args.batch_size, label_map=label_map,
+        n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, precision=args.precision, device=device,
+        rows_per_file=args.rows_per_file, part_names=distributed, on_batches=reported,
         fast_path_check=args.fast_path_check, decide=decide,
     )
-    summary.update(num_rows=res.num_rows, names=res.names, dim=res.dim, uri=res.uri,
-                   feature_kind=res.metadata["feature_kind"], files=res.files, fast_path=res.metadata["fast_path"],
-                   precision=res.metadata["precision"])
-    return summary
 
 
-def finish(args: argparse.Namespace, summaries: list[dict[str, Any]], expected: int) -> dict[str, Any]:
-    """Rank 0, once every rank is done: check the row count and the files, delete stale parts, summarise."""
+def finish(out: str, split: str, summaries: list[dict[str, Any]], expected: int, data: str,
+           kind: str) -> dict[str, Any]:
+    """Once every range is done (rank 0 of torchrun, or the flow after its range tasks): check that the row counts
+    add up to ``expected`` (the manifest's sample count of ``data``) and that every part file reported is under
+    ``<out>/<split>/``, delete the parts of an earlier extraction, and summarise."""
     total = sum(s["num_rows"] for s in summaries)
     if total != expected:
         per_rank = {s["rank"]: s["num_rows"] for s in summaries}
-        raise RuntimeError(f"wrote {total} feature rows for {expected} samples of {args.data} (per rank: {per_rank})")
+        raise RuntimeError(f"wrote {total} feature rows for {expected} samples of {data} (per rank: {per_rank})")
     names = [n for s in summaries for n in s["names"]]
-    found = {key.split("/", 1)[1] for _, key in list_feature_files(args.out, args.split)}
+    found = {key.split("/", 1)[1] for _, key in list_feature_files(out, split)}
     missing = sorted(set(names) - found)
     if missing:
-        raise RuntimeError(f"part files reported written but not found under {args.out}/{args.split}: {missing}")
-    delete_stale_parts(args.out, args.split, names)
+        raise RuntimeError(f"part files reported written but not found under {out}/{split}: {missing}")
+    delete_stale_parts(out, split, names)
     first = next(s for s in summaries if s["num_rows"] > 0)
-    return {"uri": first["uri"], "split": args.split, "num_rows": total, "dim": first["dim"],
-            "feature_kind": feature_kind(args.n_last_blocks, args.avgpool),
+    return {"uri": first["uri"], "split": split, "num_rows": total, "dim": first["dim"], "feature_kind": kind,
             "files": [f for s in summaries for f in s.get("files", [])], "world_size": len(summaries),
-            "precision": first["precision"], "fast_path": summaries[0]["fast_path"]}
+            "precision": first["precision"], "fast_path": first["fast_path"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             summaries = [summary]
         if rank == 0:
-            result = finish(args, summaries, EvalShardSet(args.data).num_samples)
+            result = finish(args.out, args.split, summaries, EvalShardSet(args.data).num_samples, args.data,
+                            feature_kind(args.n_last_blocks, args.avgpool))
             emit_progress("end", **result)
         if distributed:
             dist.barrier()  # the others wait for rank 0's verification (and its exit status) before leaving

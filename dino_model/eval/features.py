@@ -99,7 +99,9 @@ def _part_order(name: str) -> tuple[int, int]:
     return (int(m.group(1)) if m.group(1) is not None else -1, int(m.group(2)))
 
 
-def _autocast(device: torch.device, precision: str):
+def precision_context(device: torch.device, precision: str):
+    """The context inference runs under: nothing for ``fp32``, bfloat16 autocast on ``device`` for ``bf16``; any
+    other precision is a :class:`ValueError` (raised here, before any work)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bf16":
@@ -107,7 +109,8 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without parameters)."""
     p = next(iter(module.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -185,7 +188,7 @@ def check_precision(backbone: torch.nn.Module, x: torch.Tensor, precision: str, 
         started = time.perf_counter()
 
         def features_of(batch: torch.Tensor, p: str) -> torch.Tensor:
-            with _autocast(batch.device, p):
+            with precision_context(batch.device, p):
                 return backbone_features(backbone, batch, n_last_blocks, avgpool)
 
         try:
@@ -221,8 +224,8 @@ def compute_features(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The same features as :func:`extract_features`, kept in memory: ``(keys, labels int64 [N], features
     float32 [N, D])``. For bounded subsets (e.g. the fp32 side of the bf16 parity check)."""
-    device = torch.device(device) if device is not None else _module_device(backbone)
-    autocast = _autocast(device, precision)
+    device = torch.device(device) if device is not None else module_device(backbone)
+    autocast = precision_context(device, precision)
     backbone.eval()
     keys: list[str] = []
     labels: list[np.ndarray] = []
@@ -281,8 +284,8 @@ def extract_features(
         json.dumps(user_meta)
     except TypeError as e:
         raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
-    device = torch.device(device) if device is not None else _module_device(backbone)
-    autocast = _autocast(device, precision)  # validates precision before any work
+    device = torch.device(device) if device is not None else module_device(backbone)
+    autocast = precision_context(device, precision)  # validates precision before any work
     store = open_store(out_uri)
     split_store = store.child(split)
     backbone.eval()
@@ -330,7 +333,7 @@ def extract_features(
                 checked = True
                 verdict, used = check_precision(backbone, prepare_batch(images, transform).to(device), precision,
                                                 fast_path_check, n_last_blocks, avgpool, decide)
-                autocast = _autocast(device, used)
+                autocast = precision_context(device, used)
                 meta.update(precision=used, fast_path=verdict.as_record())
             f = _batch_features(backbone, images, transform, device, autocast, n_last_blocks, avgpool)
             if dim < 0:

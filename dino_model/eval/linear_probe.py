@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import _autocast, _module_device, backbone_features
+from .features import backbone_features, module_device, precision_context
 from .transforms import EvalTransform, ImageBatch, TrainProbeTransform
 
 BatchSource = Iterable[tuple[ImageBatch, Any]] | Callable[[int], Iterable[tuple[ImageBatch, Any]]]
@@ -212,10 +212,10 @@ def linear_probe(
     cfg = config or LinearProbeConfig()
     _check_reiterable(train_batches, "train_batches")
     _check_reiterable(val_batches, "val_batches")
-    device = torch.device(device) if device is not None else _module_device(backbone)
+    device = torch.device(device) if device is not None else module_device(backbone)
     backbone.eval()
     train_tf = TrainProbeTransform(size=cfg.crop_size)
-    autocast = _autocast(device, cfg.precision)
+    autocast = precision_context(device, cfg.precision)
 
     @torch.no_grad()
     def feats_of(x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@
 One module per subcommand: ``shard.py``, ``pretrain.py``, ``extract.py``, ``evaluate.py``, ``reevaluate.py``,
 ``pipeline.py`` (``dino pipeline`` and ``dino demo``), ``register.py``; ``evaluation_options.py`` holds the options
 that evaluate and reevaluate share; ``prefect_session.py`` how a command runs flows (quiet about the errors it
-reports, a clean stop of the in-process server); ``common.py`` the registry, :class:`~flows.cli.common.UsageError`,
-the progress bar and the embedded-MLflow setup. Each subcommand is one function registered with
+reports, Dask's INFO lines off the terminal, a clean stop of the in-process server); ``common.py`` the registry,
+:class:`~flows.cli.common.UsageError`, the ``--task-runner`` option, the progress bar and the embedded-MLflow
+setup. Each subcommand is one function registered with
 :func:`~flows.cli.common.command`: ``configure(parser)`` adds its arguments and the decorated ``run(args) -> int``
 executes it. Add a subcommand by writing those two functions in a new module and importing it below; :func:`main`
 needs no change.

@@ -12,8 +12,9 @@ from typing import Callable
 
 from tasks.validation.errors import UserInputError, is_user_error
 
-__all__ = ["COMMANDS", "Command", "UsageError", "add_debug_option", "command", "is_user_error", "parse_bytes",
-           "print_mlflow_hint", "print_warnings", "size_or_none", "trainer_progress_bar", "use_embedded_mlflow"]
+__all__ = ["COMMANDS", "Command", "UsageError", "add_debug_option", "add_task_runner_option", "command",
+           "is_user_error", "parse_bytes", "print_mlflow_hint", "print_warnings", "size_or_none",
+           "trainer_progress_bar", "use_embedded_mlflow"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,23 @@ class UsageError(UserInputError):
 def add_debug_option(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("--debug", action="store_true", default=default,
                         help="on an error, also print its traceback (and Prefect's logs of it)")
+
+
+def task_runner_choice(text: str) -> str:
+    """``--task-runner``: threads, processes, dask or tcp://HOST:PORT (:mod:`tasks.validation.task_runners`)."""
+    from tasks.validation.task_runners import TaskRunnerError, check_task_runner
+
+    try:
+        return check_task_runner(text, "--task-runner")
+    except TaskRunnerError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--task-runner ")) from e
+
+
+def add_task_runner_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--task-runner", type=task_runner_choice, default="threads", metavar="RUNNER",
+                        help=f"where the {what} run: threads (default, in this process), processes (of this "
+                             f"machine), dask (a local Dask cluster of --parallelism workers) or tcp://HOST:PORT "
+                             f"(a running Dask scheduler)")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)

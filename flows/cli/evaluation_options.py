@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, size_or_none
+from .common import UsageError, size_or_none, task_runner_choice
 
 
 def add_evaluation_options(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,10 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--nproc-per-node", dest="nproc_per_node", type=int,
                    help="feature-extraction processes, one per GPU (1: in-process; >1: torchrun)")
+    g.add_argument("--task-runner", type=task_runner_choice, metavar="RUNNER",
+                   help="where feature extraction runs: threads (default: in this process), or one task per sample "
+                        "range on processes, dask (a local Dask cluster) or tcp://HOST:PORT (a Dask scheduler)")
+    g.add_argument("--parallelism", type=int, help="worker processes of --task-runner processes / dask (2)")
     g.add_argument("--ks", dest="knn_ks", help="k-NN k values, comma-separated (10,20,100,200)")
     g.add_argument("--davis-sequences", help="comma-separated sequences (default: ImageSets/2017/val.txt)")
     g.add_argument("--davis-max-frames", type=int, help="first N frames per sequence (quick runs)")

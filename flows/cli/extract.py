@@ -2,6 +2,8 @@
 
     dino extract models:/dino-backbone@champion s3://bucket/imagenette/val s3://bucket/features/v3 --split val \\
         --classes-from s3://bucket/imagenette/train
+    dino extract models:/dino-backbone/3 s3://bucket/imagenet/train s3://bucket/features/v3 \
+        --task-runner tcp://10.0.0.5:8786          # one task per sample range on a running Dask cluster
 """
 
 from __future__ import annotations
@@ -9,7 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import UsageError, command, print_warnings, size_or_none, use_embedded_mlflow
+from .common import (
+    UsageError,
+    add_task_runner_option,
+    command,
+    print_warnings,
+    size_or_none,
+    use_embedded_mlflow,
+)
 from .prefect_session import flow_session
 
 
@@ -31,18 +40,23 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
                         "the check fails, strict fails instead, off skips the check")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="extraction processes, one per GPU (default 1: in-process; >1: torchrun)")
+    add_task_runner_option(p, "extraction's range tasks")
+    p.add_argument("--parallelism", type=int, default=2,
+                   help="worker processes of --task-runner processes / dask (default 2)")
 
 
 @command("extract", "write a backbone's features of a shard set as Parquet (the dino-extract flow)", _configure_extract)
 def run_extract(args: argparse.Namespace) -> int:
     from dino_model.storage import StorageError
     from tasks.validation import UserInputError, check_backbone_reference, check_extraction_request
+    from tasks.validation.task_runners import check_extraction_runner
 
     # The flow's own checks (check-extraction-input), here before Prefect starts; plus the model reference.
     for option, value in (("--batch-size", args.batch_size), ("--n-last-blocks", args.n_last_blocks),
                           ("--nproc-per-node", args.nproc_per_node)):
         if value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
+    check_extraction_runner(args.task_runner, args.parallelism, args.nproc_per_node, prefix="--")
     check_backbone_reference(args.model)
     found = check_extraction_request(args.data, args.classes_from, args.resize, args.crop, args.output, args.device)
     print_warnings("extract", found.warnings)
@@ -58,6 +72,7 @@ def run_extract(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
                 precision=args.precision, device=args.device, nproc_per_node=args.nproc_per_node,
                 fast_path_check=args.fast_path_check,
+                task_runner=args.task_runner, parallelism=args.parallelism,
             )
         except (StorageError, FileNotFoundError) as e:
             raise UsageError(str(e)) from e

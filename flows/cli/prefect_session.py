@@ -1,6 +1,6 @@
 """How a ``dino`` command runs its flows on Prefect: :func:`flow_session` around the flow calls.
 
-Two things it takes care of:
+Three things it takes care of:
 
 **No traceback for an error the command reports itself.** When a flow fails on bad input (a model version that
 does not exist, a checkpoint folder that ``--resume require`` finds empty...), Prefect logs the exception with its
@@ -19,12 +19,17 @@ flush: nothing is lost). It happens when the machine is busy and the recorder la
 order: when the flows return, :func:`settle_ephemeral_server` delivers the client's pending events and logs, then
 waits until the server has recorded a final state for every task run of the flows this command ran, and only then
 lets the process exit (and Prefect stop the server, with nothing left in flight).
+
+**Dask's INFO lines off the terminal.** A ``--task-runner dask`` run starts and stops a local cluster, and Dask
+logs each worker joining and leaving at INFO, through the progress bar: only WARNING and above unless ``--debug``
+(or the user's own ``DASK_LOGGING__DISTRIBUTED``); set before Dask is imported, the cluster's processes inherit it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Iterator
@@ -35,7 +40,7 @@ _FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 _UNFINISHED_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 
-class _ReportedErrors(logging.Filter):
+class ReportedErrors(logging.Filter):
     """Drops Prefect run-log records about an exception the command reports itself: records carrying it
     (``exc_info``), and the engines' ``Finished in state Failed(...)`` summaries that name it."""
 
@@ -60,10 +65,13 @@ def _with_subclasses(cls: type) -> list[type]:
 
 @contextlib.contextmanager
 def flow_session(reported: tuple[type[BaseException], ...] = (), debug: bool = False) -> Iterator[None]:
-    """Run flows inside: Prefect's logs of the ``reported`` exceptions are dropped (unless ``debug``), and on the
-    way out the in-process server is left with nothing in flight (:func:`settle_ephemeral_server`)."""
+    """Run flows inside: Prefect's logs of the ``reported`` exceptions are dropped and Dask logs only warnings
+    (unless ``debug``), and on the way out the in-process server is left with nothing in flight
+    (:func:`settle_ephemeral_server`)."""
     started = datetime.now(timezone.utc)
-    quiet = _ReportedErrors(reported) if reported and not debug else None
+    if not debug:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    quiet = ReportedErrors(reported) if reported and not debug else None
     loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
     for logger in loggers if quiet else ():
         logger.addFilter(quiet)
@@ -102,8 +110,8 @@ def settle_ephemeral_server(since: datetime, timeout: float = 30.0) -> bool:
     previous = None
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            total = _count_task_runs(client, ours)
-            unfinished = _count_task_runs(client, ours, {"state": {"type": {"any_": list(_UNFINISHED_STATES)}}})
+            total = count_task_runs(client, ours)
+            unfinished = count_task_runs(client, ours, {"state": {"type": {"any_": list(_UNFINISHED_STATES)}}})
             if unfinished == 0 and total == previous:
                 return True
             previous = total if unfinished == 0 else None
@@ -111,7 +119,9 @@ def settle_ephemeral_server(since: datetime, timeout: float = 30.0) -> bool:
     return False
 
 
-def _count_task_runs(client, flow_runs: dict, task_runs: dict | None = None) -> int:
+def count_task_runs(client, flow_runs: dict, task_runs: dict | None = None) -> int:
+    """How many task runs the Prefect API has recorded for the flow runs matching the ``flow_runs`` filter (and
+    ``task_runs``, e.g. a state filter), through ``client`` (a sync Prefect client)."""
     response = client.request("POST", "/task_runs/count", json={"flow_runs": flow_runs, "task_runs": task_runs})
     response.raise_for_status()
     return int(response.json())

@@ -2,6 +2,8 @@
 
     dino shard ../shared/data/imagenette-128/train s3://bucket/imagenette/train --shard-size 500
     dino shard ILSVRC2012_img_val.tar /data/shards/val --labels LOC_val_solution.csv
+    dino shard /data/train s3://bucket/train --task-runner dask --parallelism 8     # a local Dask cluster
+    dino shard /data/train s3://bucket/train --task-runner tcp://10.0.0.5:8786      # a running Dask scheduler
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import os
 from dataclasses import asdict
 
-from .common import UsageError, command, parse_bytes
+from .common import UsageError, add_task_runner_option, command, parse_bytes
 from .prefect_session import flow_session
 
 
@@ -35,7 +37,8 @@ def _configure_shard(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality when re-encoding (default 95)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit in pixels")
     p.add_argument("--parallelism", type=int, default=max(2, min(8, os.cpu_count() or 2)),
-                   help="shard tasks at once (default: CPU count, 2..8)")
+                   help="shard tasks at once: threads, processes or local Dask workers (default: CPU count, 2..8)")
+    add_task_runner_option(p, "shard tasks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -84,6 +87,7 @@ def run_shard(args: argparse.Namespace) -> int:
             meta=args.meta, classes=args.classes, classes_from=args.classes_from, shard_size=args.shard_size or None,
             shard_bytes=args.shard_bytes,
             seed=args.seed, quality=args.quality, max_pixels=args.max_pixels, parallelism=args.parallelism,
+            task_runner=args.task_runner,
         )
     except (ValueError, OSError, StorageError) as e:
         raise UsageError(str(e)) from e

@@ -4,7 +4,8 @@
 ``settings.py``     :class:`EvaluationSettings`, which metrics the selected evaluations produce, device
 ``registry.py``     pin ``models:/name@alias`` to a version; the versions ``dino-reevaluate`` evaluates
 ``preflight.py``    every bad input reported before a model runs; the evaluation-set hashes
-``features.py``     backbone features of a shard set → Parquet (in-process or ``torchrun``)
+``features.py``     backbone features of a shard set → Parquet (in-process, ``torchrun``, or one task per
+                    sample range on a task runner)
 ``scores.py``       k-NN (+ bf16 parity), fast and full linear probes, attention maps, DAVIS J&F
 ``recording.py``    MLflow evaluation run (inputs, linked metrics), version tags, Prefect artifacts, ``champion``
 ``report.py``       the HTML evaluation report (:mod:`dino_model.eval.report`) logged to the evaluation run
@@ -48,11 +49,21 @@ parity to measure, so the parity check is skipped then.
 
 Feature extraction runs in the task's process by default; ``nproc_per_node > 1`` launches
 ``torchrun -m dino_model.eval.extract`` (one process per GPU, each over its own contiguous range of the samples,
-see :mod:`dino_model.eval.extract`) and follows its output like the trainer's.
+see :mod:`dino_model.eval.extract`) and follows its output like the trainer's; ``task_runner`` ``processes``,
+``dask`` or ``tcp://HOST:PORT`` runs one :func:`extract_feature_range` task per sample range on that runner's
+workers instead (``flows.extract.extract_split``).
 """
 
 from .common import EvaluationInputError, ModelVersionNotFound
-from .features import extract_split_features, features_location
+from .features import (
+    check_feature_precision,
+    extract_feature_range,
+    extract_split_features,
+    features_location,
+    finish_feature_ranges,
+    plan_feature_ranges,
+    plan_feature_sets,
+)
 from .preflight import (
     check_evaluation_inputs,
     check_extraction_input,
@@ -100,14 +111,17 @@ __all__ = [
     "build_evaluation_report",
     "check_evaluation_inputs",
     "check_extraction_input",
+    "check_feature_precision",
     "davis_scores",
     "describe_evaluation_run",
     "default_set_name",
     "end_evaluation_run",
     "evaluation_set_hashes",
     "evaluation_set_names",
+    "extract_feature_range",
     "extract_split_features",
     "features_location",
+    "finish_feature_ranges",
     "find_versions_to_evaluate",
     "is_version_tag_metric",
     "record_fast_path",
@@ -121,6 +135,8 @@ __all__ = [
     "open_evaluation_run",
     "parse_model_uri",
     "publish_reevaluation_summary",
+    "plan_feature_ranges",
+    "plan_feature_sets",
     "publish_scores",
     "recorded_score",
     "resolve_model_version",

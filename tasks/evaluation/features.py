@@ -1,11 +1,18 @@
 """Backbone features of a shard set written as Parquet: the backbone loaded once per process, where the features
-go, and the extraction task (in the task's process, or ``torchrun -m dino_model.eval.extract`` on several GPUs)."""
+go, and the extraction tasks: the whole split in the task's process (or ``torchrun -m dino_model.eval.extract``
+on several GPUs), or one task per sample range on a task runner (``processes``, ``dask``, ``tcp://...``): each
+writes its own ``part-r<range>-*.parquet`` (the torchrun layout), then :func:`finish_feature_ranges` checks the
+total and removes an earlier extraction's parts. ``flows.extract.extract_split`` composes them."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import threading
 import time
+import uuid
 from typing import Any, Iterable
 
 from prefect import task
@@ -13,17 +20,27 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
+from ..validation import retry_unless_user_error
+from ..validation.task_runners import check_parallelism, check_task_runner
 from .common import EvaluationInputError, run_logger
 from .settings import resolve_device
 
+#: A range task's share of the samples is at most this many (more ranges than workers when the set is large, so a
+#: lost worker costs little and the ranges balance); each range writes its own part file(s).
+SAMPLES_PER_RANGE = 20_000
 
-#: The last registered version loaded in this process: ``(tracking URI, models:/name/N) -> CPU backbone``. A
-#: registered version never changes, so the tasks of one evaluation download it once, not once per task.
-_VERSION_CACHE: dict[tuple[str, str], Any] = {}
+#: The last backbone loaded in this process (a flow's, a process-pool worker's, a Dask worker's): key -> CPU copy.
+_BACKBONE_CACHE: dict[tuple, Any] = {}
+_BACKBONE_LOCK = threading.Lock()
 
 
-def load_model(model_uri: str, device: str):
-    """The backbone of a registered version, a checkpoint or an export, in eval mode on ``device``."""
+def load_model(model_uri: str, device: str, reuse_key: str | None = None):
+    """The backbone of a registered version, a checkpoint or an export, in eval mode on ``device``.
+
+    The last one loaded stays in this process: a registered version (``models:/name/N``) never changes, so the
+    tasks of one evaluation download it once; any other reference is reused only under the same ``reuse_key``
+    (one extraction's), so the range tasks of an extraction that land on one worker process load it once, while a
+    later extraction reads the checkpoint or export afresh (it may have been overwritten)."""
     import copy
 
     import mlflow
@@ -31,14 +48,17 @@ def load_model(model_uri: str, device: str):
     import dino_model.mlflow_model  # noqa: F401 - registers the models:/ scheme with load_backbone
     from dino_model.export import load_backbone
 
-    key = (mlflow.get_tracking_uri(), model_uri) if re.fullmatch(r"models:/[^/@]+/\d+", model_uri) else None
-    if key is not None and key in _VERSION_CACHE:
-        backbone = copy.deepcopy(_VERSION_CACHE[key])
+    if re.fullmatch(r"models:/[^/@]+/\d+", model_uri):
+        key: tuple | None = (mlflow.get_tracking_uri(), model_uri)
     else:
-        backbone = load_backbone(model_uri)
-        if key is not None:
-            _VERSION_CACHE.clear()
-            _VERSION_CACHE[key] = copy.deepcopy(backbone)
+        key = (model_uri, reuse_key) if reuse_key else None
+    if key is None:
+        return load_backbone(model_uri).to(device).eval()
+    with _BACKBONE_LOCK:
+        if key not in _BACKBONE_CACHE:
+            _BACKBONE_CACHE.clear()
+            _BACKBONE_CACHE[key] = load_backbone(model_uri)
+        backbone = copy.deepcopy(_BACKBONE_CACHE[key])  # each task moves and runs its own copy
     return backbone.to(device).eval()
 
 
@@ -55,6 +75,29 @@ def progress_title(split: str, model_uri: str, n_last_blocks: int, avgpool: bool
 
     text = f"features {feature_kind(n_last_blocks, avgpool)} of {model_uri}, split {split}: {samples} samples"
     return text + (f", {processes} processes" if processes > 1 else "")
+
+
+@task(name="plan-feature-sets", cache_policy=NO_CACHE)
+def plan_feature_sets(settings, model_name: str, version: int, set_hash: str) -> dict[str, Any]:
+    """Which feature sets the selected classification evaluations read, each extracted once: the k-NN's [CLS]
+    features and the fast probe's (``linear_n_last_blocks``, ``linear_avgpool``), one set when they coincide.
+    Returns ``{"sets": [{"kind", "n_last_blocks", "avgpool", "uri"}, ...], "knn": kind | None,
+    "linear_fast": kind | None}`` (empty sets when neither evaluation runs)."""
+    from dino_model.eval.features import feature_kind
+
+    chosen = settings.selected()
+    wanted = {}
+    if "knn" in chosen:
+        wanted["knn"] = (1, False)
+    if "linear_fast" in chosen:
+        wanted["linear_fast"] = (settings.linear_n_last_blocks, settings.linear_avgpool)
+    sets = []
+    for n_last_blocks, avgpool in dict.fromkeys(wanted.values()):
+        kind = feature_kind(n_last_blocks, avgpool)
+        sets.append({"kind": kind, "n_last_blocks": n_last_blocks, "avgpool": avgpool,
+                     "uri": features_location(settings.features_root, model_name, version, set_hash, kind)})
+    return {"sets": sets, **{evaluation: feature_kind(*wanted[evaluation]) if evaluation in wanted else None
+                             for evaluation in ("knn", "linear_fast")}}
 
 
 class _Progress:
@@ -110,6 +153,7 @@ def extract_split_features(
     the verdict."""
     import numpy as np
 
+    from dino_model.eval.extract import feature_metadata
     from dino_model.eval.features import extract_features
     from dino_model.eval.shard_source import EvalShardSet
     from dino_model.eval.transforms import EvalTransform
@@ -126,8 +170,7 @@ def extract_split_features(
     backbone = load_model(model_uri, device)
     progress = _Progress(shards.num_samples, progress_title(split, model_uri, n_last_blocks, avgpool,
                                                             shards.num_samples))
-    meta = {**metadata, "model_uri": model_uri, "data": shards.uri, "data_digest": shards.digest(),
-            "classes_from": metadata.get("classes_from", shards.uri)}
+    meta = feature_metadata(metadata, model_uri, shards)
     res = extract_features(
         backbone,
         progress.wrap(shards.batches(batch_size, np.asarray(label_map) if label_map is not None else None)),
@@ -193,6 +236,145 @@ def _extract_with_torchrun(model_uri, data, out_uri, split, metadata, resize_siz
                            f"for {shards.num_samples} samples")
     logger.info("%s: %d x %d features (%s) -> %s, %d processes", split, end["num_rows"], end["dim"],
                 end["feature_kind"], end["uri"], nproc_per_node)
+    return {"uri": end["uri"], "split": split, "num_rows": end["num_rows"], "dim": end["dim"],
+            "files": end["files"], "feature_kind": end["feature_kind"], "precision": end["precision"],
+            "fast_path": end["fast_path"]}
+
+
+
+# -- one task per sample range, on a task runner ------------------------------------------------------------------
+
+
+@task(name="plan-feature-ranges", cache_policy=NO_CACHE)
+def plan_feature_ranges(data: str, slots: int, task_runner: str, workers: int) -> dict[str, Any]:
+    """How the range tasks of one extraction of ``data`` go: ``count`` contiguous sample ranges (at least one per
+    worker slot, at most :data:`SAMPLES_PER_RANGE` samples each, never more than the samples), the ``reuse_key``
+    under which a worker process keeps the backbone between its range tasks, and ``torch_threads`` per task (the
+    cores of this machine shared by the ``workers`` of a local runner; None for a remote cluster's workers)."""
+    from dino_model.eval.shard_source import EvalShardSet
+
+    check_task_runner(task_runner)
+    check_parallelism(workers, "workers")
+    n = EvalShardSet(data).num_samples
+    count = max(1, min(n, max(slots, math.ceil(n / SAMPLES_PER_RANGE))))
+    local = task_runner in ("processes", "dask")
+    return {"count": count, "reuse_key": uuid.uuid4().hex,
+            "torch_threads": max(1, (os.cpu_count() or 1) // workers) if local else None}
+
+
+@task(name="check-feature-precision", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_unless_user_error)
+def check_feature_precision(
+    model_uri: str,
+    data: str,
+    reuse_key: str | None = None,
+    resize_size: int | None = 256,
+    crop_size: int | None = 224,
+    batch_size: int = 64,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    precision: str = "fp32",
+    device: str = "auto",
+    fast_path_check: str = "fallback",
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """The extraction's fast-path verdict, decided once for all its range tasks (so every range runs in the same
+    precision): bf16 against fp32 on the first batch of ``data``
+    (:func:`dino_model.eval.features.check_precision`), on the runner's worker, which keeps the backbone for its
+    first range (``reuse_key``). ``fp32`` or ``off`` need no model. Returns the verdict's record."""
+    import torch
+
+    from dino_model.eval.features import check_precision, prepare_batch
+    from dino_model.eval.shard_source import EvalShardSet
+    from dino_model.eval.transforms import EvalTransform
+    from dino_model.fast_path import OFF, REFERENCE, Verdict
+
+    if precision == "fp32":
+        return Verdict("extract", REFERENCE, "fp32").as_record()
+    if fast_path_check == "off":
+        return Verdict("extract", OFF, "bf16 autocast").as_record()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = resolve_device(device)
+    shards = EvalShardSet(data)
+    _, images, _ = next(iter(shards.batches(batch_size, None, sample_range=(0, min(batch_size, shards.num_samples)))))
+    backbone = load_model(model_uri, device, reuse_key)
+    verdict, _ = check_precision(backbone, prepare_batch(images, EvalTransform(resize_size, crop_size)).to(device),
+                                 precision, fast_path_check, n_last_blocks, avgpool)
+    log = run_logger().warning if verdict.fell_back else run_logger().info
+    log("fast path extract (%s): %s", data, verdict.text)
+    return verdict.as_record()
+
+
+@task(name="extract-feature-range", task_run_name="features-{split}-range-{index}-of-{count}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)
+def extract_feature_range(
+    model_uri: str,
+    data: str,
+    out_uri: str,
+    split: str,
+    metadata: dict[str, Any],
+    index: int,
+    count: int,
+    reuse_key: str | None = None,
+    resize_size: int | None = 256,
+    crop_size: int | None = 224,
+    batch_size: int = 64,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    precision: str = "fp32",
+    device: str = "auto",
+    label_map: list[int] | None = None,
+    torch_threads: int | None = None,
+    fast_path_check: str = "fallback",
+    fast_path: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Features of sample range ``index`` of ``count`` (:meth:`EvalShardSet.rank_range`) of ``data``, written to
+    ``<out_uri>/<split>/part-r<index>-*.parquet`` with the single-process metadata; the backbone comes from this
+    process's cache when an earlier range of the same extraction (``reuse_key``) loaded it. A rerun (a retry, or a
+    Dask worker lost) rewrites the same files. ``fast_path``: the extraction's verdict
+    (:func:`check_feature_precision`), which sets the precision every range runs in. Returns the range's summary
+    for :func:`finish_feature_ranges`."""
+    import numpy as np
+    import torch
+
+    from dino_model.eval.extract import extract_range, feature_metadata
+    from dino_model.eval.shard_source import EvalShardSet
+    from dino_model.eval.transforms import EvalTransform
+    from dino_model.fast_path import Verdict
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    device = resolve_device(device)
+    shards = EvalShardSet(data)
+    decided = Verdict.from_record("extract", fast_path) if fast_path is not None else None
+    summary = extract_range(
+        lambda: load_model(model_uri, device, reuse_key), shards, out_uri, split,
+        feature_metadata(metadata, model_uri, shards), index, count, transform=EvalTransform(resize_size, crop_size),
+        batch_size=batch_size, label_map=np.asarray(label_map) if label_map is not None else None,
+        n_last_blocks=n_last_blocks, avgpool=avgpool, precision=precision, device=torch.device(device),
+        fast_path_check=fast_path_check, decide=(lambda check: decided) if decided is not None else None,
+    )
+    run_logger().info("%s range %d/%d: samples %s, %d rows", split, index + 1, count, summary["range"],
+                      summary["num_rows"])
+    return summary
+
+
+@task(name="finish-feature-ranges", cache_policy=NO_CACHE)
+def finish_feature_ranges(out_uri: str, split: str, data: str, summaries: list[dict[str, Any]],
+                          n_last_blocks: int = 1, avgpool: bool = False) -> dict[str, Any]:
+    """Once every range task is done: the rows written must equal the manifest's sample count and every part
+    reported must be there; an earlier extraction's parts are deleted. Returns what :func:`extract_split_features`
+    returns."""
+    from dino_model.eval.extract import finish
+    from dino_model.eval.features import feature_kind
+    from dino_model.eval.shard_source import EvalShardSet
+
+    shards = EvalShardSet(data)
+    end = finish(out_uri, split, sorted(summaries, key=lambda s: s["rank"]), shards.num_samples, shards.uri,
+                 feature_kind(n_last_blocks, avgpool))
+    run_logger().info("%s: %d x %d features (%s) -> %s, %d range tasks", split, end["num_rows"], end["dim"],
+                      end["feature_kind"], end["uri"], end["world_size"])
     return {"uri": end["uri"], "split": split, "num_rows": end["num_rows"], "dim": end["dim"],
             "files": end["files"], "feature_kind": end["feature_kind"], "precision": end["precision"],
             "fast_path": end["fast_path"]}

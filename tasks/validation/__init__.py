@@ -14,6 +14,7 @@ storage clients are created only when an ``s3://`` URI is actually read.
 ``evaluation_settings.py``  :class:`EvaluationSettings` (``dino-evaluate`` / ``dino-reevaluate``)
 ``evaluation_inputs.py``    shard sets and classes, the DAVIS folder, device name, URIs, black-padding warnings
 ``models.py``               model references: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, backbone paths
+``task_runners.py``         the ``task_runner`` choice (threads, processes, dask, ``tcp://HOST:PORT``)
 ==========================  ==================================================================================
 """
 

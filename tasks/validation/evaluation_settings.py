@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .task_runners import check_task_runner
+
 
 EVALUATIONS = ("knn", "linear_fast", "linear", "attention", "davis")
 CLASSIFICATION = ("knn", "linear_fast", "linear")
@@ -54,6 +56,12 @@ class EvaluationSettings(BaseModel):
                                                           "which a warning is logged.")
     nproc_per_node: int = Field(1, description="Feature-extraction processes (one per GPU): 1 = in the task's "
                                                "process; > 1 = torchrun -m dino_model.eval.extract.")
+    task_runner: str = Field("threads", description="Where feature extraction runs: 'threads' (in the flow's "
+                             "process, or torchrun with nproc_per_node > 1), or one task per sample range on "
+                             "'processes' (this machine), 'dask' (a local Dask cluster) or 'tcp://HOST:PORT' (a "
+                             "running Dask scheduler).")
+    parallelism: int = Field(2, description="Worker processes of task_runner 'processes' / 'dask' (a tcp:// "
+                                            "cluster has its own).")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
     knn_ks: list[int] = Field([10, 20, 100, 200], description="k values of the weighted k-NN.")
     knn_temperature: float = Field(0.07, description="k-NN vote temperature T: weight exp(sim / T).")
@@ -91,7 +99,12 @@ class EvaluationSettings(BaseModel):
                                  "the champion's score on the same evaluation set; never: leave it.")
     higher_is_better: bool = Field(True, description="Direction of champion_metric.")
 
-    @field_validator("batch_size", "linear_n_last_blocks", "nproc_per_node", "linear_epochs", "linear_fast_epochs",
+    @field_validator("task_runner")
+    @classmethod
+    def _task_runner(cls, v: str):
+        return check_task_runner(v)
+
+    @field_validator("batch_size", "linear_n_last_blocks", "nproc_per_node", "parallelism", "linear_epochs", "linear_fast_epochs",
                      "linear_batch_size", "davis_short_side", "davis_multiple", "attention_frame_step",
                      "attention_size")
     @classmethod
@@ -132,6 +145,10 @@ class EvaluationSettings(BaseModel):
             raise ValueError(f"bf16_parity_tolerance must be >= 0, got {self.bf16_parity_tolerance}")
         if not 0 < self.attention_threshold <= 1:
             raise ValueError(f"attention_threshold must be in (0, 1], got {self.attention_threshold}")
+        if self.nproc_per_node > 1 and self.task_runner != "threads":
+            raise ValueError(f"nproc_per_node {self.nproc_per_node} and task_runner {self.task_runner} are two ways "
+                             "to run the extraction in parallel: use torchrun processes (one per GPU of this "
+                             "machine) or the task runner's workers, not both")
         if self.davis_max_frames is not None and self.davis_max_frames < 3:
             raise ValueError("davis_max_frames must be >= 3 (the first and last frames are not scored)")
         chosen = self.selected()

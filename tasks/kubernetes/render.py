@@ -1,17 +1,15 @@
-"""Fill the Kubernetes templates of ``infra/k8s``: the multi-node training Job and the Prefect work pool's job.
+"""Fill the multi-node training Job template beside this file (``multinode-job.yaml``): what ``dino-pretrain``
+submits with ``launcher="kubernetes"`` (:mod:`tasks.kubernetes_job`), also as a command for a manual launch.
 
     # multi-node training: Service + ConfigMap + Indexed Job running torchrun (c10d rendezvous on pod 0)
-    python -m infra.k8s.render multinode --name dino-vits16-run1 --image registry.example/dino:0.1 \\
+    python -m tasks.kubernetes.render --name dino-vits16-run1 --image registry.example/dino:0.1 \\
         --nnodes 4 --gpus-per-node 8 --config resolved-config.json \\
         --env MLFLOW_TRACKING_URI=http://mlflow.dino:5000 --env MLFLOW_RUN_ID=<run id> \\
         [train.epochs=100 ...] | kubectl apply -f -
 
-    # what the Kubernetes worker would submit for one flow run of the work pool (for review)
-    python -m infra.k8s.render work-pool --set image=registry.example/dino:0.1 --set gpus=4
+From Python::
 
-From Python (e.g. a flow that submits a multi-node training when ``nnodes > 1``)::
-
-    from infra.k8s.render import render_multinode_job, to_yaml
+    from tasks.kubernetes.render import render_multinode_job, to_yaml
     manifests = render_multinode_job(MultiNodeJob(name=..., image=..., nnodes=4, gpus_per_node=8, config=cfg,
                                                    env={"MLFLOW_TRACKING_URI": ..., "MLFLOW_RUN_ID": run_id}))
     subprocess.run(["kubectl", "apply", "-f", "-"], input=to_yaml(manifests), text=True, check=True)
@@ -19,7 +17,8 @@ From Python (e.g. a flow that submits a multi-node training when ``nnodes > 1``)
 The trainer command is the single-node launcher's own (:func:`tasks.trainer_process.torchrun_command`), so one node
 and many nodes start ``dino_model.train`` the same way. Templates use ``{{ name }}`` placeholders: a string that is
 exactly one placeholder takes the value with its type (an int stays an int, a list stays a list); a placeholder
-inside a longer string is replaced by the value's text. A missing value is an error naming the placeholder.
+inside a longer string is replaced by the value's text. A missing value is an error naming the placeholder
+(:func:`fill`, which ``infra/k8s/work_pool.py`` also uses to preview the work pool's job).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from tasks.trainer_process import LaunchSpec, torchrun_command
 
 HERE = Path(__file__).resolve().parent
 MULTINODE_TEMPLATE = HERE / "multinode-job.yaml"
-WORK_POOL_TEMPLATE = HERE / "base-job-template.json"
 #: Where the ConfigMap with the resolved training config is mounted in every pod.
 CONFIG_PATH = "/etc/dino/config.json"
 
@@ -186,31 +184,6 @@ def render_multinode_job(job: MultiNodeJob, template: str | Path = MULTINODE_TEM
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Prefect Kubernetes work pool: the job one flow run becomes
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def load_work_pool_template(path: str | Path = WORK_POOL_TEMPLATE) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def render_work_pool_job(values: dict[str, Any] | None = None, template: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The work pool's ``job_configuration`` filled the way Prefect's worker fills it: the variables' defaults,
-    overridden by ``values`` (a deployment's or a run's job variables). Unknown variables are an error."""
-    template = template or load_work_pool_template()
-    props = template["variables"]["properties"]
-    values = dict(values or {})
-    unknown = set(values) - set(props)
-    if unknown:
-        raise RenderError(f"unknown work-pool variable(s) {sorted(unknown)}; known: {sorted(props)}")
-    filled = {name: copy.deepcopy(spec.get("default")) for name, spec in props.items()}
-    filled.update(values)
-    if not isinstance(filled.get("gpus"), int) or filled["gpus"] < 0:
-        raise RenderError(f"gpus must be an integer >= 0, got {filled.get('gpus')!r}")
-    return fill(template["job_configuration"], filled)
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -219,7 +192,9 @@ def to_yaml(manifests: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(manifests, sort_keys=False, width=120)
 
 
-def _pairs(items: list[str], what: str) -> dict[str, Any]:
+def key_value_pairs(items: list[str], what: str) -> dict[str, Any]:
+    """``["A=1", "B=x"]`` -> ``{"A": "1", "B": "x"}``; an item without ``=`` is a :class:`RenderError` naming
+    ``what``."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -230,37 +205,24 @@ def _pairs(items: list[str], what: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infra.k8s.render", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="what", required=True)
-    m = sub.add_parser("multinode", help="Service + ConfigMap + Indexed Job of a multi-node training")
-    m.add_argument("--name", required=True)
-    m.add_argument("--image", required=True)
-    m.add_argument("--nnodes", type=int, required=True)
-    m.add_argument("--gpus-per-node", type=int, required=True)
-    m.add_argument("--config", required=True, help="resolved training config (JSON file)")
-    m.add_argument("--env", action="append", default=[], help="KEY=VALUE (non-secret), repeatable")
-    m.add_argument("--namespace", default="dino")
-    m.add_argument("--secret-name", default="dino-s3")
-    m.add_argument("--rdzv-port", type=int, default=29500)
-    m.add_argument("overrides", nargs="*", help="section.field=value overrides for the trainer")
-    w = sub.add_parser("work-pool", help="the job the Kubernetes work pool submits for one flow run")
-    w.add_argument("--set", action="append", default=[], help="job variable KEY=VALUE (JSON values parsed)")
+    p = argparse.ArgumentParser(prog="python -m tasks.kubernetes.render", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--nnodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--config", required=True, help="resolved training config (JSON file)")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE (non-secret), repeatable")
+    p.add_argument("--namespace", default="dino")
+    p.add_argument("--secret-name", default="dino-s3")
+    p.add_argument("--rdzv-port", type=int, default=29500)
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides for the trainer")
     args = p.parse_args(argv)
     try:
-        if args.what == "multinode":
-            job = MultiNodeJob(name=args.name, image=args.image, nnodes=args.nnodes, gpus_per_node=args.gpus_per_node,
-                               config=json.loads(Path(args.config).read_text()), env=_pairs(args.env, "--env"),
-                               overrides=args.overrides, namespace=args.namespace, secret_name=args.secret_name,
-                               rdzv_port=args.rdzv_port)
-            sys.stdout.write(to_yaml(render_multinode_job(job)))
-        else:
-            values = {}
-            for key, raw in _pairs(args.set, "--set").items():
-                try:
-                    values[key] = json.loads(raw)
-                except json.JSONDecodeError:
-                    values[key] = raw
-            sys.stdout.write(to_yaml([render_work_pool_job(values)["job_manifest"]]))
+        job = MultiNodeJob(name=args.name, image=args.image, nnodes=args.nnodes, gpus_per_node=args.gpus_per_node,
+                           config=json.loads(Path(args.config).read_text()), env=key_value_pairs(args.env, "--env"),
+                           overrides=args.overrides, namespace=args.namespace, secret_name=args.secret_name,
+                           rdzv_port=args.rdzv_port)
+        sys.stdout.write(to_yaml(render_multinode_job(job)))
         return 0
     except RenderError as e:
         print(f"render: error: {e}", file=sys.stderr)
