@@ -58,7 +58,8 @@ def dino_pipeline(
     root = workspace.rstrip("/")
     train_shards, val_shards = f"{root}/shards/train", f"{root}/shards/val"
     dino_shard(source=train_source, destination=train_shards, name="train", shard_size=shard_size)
-    dino_shard(source=val_source, destination=val_shards, name="val", shard_size=shard_size)
+    # val gets train's class indices (the evaluation aligns them by class id anyway; this keeps them equal)
+    dino_shard(source=val_source, destination=val_shards, name="val", shard_size=shard_size, classes_from=train_shards)
     trained = dino_pretrain(
         data=train_shards,
         checkpoint_uri=f"{root}/checkpoints",
