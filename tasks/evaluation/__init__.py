@@ -61,7 +61,7 @@ from .scores import (
     linear_probe_fast,
     linear_probe_full,
 )
-from .settings import EvaluationSettings, metric_family, version_tag
+from .settings import EvaluationSettings, metric_family, version_tag, with_deployment_defaults
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -92,4 +92,5 @@ __all__ = [
     "tag_model_version",
     "update_champion",
     "version_tag",
+    "with_deployment_defaults",
 ]

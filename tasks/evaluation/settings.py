@@ -2,23 +2,63 @@
 
 :class:`EvaluationSettings`, :func:`metric_family` and :func:`version_tag` live in
 :mod:`tasks.validation.evaluation_settings` (Prefect-free, so the ``dino`` command validates settings before
-Prefect starts); they are re-exported here for the tasks and flows."""
+Prefect starts); they are re-exported here for the tasks and flows, with :func:`with_deployment_defaults`, which
+puts the fields a deployment run sets onto the deployment's own settings."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
 
 from tasks.validation.evaluation_settings import (
     CLASSIFICATION,
     EVALUATIONS,
     VIDEO,
     EvaluationSettings,
+    describe_validation_error,
     metric_family,
     version_tag,
 )
 
 from .common import EvaluationInputError
 
-__all__ = ["CLASSIFICATION", "EVALUATIONS", "VIDEO", "EvaluationSettings", "metric_family", "resolve_device",
-           "version_tag"]
+__all__ = ["CLASSIFICATION", "EVALUATIONS", "VIDEO", "EvaluationSettings", "merge_settings", "metric_family",
+           "resolve_device", "version_tag", "with_deployment_defaults"]
+
+
+def merge_settings(defaults: dict[str, Any] | None,
+                   settings: EvaluationSettings | dict[str, Any] | None) -> EvaluationSettings:
+    """The fields ``settings`` sets — the keys of a dict, the fields an :class:`EvaluationSettings` was given
+    explicitly (pydantic's ``model_fields_set``) — over ``defaults``; the other fields keep the defaults' values,
+    then the class's. An invalid result is an :class:`EvaluationInputError` naming the field (a user error)."""
+    if isinstance(settings, EvaluationSettings):
+        if not defaults:
+            return settings
+        explicit = settings.model_dump(include=settings.model_fields_set)
+    else:
+        explicit = dict(settings or {})
+    try:
+        return EvaluationSettings.model_validate({**(defaults or {}), **explicit})
+    except ValidationError as e:
+        raise EvaluationInputError(f"settings: {describe_validation_error(e)}") from None
+
+
+def with_deployment_defaults(settings: EvaluationSettings | dict[str, Any] | None,
+                             parameter: str = "settings") -> EvaluationSettings:
+    """A deployment run's ``settings`` merged onto its deployment's (:func:`merge_settings`).
+
+    Prefect merges a run's parameters with its deployment's only at the top level, so ``prefect deployment run
+    dino-evaluate/default --param settings='{"crop_size": 64}'`` would otherwise replace the deployment's whole
+    ``settings`` block (its shard sets, features root, champion policy...) by one holding only ``crop_size`` (the
+    flows therefore accept a partial dict too). Outside a deployment the settings are used as they are."""
+    from prefect.runtime import deployment
+
+    try:
+        defaults = (deployment.parameters or {}).get(parameter) if deployment.id else None
+    except Exception:  # noqa: BLE001 - no deployment, or no server to ask: nothing to merge onto
+        defaults = None
+    return merge_settings(defaults if isinstance(defaults, dict) else None, settings)
 
 
 def resolve_device(device: str) -> str:
