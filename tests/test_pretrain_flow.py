@@ -105,11 +105,17 @@ def test_pretrain_two_processes_tracks_and_registers(tiny_shards, tracking, tmp_
     for key in ("lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s"):
         assert client.get_metric_history(run.info.run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"checkpoints", "loss_curve.png", "config.json"} <= artifacts
-    assert client.list_artifacts(run.info.run_id, "checkpoints")
+    assert {"loss_curve.png", "config.json"} <= artifacts
+    # logging.mlflow_checkpoints=none (the default): the run records where the checkpoints are, copies none.
+    assert "checkpoints" not in artifacts
+    assert run.data.tags["checkpoint"] == list_checkpoints(str(tmp_path / "ckpt"))[-1][1]
+    assert run.data.tags["checkpoint_uri"] == str(tmp_path / "ckpt")
+    outcome = {"steps_done": "8", "steps_total": "8", "epochs_done": "2", "stop_reason": "completed"}
+    assert {k: run.data.tags.get(k) for k in outcome} == outcome
     mv = client.get_model_version_by_alias("dino-e2e", "candidate")
     assert int(mv.version) == out["version"] == 1
     assert mv.tags["dataset_hash"] == out["dataset_hash"] and mv.tags["architecture"] == "vit_tiny/16"
+    assert {k: mv.tags.get(k) for k in outcome} == outcome and mv.tags["epochs"] == "2"
 
     from dino_model.export import load_backbone
     import torch
@@ -144,7 +150,7 @@ def test_killed_trainer_is_resumed_by_the_retry(tiny_shards, tracking, tmp_path)
     out = dino_pretrain(
         data=tiny_shards,
         checkpoint_uri=ckpt,
-        overrides=TINY + ["train.epochs=3"],
+        overrides=TINY + ["train.epochs=3", "logging.mlflow_checkpoints=last"],
         nproc_per_node=1,
         experiment="killed",
         registered_model="dino-killed",
@@ -160,6 +166,9 @@ def test_killed_trainer_is_resumed_by_the_retry(tiny_shards, tracking, tmp_path)
     # 32 images, batch 4 -> 8 steps per epoch, 3 epochs; the retry continued from the checkpoint, not step 0.
     assert max(steps) == 24 and out["final_step"] == 24
     assert max(s for s, _ in list_checkpoints(ckpt)) == 24
+    # logging.mlflow_checkpoints=last: a copy of the checkpoint the run ended with, and only that one.
+    copies = [a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoints")]
+    assert copies == ["checkpoints/checkpoint-000000024.pt"]
 
 
 def test_preflight_rejects_bad_parameters_before_launching(tiny_shards, tracking, tmp_path):
