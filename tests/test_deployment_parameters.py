@@ -37,6 +37,15 @@ def test_settings_set_explicitly_win_even_when_they_equal_the_class_defaults():
     assert merged.val_data == defaults["val_data"]
 
 
+def test_a_valid_partial_settings_dict_keeps_the_deployments_other_fields():
+    defaults = {**_deployment_settings("flows/evaluate.py:dino_evaluate"), "champion_metric": "knn10_top1"}
+    params = dino_evaluate.validate_parameters(
+        {"model": "models:/m/1", "settings": {"train_data": "/t", "val_data": "/v", "evaluations": ["knn"]}})
+    merged = merge_settings(defaults, params["settings"])
+    assert (merged.train_data, merged.evaluations) == ("/t", ["knn"])
+    assert merged.champion_metric == "knn10_top1"  # derived defaults of the partial dict are not choices
+
+
 def test_without_deployment_defaults_the_settings_are_used_as_given():
     given = EvaluationSettings(train_data="/data/t", val_data="/data/v", crop_size=96)
     assert merge_settings(None, given) is given
