@@ -11,9 +11,11 @@ the variable, or the CLI sets an embedded one). The flow only composes tasks fro
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Literal
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from tasks.kubernetes_job import KubernetesSettings, job_name
@@ -112,6 +114,10 @@ def dino_pretrain(
         # A failure; a stop (cancellation, shutdown) is a BaseException that the flow's hooks record instead.
         end_mlflow_run(run_id, "FAILED", {"stop_reason": "failed"})
         raise
+    if end.get("status") == "cancelled":
+        # The trainer has checkpointed; the cancellation takes Prefect's own course from here: the flow run ends
+        # Cancelled and its on_cancellation hook ends the MLflow run KILLED.
+        raise TerminationSignal(signal.SIGTERM)
     outcome = outcome_tags(end)
     log_loss_curve(run_id)
     export_uri = config["export"]["uri"] or config["checkpoint"]["uri"].rstrip("/") + "/export"

@@ -4,7 +4,8 @@
     python -m infra.stack up          # start what is not running yet (idempotent); prints the variables to export
     python -m infra.stack status      # PID, URL and health of each service
     python -m infra.stack env         # the export lines again (no secrets: it points to the credentials file)
-    python -m infra.stack down        # stop the worker, Prefect, MLflow, SeaweedFS (fine when nothing runs)
+    python -m infra.stack down        # stop the worker (its flow runs first: trainers checkpoint), Prefect, MLflow,
+                                      # SeaweedFS (fine when nothing runs)
     python -m infra.stack prefect-setup [--api URL]  # on any Prefect server (default $PREFECT_API_URL): the work pool
                                       # and the zombie-run automation, each created when missing
     python -m infra.stack compose-env infra/docker/.env   # random credentials for the docker-compose stack
@@ -393,7 +394,10 @@ def down(cfg: StackConfig, out=None) -> list[str]:
             if not rec:
                 continue
             if _alive(rec.get("pid"), _MARKERS[name]):
-                # Worker first, with a grace period: its flow runs get SIGTERM and can stop their trainers cleanly.
+                if name == "worker":
+                    # Before anything they use goes away: its flow runs stop their trainers (a checkpoint in S3),
+                    # record how they ended (MLflow, Prefect) and exit.
+                    stop_flow_runs(rec["pid"], out)
                 stop_pid(rec["pid"], grace=30.0 if name == "worker" else 15.0)
                 stopped.append(name)
                 print(f"{name:9s} stopped (pid {rec['pid']})", file=out)
@@ -402,6 +406,32 @@ def down(cfg: StackConfig, out=None) -> list[str]:
         if not stopped:
             print("stack is not running", file=out)
         return stopped
+
+
+def stop_flow_runs(worker_pid: int, out=None, grace: float = 180.0) -> None:
+    """SIGTERM each flow-run process the worker started (its children; each in its own process group, so the
+    worker's own SIGTERM does not reach them) and wait until every process under the worker has exited: a training
+    finishes its step and writes its checkpoint, the flow run reports its end. What is left after ``grace`` seconds
+    (the trainer's shutdown timeout and then some) is killed."""
+    out = out or sys.stdout
+    try:
+        worker = psutil.Process(worker_pid)
+        flow_runs = worker.children()
+    except psutil.Error:
+        return
+    if not flow_runs:
+        return
+    print(f"worker    stopping {len(flow_runs)} flow run(s): trainers checkpoint first ...", file=out, flush=True)
+    everything = worker.children(recursive=True)
+    for proc in flow_runs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(everything, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if alive:
+        print(f"worker    killed {len(alive)} process(es) still running after {grace:.0f} s", file=out, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,7 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
                     tags: dict[str, str] | None = None) -> str:
     """The MLflow run of this training, so that one training is one run whatever stops and resumes it:
 
+    0. first, runs of the experiment left RUNNING by flow runs that are over are ended (a killed flow run cannot);
     1. the run tagged with this flow run (a retry of the flow);
     2. else the run the latest checkpoint under ``checkpoint.uri`` was logged into, unless that run is FINISHED (a
        new flow run resuming a cancelled, crashed or failed training continues its curve: the trainer logs only the
@@ -177,6 +178,7 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
     logger = get_run_logger()
     client = MlflowClient()
     exp_id = get_or_create_experiment(client, experiment)
+    _close_abandoned_runs(client, exp_id, flow_run_id, logger)
     found = client.search_runs([exp_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -197,6 +199,33 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
     _log_config(client, run.info.run_id, config, "config.json")
     logger.info("MLflow run %s in experiment %r (%s)", run.info.run_id, experiment, mlflow.get_tracking_uri())
     return run.info.run_id
+
+
+def _close_abandoned_runs(client, exp_id: str, flow_run_id: str, logger) -> None:
+    """End the RUNNING MLflow runs of the experiment whose flow run is over on the Prefect server without having
+    ended them: a flow-run process killed outright runs no hook, and the zombie-run automation marks the flow run
+    Crashed, not its MLflow run. KILLED when the trainer recorded a stop on request, else FAILED."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    stale = [r for r in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=100)
+             if r.data.tags.get(FLOW_RUN_TAG) not in (None, flow_run_id, "local")]
+    if not stale:
+        return
+    with get_client(sync_client=True) as prefect:
+        for run in stale:
+            try:
+                state = prefect.read_flow_run(UUID(run.data.tags[FLOW_RUN_TAG])).state
+            except Exception:  # noqa: BLE001 - a flow run this server does not know (another server, deleted)
+                continue
+            if state is None or not state.is_final():
+                continue
+            cancelled = run.data.tags.get("stop_reason") == "cancelled"
+            client.set_tag(run.info.run_id, "stop_reason", "cancelled" if cancelled else "failed")
+            client.set_terminated(run.info.run_id, status="KILLED" if cancelled else "FAILED")
+            logger.warning("MLflow run %s was still RUNNING though its flow run %s ended %s: marked %s", run.info.run_id,
+                           run.data.tags[FLOW_RUN_TAG], state.type.value, "KILLED" if cancelled else "FAILED")
 
 
 def recorded_mlflow_run(checkpoint_uri: str) -> tuple[str | None, str | None]:
@@ -284,6 +313,12 @@ def progress_reporter(logger) -> tuple[Any, Callable[[dict], None]]:
 def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, Any]:
     """Run ``torchrun -m dino_model.train`` on this worker until it finishes. A retry resumes from the latest
     checkpoint (the trainer does that by itself) and logs into the same MLflow run, skipping steps it already has.
+    Returns the trainer's ``end`` record.
+
+    Stopped (the trainer then checkpoints, see :func:`tasks.trainer_process.run_trainer`): when the flow run is
+    being cancelled, the record has ``status`` ``cancelled`` (a normal outcome, logged as a warning; the flow then
+    ends Cancelled); any other stop (the worker or the machine shutting down, Ctrl-C) takes its course as the
+    signal it is (the flow run crashes). Neither is retried.
     """
     import mlflow
 
@@ -291,21 +326,29 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
     config = trainer_config(config, run_id)
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_RUN_ID": run_id, **launch.extra_env}
     progress_id, on_progress = progress_reporter(logger)
+    stopped: dict[str, Any] = {}
 
     def on_stop(signum: int, end: dict | None) -> None:
-        # Cancelling a flow run, stopping a worker or Ctrl-C: a normal outcome, not an error.
-        end = end or {}
-        what = "cancelled" if _flow_run_cancelling() else f"stopped by {signal.Signals(signum).name}"
-        logger.warning("training %s at step %s of %s; checkpoint: %s. A flow run with the same checkpoint_uri "
-                       "resumes from it, in the same MLflow run.", what, end.get("step", "?"),
-                       end.get("total_steps", "?"), end.get("checkpoint") or "none")
+        end = stopped["end"] = end or {}
+        stopped["cancelled"] = _flow_run_cancelling()
+        what = "cancelled" if stopped["cancelled"] else f"stopped by {signal.Signals(signum).name}"
+        stopped["message"] = (f"training {what} at step {end.get('step', '?')} of {end.get('total_steps', '?')}; "
+                              f"checkpoint: {end.get('checkpoint') or 'none'}")
+        logger.warning("%s. A flow run with the same checkpoint_uri resumes from it, in the same MLflow run.",
+                       stopped["message"])
 
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "config.json")
         Path(config_path).write_text(json.dumps(config))
         cmd = torchrun_command(launch, config_path)
         logger.info("launching: %s", " ".join(cmd))
-        end = run_trainer(cmd, env, on_line=logger.info, on_progress=on_progress, on_stop=on_stop)
+        try:
+            end = run_trainer(cmd, env, on_line=logger.info, on_progress=on_progress, on_stop=on_stop)
+        except BaseException:
+            if stopped.get("cancelled"):
+                # Not a crash of this task: the flow ends the run as Prefect cancels one (see flows/pretrain.py).
+                return {**stopped["end"], "status": "cancelled"}
+            raise
     update_progress_artifact(progress_id, 100.0)
     return end or {}
 

@@ -10,11 +10,11 @@ keeps the last lines for the error message.
 
 Stopping. The trainer never outlives this process:
 
-* SIGTERM / SIGINT here (Prefect cancelling the flow run, Ctrl-C in ``dino pretrain``) is forwarded once, as
-  SIGTERM, to torchrun, which passes it to its workers; the trainer finishes its step, writes a checkpoint and
-  exits; then the signal takes its usual course here (Prefect's handler: the flow run ends Cancelled or Crashed),
-  so a stop is never mistaken for a failure to retry. torchrun runs in its own session, so a signal sent to this
-  process's group reaches the trainer only through this path, once.
+* SIGTERM / SIGINT here (Prefect cancelling the flow run, Ctrl-C in ``dino pretrain``) raises in the waiting
+  thread (Prefect's termination signal, KeyboardInterrupt); the launcher then sends one SIGTERM to torchrun, which
+  passes it to its workers; the trainer finishes its step, writes a checkpoint and exits; then the exception
+  continues (Prefect: the flow run ends Cancelled or Crashed), so a stop is never mistaken for a failure to retry.
+  torchrun runs in its own session, so a signal sent to this process's group reaches the trainer only this way.
 * If this process dies without a chance to forward anything (SIGKILL, OOM), the kernel sends SIGTERM to torchrun
   (``PR_SET_PDEATHSIG``, set between fork and exec) and to every worker should torchrun die too
   (``DINO_PARENT_DEATH_SIGNAL``, read by the trainer at start): the same clean stop, with nobody waiting for it.
@@ -113,15 +113,12 @@ class TrainerFailed(RuntimeError):
 
 
 class TrainerStopped(BaseException):
-    """The trainer stopped because this process was asked to stop (a BaseException, like KeyboardInterrupt: a
-    stop is no failure, and nothing retries it). Raised when the signal's own handler here does not raise."""
+    """This process got SIGTERM while nothing else handled it (no Prefect engine around): raised once the trainer
+    has stopped. A BaseException, like KeyboardInterrupt: a stop is no failure, and nothing retries it."""
 
-    def __init__(self, signum: int, end: dict | None):
-        self.signum = signum
-        self.end = end
-        step = (end or {}).get("step", "?")
-        super().__init__(f"trainer stopped by {signal.Signals(signum).name} at step {step}; "
-                         f"checkpoint: {(end or {}).get('checkpoint') or 'none'}")
+    def __init__(self, signum: int):
+        self.signal = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 def run_trainer(
@@ -136,15 +133,19 @@ def run_trainer(
     """Run ``cmd``, feeding each output line to ``on_line`` and each progress record to ``on_progress``.
 
     Returns the trainer's last ``end`` progress record. Raises :class:`TrainerFailed` with the trainer's last lines
-    when it exits non-zero. When this process gets SIGTERM / SIGINT meanwhile (see the module docstring), the
-    trainer is stopped cleanly, ``on_stop(signum, end_record)`` is called, then the signal's previous handler runs
-    (Prefect's raises its termination exception, Python's default SIGINT handler ``KeyboardInterrupt``); if it
-    does not raise, :class:`TrainerStopped` is raised. ``grace_s``: how long after the stop request torchrun and
-    everything under it is killed (default: torchrun's ``--shutdown-timeout`` plus 30 s).
+    when it exits non-zero.
+
+    A stop request here — the exception a signal handler raises in the main thread while it waits: Prefect's
+    termination signal, KeyboardInterrupt, :class:`TrainerStopped` for a SIGTERM nothing else handles — stops the
+    trainer cleanly (see the module docstring: one SIGTERM to torchrun, then its output is followed until it
+    exits), calls ``on_stop(signum, end_record)`` and re-raises, so the stop takes its usual course (Prefect:
+    Cancelled or Crashed, never a retry). Prefect's own SIGTERM handler stays installed: it is how a cancellation
+    is told apart from a crash. A second SIGINT meanwhile abandons the checkpoint (everything under torchrun is
+    killed); a repeated SIGTERM changes nothing. ``grace_s``: how long after the stop request everything under
+    torchrun is killed (default: torchrun's ``--shutdown-timeout`` plus 30 s).
     """
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    end_record: dict | None = None
-    error_record: dict | None = None
+    records: dict[str, dict] = {}
     if grace_s is None:
         grace_s = _shutdown_timeout(cmd) + 30.0
     proc = subprocess.Popen(
@@ -159,59 +160,73 @@ def run_trainer(
         # SIGTERM to torchrun if this process dies (this thread waits for the child, so it outlives it).
         preexec_fn=functools.partial(exit_with_parent, signal.SIGTERM, os.getpid()),
     )
-    stop_signal: list[int] = []
 
-    def request_stop(signum, _frame):
-        if stop_signal or proc.poll() is not None:
-            return  # already stopping: the trainer is finishing its step and checkpoint
-        stop_signal.append(signum)
-        proc.send_signal(signal.SIGTERM)
-        killer = threading.Timer(grace_s, _kill_tree, args=(proc,))
-        killer.daemon = True
-        killer.start()
+    def follow(line: str) -> None:
+        record = parse_progress_line(line)
+        if record is None:
+            tail.append(line)
+            on_line(line)
+            return
+        if record.get("event") in ("end", "error"):
+            records[record["event"]] = record
+        on_progress(record)
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, request_stop)
+    restore = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        restore = signal.signal(signal.SIGTERM, _raise_trainer_stopped)
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            record = parse_progress_line(line)
-            if record is None:
-                tail.append(line)
-                on_line(line)
-                continue
-            if record.get("event") == "end":
-                end_record = record
-            elif record.get("event") == "error":
-                error_record = record
-            on_progress(record)
+            follow(raw.rstrip("\n"))
         code = proc.wait()
-    except BaseException:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                _kill_tree(proc)
+    except BaseException as stop:
+        signum = getattr(stop, "signal", None) or (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else None)
+
+        def follow_stop(line: str) -> None:
+            # After the trainer's end record comes torchrun's report of the signal it passed on (a traceback of
+            # its SignalException): expected, so kept for the error message only, not logged as if it were news.
+            if "end" in records and parse_progress_line(line) is None:
+                tail.append(line)
+            else:
+                follow(line)
+
+        _stop_and_follow(proc, follow_stop, grace_s)
+        if signum is not None and on_stop is not None:
+            on_stop(int(signum), records.get("end"))
         raise
     finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+    if code != 0:
+        reason = (records.get("error") or {}).get("message") or _last_error(tail) or f"exit code {code}"
+        raise TrainerFailed(f"trainer failed (exit code {code}): {reason}\n--- last trainer output ---\n" + "\n".join(tail))
+    return records.get("end")
+
+
+def _raise_trainer_stopped(signum, _frame):
+    raise TrainerStopped(signum)
+
+
+def _stop_and_follow(proc: subprocess.Popen, follow: Callable[[str], None], grace_s: float) -> None:
+    """SIGTERM to ``proc`` (torchrun), then its output followed to the end; everything under it is killed after
+    ``grace_s``, or at once on a SIGINT meanwhile (an impatient second Ctrl-C); a repeated SIGTERM changes nothing."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    killer = threading.Timer(grace_s, _kill_tree, args=(proc,))
+    killer.daemon = True
+    killer.start()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: None)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: _kill_tree(proc))
+    try:
+        for raw in proc.stdout:
+            follow(raw.rstrip("\n"))
+        proc.wait()
+    finally:
+        killer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if stop_signal:
-        signum = stop_signal[0]
-        if on_stop is not None:
-            on_stop(signum, end_record)
-        handler = previous.get(signum)
-        if callable(handler):
-            handler(signum, None)
-        raise TrainerStopped(signum, end_record)
-    if code != 0:
-        reason = (error_record or {}).get("message") or _last_error(tail) or f"exit code {code}"
-        raise TrainerFailed(f"trainer failed (exit code {code}): {reason}\n--- last trainer output ---\n" + "\n".join(tail))
-    return end_record
 
 
 def _shutdown_timeout(cmd: list[str]) -> float:

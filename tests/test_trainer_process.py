@@ -109,31 +109,40 @@ STAND_IN_TRAINER = textwrap.dedent("""
 """)
 
 
-def test_a_stop_request_is_forwarded_once_then_takes_its_usual_course():
-    """SIGTERM to the launcher's process: the child gets exactly one SIGTERM (in its own session, so the group
-    signal does not reach it directly), ends with its record, ``on_stop`` hears of it, and then the signal's
-    previous handler runs — here Python's default SIGINT handler, i.e. KeyboardInterrupt, never a TrainerFailed
-    that a retry would relaunch."""
+@pytest.mark.parametrize("signals, outcome", [
+    # SIGTERM that nothing else handles, sent twice to the launcher's whole group: the child (in its own session)
+    # gets exactly one, ends with its record, and the launcher raises TrainerStopped (never a retried failure).
+    (["SIGTERM", "SIGTERM"], "TrainerStopped [(15, 1, 7)]"),
+    # Ctrl-C: the same, then KeyboardInterrupt goes on.
+    (["SIGINT"], "KeyboardInterrupt [(2, 1, 7)]"),
+    # Ctrl-C twice: the second abandons the checkpoint; the child is killed before its record.
+    (["SIGINT", "SIGINT"], "KeyboardInterrupt [(2, None, None)]"),
+])
+def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outcome):
     script = textwrap.dedent(f"""
-        import os, signal, sys, threading
-        from tasks.trainer_process import run_trainer, TrainerFailed
+        import os, signal, sys, threading, time
+        from tasks.trainer_process import run_trainer, TrainerFailed, TrainerStopped
         stopped = []
-        records = []
+        def send():
+            for name in {signals!r}:
+                os.killpg(0, getattr(signal, name))
+                time.sleep(0.2)
         def on_progress(r):
-            records.append(r)
-            if r["event"] == "start":   # Ctrl-C twice at the launcher's whole process group
-                threading.Timer(0.2, lambda: (os.killpg(0, signal.SIGINT), os.killpg(0, signal.SIGINT))).start()
+            if r["event"] == "start":
+                threading.Timer(0.2, send).start()
+        def on_stop(signum, end):
+            stopped.append((signum, (end or {{}}).get("signals"), (end or {{}}).get("step")))
         try:
             run_trainer([sys.executable, "-c", {STAND_IN_TRAINER!r}], {{}}, on_line=print, on_progress=on_progress,
-                        on_stop=lambda s, end: stopped.append((s, end["signals"], end["step"])))
-        except KeyboardInterrupt:
-            print("KeyboardInterrupt", stopped)
+                        on_stop=on_stop)
+        except (KeyboardInterrupt, TrainerStopped) as e:
+            print(type(e).__name__, stopped)
         except TrainerFailed as e:
             print("TrainerFailed", e)
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=60, start_new_session=True)
-    assert done.stdout.strip().splitlines()[-1] == f"KeyboardInterrupt [({int(signal.SIGINT)}, 1, 7)]", done.stderr
+    assert done.stdout.strip().splitlines()[-1] == outcome, done.stdout + done.stderr
 
 
 @pytest.mark.slow
