@@ -42,8 +42,6 @@ from .trainer_process import LaunchSpec, run_trainer, torchrun_command, trainer_
 #: Tag on the MLflow run that ties it to the Prefect flow run driving it now, so a retried flow and the flow's
 #: cancellation and crash hooks find it (a flow run that resumes a checkpoint moves the tag to itself).
 FLOW_RUN_TAG = "prefect.flow_run_id"
-#: Run and model-version tags that say what a training did (the model card reads these names).
-OUTCOME_TAGS = ("steps_done", "steps_total", "epochs_done", "stop_reason")
 
 #: In-process followers of the trainer's progress records (the ``dino pretrain`` progress bar): ``fn(record)``.
 trainer_progress = Listeners()
@@ -165,13 +163,15 @@ def open_mlflow_run(experiment: str, config: dict[str, Any], flow_run_id: str, r
                     tags: dict[str, str] | None = None) -> str:
     """The MLflow run of this training, so that one training is one run whatever stops and resumes it:
 
-    0. first, runs of the experiment left RUNNING by flow runs that are over are ended (a killed flow run cannot);
     1. the run tagged with this flow run (a retry of the flow);
     2. else the run the latest checkpoint under ``checkpoint.uri`` was logged into, unless that run is FINISHED (a
        new flow run resuming a cancelled, crashed or failed training continues its curve: the trainer logs only the
        steps after the ones the run holds);
     3. else a new run with the resolved config as params and the dataset hash, git commit and checkpoint URI as
-       tags."""
+       tags.
+
+    Before that, the experiment's runs left RUNNING by flow runs that are over are ended (a flow-run process that
+    was killed outright could not end its own)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -441,11 +441,11 @@ def _end_mlflow_run_of(flow, flow_run, status: str, stop_reason: str) -> None:
     worker's hook process; both have the worker's ``MLFLOW_TRACKING_URI``). Never raises: a hook that fails would
     only hide the state the run reached."""
     import inspect
-    import logging
 
     from mlflow.tracking import MlflowClient
+    from prefect.logging.loggers import flow_run_logger
 
-    log = logging.getLogger("dino.pretrain.hooks")
+    log = flow_run_logger(flow_run, flow)  # into the flow run's logs, wherever the hook runs
     try:
         experiment = (flow_run.parameters or {}).get("experiment") or \
             inspect.signature(flow.fn).parameters["experiment"].default

@@ -288,7 +288,13 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
                          "the zombie's torchrun and trainer", every=2)
     (torchrun,) = [p for p in trainers if "torch.distributed.run" in " ".join(p.cmdline())]
     flow_process = torchrun.parent()
-    _wait_for(lambda: _state(api, zombie)["type"] == "RUNNING", 120, "the zombie to run")
+
+    def zombie_steps() -> list[int]:
+        exp = client.get_experiment_by_name(model)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return runs and _steps(client, runs[0].info.run_id)
+
+    _wait_for(lambda: len(zombie_steps()) >= 2, 300, "the zombie's first training steps", every=2)
     os.kill(worker_pid, signal.SIGKILL)
     os.kill(flow_process.pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -309,7 +315,8 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
     reaped = time.monotonic() - restarted
     _wait_for(lambda: _training_processes(following), 600, "the next training to start", every=2)
     started = time.monotonic() - restarted
-    print(f"zombie Crashed {reaped:.0f} s after the stack was back; the next training started after {started:.0f} s")
+    print(f"zombie Crashed {reaped:.0f} s after the stack was back ({reaped + restarted - killed:.0f} s after the "
+          f"kill); the next training started after {started:.0f} s ({started + restarted - killed:.0f} s)")
     # The zombie ran no hook; the next training of its experiment ended its MLflow run, as the trainer recorded it.
     runs = client.search_runs([client.get_experiment_by_name(model).experiment_id])
     (abandoned,) = [r for r in runs if r.data.tags["prefect.flow_run_id"] == zombie]

@@ -52,10 +52,14 @@ def with_deployment_defaults(settings: EvaluationSettings | dict[str, Any] | Non
     dino-evaluate/default --param settings='{"crop_size": 64}'`` would otherwise replace the deployment's whole
     ``settings`` block (its shard sets, features root, champion policy...) by one holding only ``crop_size`` (the
     flows therefore accept a partial dict too). Outside a deployment the settings are used as they are."""
+    from prefect.client.orchestration import get_client
     from prefect.runtime import deployment
 
+    defaults = None
     try:
-        defaults = (deployment.parameters or {}).get(parameter) if deployment.id else None
+        if deployment.id:  # (prefect.runtime.deployment.parameters are the run's, not the deployment's)
+            with get_client(sync_client=True) as client:
+                defaults = (client.read_deployment(deployment.id).parameters or {}).get(parameter)
     except Exception:  # noqa: BLE001 - no deployment, or no server to ask: nothing to merge onto
         defaults = None
     return merge_settings(defaults if isinstance(defaults, dict) else None, settings)
