@@ -46,6 +46,8 @@ import io
 import os
 import random
 import re
+import shutil
+import tempfile
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -64,6 +66,7 @@ __all__ = [
     "latest_checkpoint",
     "save_checkpoint",
     "read_checkpoint",
+    "read_checkpoint_config",
     "make_checkpoint",
     "resume_cursor",
     "restore_checkpoint",
@@ -135,6 +138,22 @@ def read_checkpoint(uri: str | os.PathLike, map_location: str | torch.device = "
         return torch.load(path, map_location=map_location, weights_only=True)
     data = store.get_bytes(key)
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def read_checkpoint_config(uri: str | os.PathLike) -> dict[str, Any]:
+    """The resolved config a checkpoint was written with, without reading its tensors into memory: a local file is
+    memory-mapped; an ``s3://`` one is downloaded to a temporary file first (the caller pays one download)."""
+    store, key = open_object(os.fspath(uri))
+    if isinstance(store, LocalStore):
+        path = store.local_path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"checkpoint {uri} does not exist")
+        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {})
+    with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+        with store.open_read(key) as src:
+            shutil.copyfileobj(src, tmp, 8 << 20)
+        tmp.flush()
+        return dict(torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=True).get("config") or {})
 
 
 def remove_stale_writes(uri: str) -> list[str]:

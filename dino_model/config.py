@@ -381,6 +381,11 @@ class LoggingConfig(Section):
     (the pretrain flow adds ``mlflow``)."""
     progress: bool = True
     """Print machine-readable ``DINO_PROGRESS {json}`` lines on stdout for a parent process."""
+    mlflow_checkpoints: Literal["none", "last", "all"] = "none"
+    """Copies of checkpoints as MLflow run artifacts (``mlflow`` logger): ``none`` — the run only records where they
+    are (tag ``checkpoint``: the latest one under ``checkpoint.uri``), so storage is not doubled; ``last`` — also a
+    copy of the checkpoint written when the run ends (its last step, ``train.max_steps`` or a stop signal);
+    ``all`` — a copy of every checkpoint. The registered model's artifacts are the export either way."""
 
 
 class ExportConfig(Section):

@@ -8,11 +8,15 @@ pretrain flow's MLflow logger) plugs in without the trainer knowing about it::
     logger = build_loggers(["console", "jsonl:/tmp/metrics.jsonl", "mlflow:RUN_ID"])
     logger.on_run_start(total_steps=31200, epochs=100)                  # optional hooks, passed on to the
     logger.log(10, {"loss": 9.1, "lr": 1e-4})                           # loggers that define them (the console;
-    logger.on_checkpoint("s3://b/runs/r1/checkpoint-000000010.pt", 10)  # MLflow uploads checkpoints;
+    logger.on_checkpoint("s3://b/runs/r1/checkpoint-000000010.pt", 10)  # MLflow records where checkpoints are,
+    logger.archive_checkpoint("s3://b/runs/r1/checkpoint-000000010.pt", 10)  # keeps a copy when asked to
+    logger.on_run_end(10, "max_steps")                                  # and tags what the run did;
     logger.on_fast_path({"data": {...}, "step": {...}})                 # the fast-path verdicts: MLflow tags
-    logger.close()                                                      # and params, a console line)
+                                                                        # and params, a console line)
+    logger.close()
 
-Built in: ``mlflow:RUN_ID`` (:mod:`dino_model.mlflow_logger`: step and system metrics, checkpoints as artifacts),
+Built in: ``mlflow:RUN_ID`` (:mod:`dino_model.mlflow_logger`: step and system metrics, where the checkpoints are,
+copies of them as artifacts when ``logging.mlflow_checkpoints`` asks, what the run did as run tags),
 ``console`` (progress and metrics a person reads, on stdout) and ``jsonl:PATH`` (one JSON object per call,
 appended, so a resumed run continues the same file). Only rank 0 builds loggers; other ranks get an empty
 :class:`MultiLogger`.
@@ -169,19 +173,29 @@ class MultiLogger:
     def on_checkpoint(self, uri: str, step: int) -> None:
         """Tell the loggers that care (those with an ``on_checkpoint`` method, e.g. MLflow's) that a checkpoint
         was written at ``uri``."""
+        self._call("on_checkpoint", uri, step)
+
+    def archive_checkpoint(self, uri: str, step: int) -> None:
+        """Ask the loggers that keep copies of checkpoints (those with an ``archive_checkpoint`` method: MLflow's
+        run artifacts) to keep this one; the trainer asks as ``logging.mlflow_checkpoints`` says."""
+        self._call("archive_checkpoint", uri, step)
+
+    def on_run_end(self, step: int, stop_reason: str) -> None:
+        """Tell the loggers that care (``on_run_end``) how the run ended: at global ``step``, because of
+        ``stop_reason`` (``completed``, ``max_steps``, ``cancelled`` by a stop signal, ``failed``)."""
+        self._call("on_run_end", step, stop_reason)
+
+    def _call(self, hook_name: str, *args: Any) -> None:
         for lg in self.loggers:
-            hook = getattr(lg, "on_checkpoint", None)
+            hook = getattr(lg, hook_name, None)
             if hook is not None:
-                hook(uri, step)
+                hook(*args)
 
     def on_fast_path(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         """Tell the loggers that care (those with an ``on_fast_path`` method: MLflow's, the console's) the
         fast-path verdicts (:meth:`dino_model.fast_path.Verdict.as_record` per part), at start and whenever a
         verdict changes."""
-        for lg in self.loggers:
-            hook = getattr(lg, "on_fast_path", None)
-            if hook is not None:
-                hook(records)
+        self._call("on_fast_path", records)
 
     def close(self) -> None:
         errors = []

@@ -1,4 +1,5 @@
-"""The trainer's MLflow logger (rank 0 only): step metrics, system metrics and checkpoint artifacts.
+"""The trainer's MLflow logger (rank 0 only): step metrics, system metrics, where the checkpoints are, and what the
+run did.
 
 The pretrain flow creates (or resumes) the MLflow run and hands its id to the trainer; rank 0 then logs into it
 (step metrics, and the fast-path verdicts as ``fast_path.*`` tags and params)::
@@ -9,9 +10,22 @@ The tracking server comes from the standard ``MLFLOW_TRACKING_URI``. With a serv
 (``mlflow server --artifacts-destination s3://...``) the trainer needs no S3 credentials for artifacts.
 
 MLflow cannot delete metric points, so a resumed run must not log a step twice: at start the logger reads the
-highest step already logged for ``loss`` and drops every step at or below it. System metrics (CPU, memory, GPU
-through psutil / nvidia-ml-py) are sampled by MLflow's own monitor thread for as long as the logger is open.
-Checkpoint uploads run on a background thread so training never waits on the tracking server.
+highest step already logged for ``loss`` and drops every step at or below it (a resumed trainer recomputes those
+steps bit for bit, so nothing is lost). System metrics (CPU, memory, GPU through psutil / nvidia-ml-py) are sampled
+by MLflow's monitor thread for as long as the logger is open, continuing the run's own ``system/`` step count.
+
+Run tags it writes (other tools read these names, e.g. the model card):
+
+* ``checkpoint``   the latest checkpoint's URI (checkpoints stay under ``checkpoint.uri``; copied only if asked)
+* ``steps_done``   optimiser updates done (after each checkpoint, and when the run ends)
+* ``steps_total``  updates the configured epochs amount to
+* ``epochs_done``  ``steps_done`` in epochs, fractional (``0.4054`` after 30 of 74 steps of a 1-epoch run)
+* ``stop_reason``  ``completed`` (all epochs), ``max_steps``, ``cancelled`` (a stop signal), ``failed``
+
+The tags are written but the run's status never is: the flow that owns the run ends it (FINISHED once the model
+is registered, KILLED when cancelled, FAILED otherwise). Copies of checkpoints as run artifacts
+(``logging.mlflow_checkpoints``: the trainer calls :meth:`MlflowLogger.archive_checkpoint`) upload on a background
+thread so training never waits on the tracking server.
 """
 
 from __future__ import annotations
@@ -34,8 +48,7 @@ PROGRESS_METRIC = "loss"
 class MlflowLogger:
     """Logs step metrics into an existing MLflow run (``run_id``), skipping steps a previous attempt logged."""
 
-    def __init__(self, run_id: str, system_metrics: bool = True, checkpoint_artifacts: bool = True):
-        import mlflow
+    def __init__(self, run_id: str, system_metrics: bool = True):
         from mlflow.tracking import MlflowClient
 
         if not run_id:
@@ -46,16 +59,22 @@ class MlflowLogger:
         history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
         #: Steps at or below this were logged by an earlier attempt and are not logged again.
         self.resume_step = max((m.step for m in history), default=-1)
-        self._run = None
+        self.total_steps: int | None = None
+        self.epochs: int | None = None
+        self._monitor = None
         if system_metrics:
-            # Attaching to the run with log_system_metrics starts MLflow's sampler thread in this process.
-            self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # Its own thread, attached to the run without MLflow's "active run" (whose end would set a status).
+            self._monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+            self._monitor.start()
         self._uploads: queue.Queue = queue.Queue()
         self._upload_errors: list[str] = []
-        self._uploader = None
-        if checkpoint_artifacts:
-            self._uploader = threading.Thread(target=self._upload_loop, name="mlflow-checkpoints", daemon=True)
-            self._uploader.start()
+        self._uploader: threading.Thread | None = None
+
+    def on_run_start(self, total_steps: int, epochs: int) -> None:
+        self.total_steps, self.epochs = total_steps, epochs
+        self.client.set_tag(self.run_id, "steps_total", str(total_steps))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -87,9 +106,31 @@ class MlflowLogger:
             self.client.log_batch(self.run_id, params=params[i:i + 100], tags=tags[i:i + 100], synchronous=True)
 
     def on_checkpoint(self, uri: str, step: int) -> None:
-        """Queue the checkpoint at ``uri`` (local path or ``s3://``) for upload as a run artifact."""
-        if self._uploader is not None:
-            self._uploads.put((uri, step))
+        """Record the checkpoint at ``uri`` (local path or ``s3://``) as the run's latest, and the steps done."""
+        self._set_tags({"checkpoint": uri, **self._progress_tags(step)})
+
+    def archive_checkpoint(self, uri: str, step: int) -> None:
+        """Queue the checkpoint at ``uri`` for upload as a run artifact under ``checkpoints/``."""
+        if self._uploader is None:
+            self._uploader = threading.Thread(target=self._upload_loop, name="mlflow-checkpoints", daemon=True)
+            self._uploader.start()
+        self._uploads.put((uri, step))
+
+    def on_run_end(self, step: int, stop_reason: str) -> None:
+        """Tag the run with what it did: steps done / total, epochs done, why it stopped."""
+        self._set_tags({**self._progress_tags(step), "stop_reason": stop_reason})
+
+    def _progress_tags(self, step: int) -> dict[str, str]:
+        tags = {"steps_done": str(step)}
+        if self.total_steps and self.epochs:
+            tags["steps_total"] = str(self.total_steps)
+            tags["epochs_done"] = epochs_text(step * self.epochs / self.total_steps)
+        return tags
+
+    def _set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
 
     def _upload_loop(self) -> None:
         while True:
@@ -119,15 +160,16 @@ class MlflowLogger:
             self._uploads.put(None)
             self._uploader.join()
             self._uploader = None
-        if self._run is not None:
-            import mlflow
-
-            # Stops the system-metrics thread. The run stays RUNNING: the flow that owns it sets the final status
-            # once the model is registered (or FAILED if the trainer died).
-            mlflow.end_run(status="RUNNING")
-            self._run = None
+        if self._monitor is not None:
+            self._monitor.finish()  # the run's status stays as the flow that owns it sets it
+            self._monitor = None
         if self._upload_errors:
             raise RuntimeError("checkpoint artifact upload failed: " + "; ".join(self._upload_errors))
+
+
+def epochs_text(epochs: float) -> str:
+    """Epochs as a tag value: ``0.4054``, ``2`` (four decimals at most, no trailing zeros)."""
+    return f"{epochs:.4f}".rstrip("0").rstrip(".")
 
 
 def build(arg: str | None) -> MlflowLogger:

@@ -43,8 +43,12 @@ Exit codes of ``python -m dino_model.train``:
 * 3   non-finite loss (the message names the step; no checkpoint is written after it, earlier ones stay intact)
 * 4   a fast path failed its check with ``train.fast_path_check=strict`` (the message gives the figures)
 * 143 stopped by SIGTERM or SIGINT: the current step is finished, a checkpoint is written (atomically; a
-  second signal abandons it and nothing half-written remains), then the process exits. Under torchrun, each
-  worker exits 143 and torchrun itself reports the failure.
+  second SIGINT abandons it and nothing half-written remains, a repeated SIGTERM does not), then the process
+  exits (logged as a warning: a stop on request is no error). Under torchrun, each worker exits 143 and torchrun
+  itself reports the failure.
+
+With ``DINO_PARENT_DEATH_SIGNAL=SIGTERM`` in the environment (the pretrain flow's launcher sets it) every process
+gets SIGTERM when its parent dies, so a trainer never outlives a killed ``torchrun`` (:mod:`dino_model.parent_death`).
 
 Rank 0 prints progress lines a person reads (``epoch 1/100 · step 312/31200 · 41 img/s · eta 2h10m · loss ...``,
 the ``console`` logger) and, with ``logging.progress``, machine-readable lines ``DINO_PROGRESS {json}`` (see
@@ -88,6 +92,7 @@ from dino_model.fast_path.training import FirstStepsGuard, check_training_paths
 from dino_model.meta_arch import DINO, unwrap
 from dino_model.metrics import MultiLogger, build_loggers, emit_progress
 from dino_model.optim import build_optimizer, load_optimizer_state, optimizer_state, param_groups
+from dino_model.parent_death import exit_with_parent_from_env
 from dino_model.schedules import Schedules, build_schedules
 from dino_model.step import StepSettings, resolve_precision, train_step
 
@@ -217,8 +222,11 @@ class Cadence:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT -> ``requested`` (the loop stops at the next step boundary); a second signal raises
-    ``KeyboardInterrupt`` at once (abandon; atomic writes leave nothing half-written). Main thread only."""
+    """SIGTERM / SIGINT -> ``requested`` (the loop stops at the next step boundary). A SIGINT after the first signal
+    raises ``KeyboardInterrupt`` at once (abandon; atomic writes leave nothing half-written); a repeated SIGTERM
+    is the same request again — launchers and supervisors repeat it (torchrun forwards one, the parent-death signal
+    of :mod:`dino_model.parent_death` may add another), and the checkpoint must still be written. Main thread
+    only."""
 
     def __init__(self) -> None:
         self.requested: int = 0
@@ -226,7 +234,11 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abandoning the current step")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): abandoning the current step")
+            log.info("received %s again: still finishing the step and writing the checkpoint",
+                     signal.Signals(signum).name)
+            return
         self.requested = signum
         log.warning("received %s: finishing the current step, then checkpointing and exiting",
                     signal.Signals(signum).name)
@@ -488,8 +500,15 @@ class Run:
         self.progress("step", **{"step": self.step, "total_steps": self.schedules.total_steps, "batch": self.batch,
                                  **metrics, "epoch": self.epoch})
 
-    def write_checkpoint(self) -> None:
-        """A checkpoint of this step and cursor (a collective: every rank calls it; rank 0 writes)."""
+    @property
+    def epochs_done(self) -> float:
+        """Epochs of updates done, fractional (a stop at ``max_steps`` or on a signal ends mid-epoch)."""
+        return round(self.step / self.steps_per_epoch, 4)
+
+    def write_checkpoint(self, final: bool = False) -> None:
+        """A checkpoint of this step and cursor (a collective: every rank calls it; rank 0 writes). ``final``: the
+        run ends after it (its last step, ``max_steps`` or a stop signal), which ``logging.mlflow_checkpoints=last``
+        keeps."""
         rng = gather_rng_states(self.ctx.device)
         written = None
         if self.ctx.is_main:
@@ -498,7 +517,10 @@ class Run:
                                     metrics=self.last_metrics, world_size=self.ctx.world_size)
             written = save_checkpoint(self.cfg.checkpoint.uri, state, keep_last=self.cfg.checkpoint.keep_last)
             self.progress("checkpoint", step=self.step, epoch=self.epoch, uri=written)
-            self.loggers.on_checkpoint(written, self.step)  # e.g. MLflow uploads it as a run artifact
+            self.loggers.on_checkpoint(written, self.step)  # e.g. MLflow records where it is
+            keep = self.cfg.logging.mlflow_checkpoints
+            if keep == "all" or (keep == "last" and final):
+                self.loggers.archive_checkpoint(written, self.step)  # e.g. MLflow uploads a copy as a run artifact
             log.info("checkpoint written: %s", written)
         # Nobody leaves (or lets torchrun tear the group down) before the file is complete.
         dist_utils.barrier()
@@ -595,7 +617,7 @@ def run_epoch(run: Run, stop: StopSignals) -> bool:
             if end_of_epoch:
                 break  # the epoch's end below covers every reason to write a checkpoint now
             if run.cadence.checkpoint(run.step) or stopping:
-                run.write_checkpoint()
+                run.write_checkpoint(final=stopping or run.cadence.done(run.step))
             if run.cadence.reached_max_steps(run.step) or stopping:
                 return stopping
     if run.batch < run.steps_per_epoch:
@@ -606,7 +628,7 @@ def run_epoch(run: Run, stop: StopSignals) -> bool:
         log.info("epoch %d done at step %d, mean loss %.4f", run.epoch, run.step, mean_loss)
     finished_epoch, run.epoch, run.batch = run.epoch, run.epoch + 1, 0
     if run.cadence.checkpoint(run.step, finished_epoch) or stopping:
-        run.write_checkpoint()
+        run.write_checkpoint(final=stopping or run.cadence.done(run.step))
     return stopping
 
 
@@ -627,8 +649,8 @@ def finish(run: Run) -> TrainResult:
         log.info("teacher backbone exported: %s", export["weights"])
     dist_utils.barrier()
     run.progress("end", status=status, step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint,
-                 export=export, teacher_replicas_identical=replicas_identical,
-                 fast_path={part: v.as_record() for part, v in run.fast_path.items()})
+                 export=export, teacher_replicas_identical=replicas_identical, total_steps=run.schedules.total_steps,
+                 epochs_done=run.epochs_done, fast_path={part: v.as_record() for part, v in run.fast_path.items()})
     return TrainResult(step=run.step, epoch=run.epoch, status=status, checkpoint=run.last_checkpoint, export=export,
                        metrics=run.last_metrics)
 
@@ -636,15 +658,28 @@ def finish(run: Run) -> TrainResult:
 def train(cfg: DinoConfig) -> TrainResult:
     """Run (or resume) DINO pretraining as configured; see the module docstring."""
     run = setup_run(cfg)
+    stop_reason = "failed"
     try:
         with StopSignals() as stop:
             while not run.cadence.done(run.step):
                 if run_epoch(run, stop):
+                    stop_reason = "cancelled"
                     run.progress("end", status="terminated", step=run.step, epoch=run.epoch,
-                                 checkpoint=run.last_checkpoint)
+                                 checkpoint=run.last_checkpoint, total_steps=run.schedules.total_steps,
+                                 epochs_done=run.epochs_done)
                     raise TrainingTerminated(stop.requested or int(signal.SIGTERM), run.step, run.last_checkpoint)
-        return finish(run)
+        result = finish(run)
+        stop_reason = result.status
+        return result
+    except KeyboardInterrupt:
+        stop_reason = "cancelled"
+        raise
     finally:
+        # What the run did, for the loggers that record it (MLflow's run tags): steps, epochs, why it stopped.
+        try:
+            run.loggers.on_run_end(run.step, stop_reason)
+        except Exception as e:  # noqa: BLE001 - a record that cannot be written must not hide why the run ended
+            log.warning("could not record the end of the run (%s: %s)", type(e).__name__, e)
         run.loggers.close()
 
 
@@ -678,6 +713,8 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code (see the module docstring)."""
     args = parse_args(argv)
+    # First, before anything slow: from here on a dying parent (torchrun, the flow's launcher) stops this process.
+    exit_with_parent_from_env()
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides, preset=args.preset)
@@ -704,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                           fast_path={e.verdict.part: e.verdict.as_record()})
         return EXIT_FAST_PATH
     except (TrainingTerminated, KeyboardInterrupt) as e:
-        log.error("%s", e)
+        log.warning("%s", e)
         return EXIT_TERMINATED
     except Exception:  # noqa: BLE001 - report with the traceback and a non-zero code
         log.exception("training failed")

@@ -65,12 +65,13 @@ from tasks.evaluation import (
     tag_model_version,
     update_champion,
     version_tag,
+    with_deployment_defaults,
 )
 from tasks.model_card import update_model_card
 
 
 @flow(name="dino-evaluate", log_prints=True)
-def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dict[str, Any]:
+def dino_evaluate(model: str, settings: EvaluationSettings | dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate one registered model version and record its scores.
 
     Args:
@@ -79,12 +80,13 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
         settings: What to evaluate and how (:class:`tasks.evaluation.EvaluationSettings`): the train/val shard sets
             for k-NN and the linear probes, the DAVIS folder for attention maps and label propagation, the
             preprocessing, the features location, the MLflow experiment and the champion policy (metric,
-            direction, ``always``/``if_better``/``never``).
+            direction, ``always``/``if_better``/``never``). In a deployment run, a partial dict changes only its
+            own fields of the deployment's settings (``--param settings='{"crop_size": 64}'``).
 
     Returns the version, the evaluation run id, the metrics (percent), the evaluation-set hashes and names, the
     feature locations, the champion decision and the report's artifact path.
     """
-    settings = settings or EvaluationSettings()
+    settings = with_deployment_defaults(settings)  # a partial settings dict overrides only its own fields
     chosen = settings.selected()
     info = resolve_model_version(model)  # unknown model/version/alias fails here, before anything heavy
     facts = check_evaluation_inputs(settings)
@@ -159,7 +161,7 @@ def dino_evaluate(model: str, settings: EvaluationSettings | None = None) -> dic
 @flow(name="dino-reevaluate", log_prints=True)
 def dino_reevaluate(
     registered_model: str = "dino-backbone",
-    settings: EvaluationSettings | None = None,
+    settings: EvaluationSettings | dict[str, Any] | None = None,
     missing_metric: str | None = "knn20_top1",
     versions: list[int] | None = None,
 ) -> dict[str, Any]:
@@ -167,7 +169,8 @@ def dino_reevaluate(
 
     Args:
         registered_model: MLflow registered-model name.
-        settings: The evaluation settings, as for ``dino-evaluate`` (the evaluation-set hash comes from them).
+        settings: The evaluation settings, as for ``dino-evaluate`` (the evaluation-set hash comes from them; a
+            partial dict changes only its own fields of the deployment's settings).
         missing_metric: Only versions without this metric on the evaluation set of ``settings`` (tag
             ``eval.<set name>.<metric>`` under the set's hash, or the earlier ``eval.<set hash>.<metric>``);
             None = every version.
@@ -177,7 +180,7 @@ def dino_reevaluate(
     the summary artifact ``dino-reevaluate-<model>`` (versions, scores, alias moves) is written.
     Returns ``{"evaluated": {version: result}, "missing_tag": tag or None}``.
     """
-    settings = settings or EvaluationSettings()
+    settings = with_deployment_defaults(settings)
     missing_tag = missing = None
     if missing_metric is not None:
         fam = metric_family(missing_metric, settings)

@@ -12,9 +12,11 @@ the variable, or the CLI sets an embedded one). The flow only composes tasks fro
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Literal
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from dino_model.config import DinoConfig
@@ -23,8 +25,11 @@ from tasks.kubernetes_launch import train_on_kubernetes
 from tasks.model_card import update_model_card
 from tasks.pretrain import (
     end_mlflow_run,
+    end_mlflow_run_on_cancellation,
+    end_mlflow_run_on_crash,
     log_loss_curve,
     open_mlflow_run,
+    outcome_tags,
     preflight,
     pretrain_summary,
     register_backbone,
@@ -34,7 +39,10 @@ from tasks.pretrain import (
 from tasks.trainer_process import LaunchSpec
 
 
-@flow(name="dino-pretrain", log_prints=True)
+# Cancelled or crashed, the flow run still ends its MLflow run (KILLED / FAILED, with a stop_reason tag); the
+# trainer has checkpointed by then, so a new flow run with the same checkpoint URI continues the same MLflow run.
+@flow(name="dino-pretrain", log_prints=True, on_cancellation=[end_mlflow_run_on_cancellation],
+      on_crashed=[end_mlflow_run_on_crash])
 def dino_pretrain(
     data: str,
     checkpoint_uri: str,
@@ -61,7 +69,8 @@ def dino_pretrain(
     Args:
         data: Shard-set URI written by ``dino-shard`` (local path or ``s3://``), or an ImageFolder directory.
         checkpoint_uri: Folder or ``s3://`` prefix for checkpoints and the final export; a retry or a new flow run
-            with the same URI resumes from its latest checkpoint.
+            with the same URI resumes from its latest checkpoint, in the MLflow run that checkpoint was logged
+            into (unless that run is FINISHED).
         preset: Training preset(s): ``reference``, ``boost``, ``multicrop10``, ``small``, ``resnet50``
             (comma-separated to chain, e.g. ``boost,small``).
         config_file: Optional YAML/JSON training config on the worker, applied after the preset.
@@ -107,14 +116,22 @@ def dino_pretrain(
             end = train.with_options(retries=train_retries)(config, run_id, launch)
         else:
             end = train_on_kubernetes.with_options(retries=train_retries)(config, run_id, launch, kubernetes)
-    except BaseException:
-        end_mlflow_run(run_id, "FAILED")
+    except Exception:
+        # A failure; a stop (cancellation, shutdown) is a BaseException that the flow's hooks record instead.
+        end_mlflow_run(run_id, "FAILED", {"stop_reason": "failed"})
         raise
+    if end.get("status") == "cancelled":
+        # The trainer has checkpointed; the cancellation takes Prefect's own course from here: the flow run ends
+        # Cancelled and its on_cancellation hook ends the MLflow run KILLED.
+        raise TerminationSignal(signal.SIGTERM)
+    outcome = outcome_tags(end)
     log_loss_curve(run_id)
     export_uri = DinoConfig.from_dict(config).export_uri
-    version_tags = {**tags, "epochs": str(config["train"]["epochs"]), "mlflow_run_id": run_id}
+    # "epochs" is what was trained, not what was configured: a run stopped by max_steps did fewer.
+    version_tags = {**tags, **outcome, "epochs": outcome.get("epochs_done", "?"), "mlflow_run_id": run_id,
+                    "checkpoint_uri": config["checkpoint"]["uri"]}
     version = register_backbone(run_id, export_uri, registered_model, version_tags)
-    end_mlflow_run(run_id, "FINISHED")
+    end_mlflow_run(run_id, "FINISHED", outcome)
     update_model_card(registered_model, version)
     pretrain_summary(run_id, registered_model, version, end, facts, export_uri)
     return {"run_id": run_id, "registered_model": registered_model, "version": version, "export_uri": export_uri,

@@ -369,6 +369,25 @@ def ensure_work_pool(name: str, api_url: str, home: str | Path, pool_type: str =
     return True
 
 
+#: The automations the pipeline needs on its Prefect server (the zombie-flow-run reaper), created by name.
+AUTOMATIONS_FILE = Path(__file__).resolve().with_name("prefect-automations.yaml")
+
+
+def ensure_automations(api_url: str, home: str | Path, path: str | Path = AUTOMATIONS_FILE) -> list[str]:
+    """Create each automation of ``path`` (``automations:`` list, the format of ``prefect automation create``) that
+    the server at ``api_url`` does not hold by name; return the names created. Idempotent."""
+    import yaml
+
+    created = []
+    for automation in yaml.safe_load(Path(path).read_text())["automations"]:
+        name = automation["name"]
+        if run_prefect(["automation", "inspect", name], api_url, home, check=False).returncode == 0:
+            continue
+        run_prefect(["automation", "create", "--from-json", json.dumps(automation)], api_url, home)
+        created.append(name)
+    return created
+
+
 def start_prefect_worker(
     pool: str,
     api_url: str,

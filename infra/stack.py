@@ -4,7 +4,10 @@
     python -m infra.stack up          # start what is not running yet (idempotent); prints the variables to export
     python -m infra.stack status      # PID, URL and health of each service
     python -m infra.stack env         # the export lines again (no secrets: it points to the credentials file)
-    python -m infra.stack down        # stop the worker, Prefect, MLflow, SeaweedFS (fine when nothing runs)
+    python -m infra.stack down        # stop the worker (its flow runs first: trainers checkpoint), Prefect, MLflow,
+                                      # SeaweedFS (fine when nothing runs)
+    python -m infra.stack prefect-setup [--api URL]  # on any Prefect server (default $PREFECT_API_URL): the work pool
+                                      # and the zombie-run automation, each created when missing
     python -m infra.stack compose-env infra/docker/.env   # random credentials for the docker-compose stack
 
     infra/stack-up.sh / infra/stack-down.sh / make stack-up / make stack-down   # the same, as shell wrappers
@@ -49,6 +52,7 @@ import psutil
 from infra.services import (
     HOST,
     SeaweedFS,
+    ensure_automations,
     ensure_work_pool,
     start_mlflow,
     start_prefect_server,
@@ -281,6 +285,12 @@ def up(cfg: StackConfig, out=None) -> dict[str, dict]:
                 _require_port(cfg, name, *ports[name])
         errors: dict[str, BaseException] = {}
         for phase in (("seaweedfs", "mlflow", "prefect"), ("worker",)):
+            if phase == ("worker",) and "prefect" not in errors:
+                try:
+                    prepare_prefect(cfg.urls["prefect"], cfg.dir / "prefect-client", cfg.pool, out)
+                except Exception as e:  # noqa: BLE001 - reported with the others
+                    errors["prefect"] = e
+                    print(f"prefect   FAILED to prepare: {e}", file=out, flush=True)
             names = [n for n in phase if n in to_start]
             if not names or errors:
                 continue
@@ -307,6 +317,17 @@ def up(cfg: StackConfig, out=None) -> dict[str, dict]:
         return health(cfg)
 
 
+def prepare_prefect(api_url: str, home: str | Path, pool: str, out=None) -> None:
+    """What the pipeline needs on a Prefect server, created when missing (idempotent): the process work pool
+    ``prefect deploy`` refuses to do without, and the automations of ``infra/prefect-automations.yaml`` (flow runs
+    whose heartbeats stop are marked Crashed, which frees their concurrency slot)."""
+    out = out or sys.stdout
+    if ensure_work_pool(pool, api_url, home):
+        print(f"prefect   work pool {pool!r} created", file=out, flush=True)
+    for name in ensure_automations(api_url, home):
+        print(f"prefect   automation {name!r} created", file=out, flush=True)
+
+
 @contextlib.contextmanager
 def _locked(cfg: StackConfig):
     """One ``up``/``down`` at a time per stack folder: two concurrent ``up`` would otherwise start two copies."""
@@ -331,9 +352,7 @@ def _start(cfg: StackConfig, name: str, creds: dict[str, str], services: dict):
         return start_mlflow(cfg.dir / "mlflow", port=cfg.mlflow_port, artifacts_destination=f"s3://{BUCKET}/mlflow",
                             env=s3, timeout=180, host=cfg.host)
     if name == "prefect":
-        server = start_prefect_server(cfg.dir / "prefect", port=cfg.prefect_port, host=cfg.host, timeout=240)
-        ensure_work_pool(cfg.pool, server.url, cfg.dir / "prefect-client")
-        return server
+        return start_prefect_server(cfg.dir / "prefect", port=cfg.prefect_port, host=cfg.host, timeout=240)
     if name == "worker":
         for dep in ("prefect", "mlflow", "seaweedfs"):
             if dep not in services:
@@ -375,7 +394,10 @@ def down(cfg: StackConfig, out=None) -> list[str]:
             if not rec:
                 continue
             if _alive(rec.get("pid"), _MARKERS[name]):
-                # Worker first, with a grace period: its flow runs get SIGTERM and can stop their trainers cleanly.
+                if name == "worker":
+                    # Before anything they use goes away: its flow runs stop their trainers (a checkpoint in S3),
+                    # record how they ended (MLflow, Prefect) and exit.
+                    stop_flow_runs(rec["pid"], out)
                 stop_pid(rec["pid"], grace=30.0 if name == "worker" else 15.0)
                 stopped.append(name)
                 print(f"{name:9s} stopped (pid {rec['pid']})", file=out)
@@ -384,6 +406,32 @@ def down(cfg: StackConfig, out=None) -> list[str]:
         if not stopped:
             print("stack is not running", file=out)
         return stopped
+
+
+def stop_flow_runs(worker_pid: int, out=None, grace: float = 180.0) -> None:
+    """SIGTERM each flow-run process the worker started (its children; each in its own process group, so the
+    worker's own SIGTERM does not reach them) and wait until every process under the worker has exited: a training
+    finishes its step and writes its checkpoint, the flow run reports its end. What is left after ``grace`` seconds
+    (the trainer's shutdown timeout and then some) is killed."""
+    out = out or sys.stdout
+    try:
+        worker = psutil.Process(worker_pid)
+        flow_runs = worker.children()
+    except psutil.Error:
+        return
+    if not flow_runs:
+        return
+    print(f"worker    stopping {len(flow_runs)} flow run(s): trainers checkpoint first ...", file=out, flush=True)
+    everything = worker.children(recursive=True)
+    for proc in flow_runs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(everything, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if alive:
+        print(f"worker    killed {len(alive)} process(es) still running after {grace:.0f} s", file=out, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -441,7 +489,7 @@ def _env_int(name: str, default: int) -> int:
 def parse_args(argv: list[str] | None = None) -> tuple[str, StackConfig]:
     p = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["up", "down", "status", "env", "compose-env"])
+    p.add_argument("action", choices=["up", "down", "status", "env", "compose-env", "prefect-setup"])
     p.add_argument("path", nargs="?", help="compose-env: the file to create (e.g. infra/docker/.env)")
     p.add_argument("--dir", default=os.environ.get("DINO_STACK_DIR", ".stack"), help="stack folder (default .stack)")
     p.add_argument("--host", default=os.environ.get("DINO_STACK_HOST", HOST), help="bind address (default 127.0.0.1)")
@@ -450,6 +498,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, StackConfig]:
     p.add_argument("--s3-port", type=int, default=None, help="SeaweedFS S3 port (default 8333)")
     p.add_argument("--pool", default=os.environ.get("DINO_STACK_POOL", "dino-process"), help="process work pool")
     p.add_argument("--no-worker", action="store_true", help="start the servers without a worker")
+    p.add_argument("--api", default=os.environ.get("PREFECT_API_URL", ""),
+                   help="prefect-setup: the Prefect API URL (default $PREFECT_API_URL)")
     args = p.parse_args(argv)
     if (args.action == "compose-env") != (args.path is not None):
         p.error("a path is given with compose-env, and only with it")
@@ -472,6 +522,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, StackConfig]:
         pool=args.pool,
         worker=not args.no_worker,
     )
+    if args.action == "prefect-setup":
+        if not args.api:
+            p.error("prefect-setup needs the Prefect API URL: --api http://HOST:4200/api or PREFECT_API_URL")
+        return f"prefect-setup:{args.api}", cfg
     return (args.action if args.action != "compose-env" else f"compose-env:{args.path}"), cfg
 
 
@@ -499,6 +553,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if report and all(r["healthy"] for r in report.values()) else 3
         elif action == "env":
             print("\n".join(env_lines(cfg)))
+        elif action.startswith("prefect-setup:"):
+            api = action.split(":", 1)[1]
+            home = Path(os.environ.get("PREFECT_HOME") or cfg.dir / "prefect-client")
+            try:
+                prepare_prefect(api, home, cfg.pool)
+            except RuntimeError as e:  # the prefect CLI's own message
+                raise StackError(f"could not prepare the Prefect server at {api}: {e}") from None
+            print(f"work pool {cfg.pool!r} and the automations of infra/prefect-automations.yaml are on {api}")
         elif action.startswith("compose-env:"):
             path = write_compose_env(action.split(":", 1)[1])
             print(f"wrote S3_ACCESS_KEY, S3_SECRET_KEY and POSTGRES_PASSWORD to {path} (mode 0600)")

@@ -200,7 +200,8 @@ def training_rows(training: dict[str, Any], version_tags: dict[str, str]) -> lis
     rows.append(("architecture", arch_text))
 
     epochs_total = _int(params.get("train.epochs"))
-    epochs_done = _int(tags.get("epochs_done"))
+    # fractional for a run stopped mid-epoch: the tag's own text (e.g. "0.4054"), never truncated
+    epochs_done = tags.get("epochs_done") if _int(tags.get("epochs_done")) is not None else None
     steps_done = _int(tags.get("steps_done"))
     steps_total = _int(tags.get("steps_total"))
     progress = []

@@ -21,13 +21,14 @@ from dino_model.checkpoint import (
     list_checkpoints,
     load_reference_checkpoint,
     read_checkpoint,
+    read_checkpoint_config,
     remove_stale_writes,
     restore_rng_state,
     save_checkpoint,
 )
 from dino_model.config import DinoConfig, load_config
 from dino_model.meta_arch import DINO
-from dino_model.storage import S3Store, open_store
+from dino_model.storage import ObjectNotFound, S3Store, open_store
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,6 +105,17 @@ def test_checkpoint_on_s3(s3_bucket):
     latest = latest_checkpoint(uri)
     assert latest == f"{uri}/{checkpoint_name(3)}"
     assert read_checkpoint(latest)["step"] == 3
+
+
+def test_the_config_of_a_checkpoint_reads_alone_locally_and_on_s3(tmp_path, s3_bucket):
+    """What the pretrain flow reads to find the MLflow run a checkpoint was logged into."""
+    config = DinoConfig().to_dict()
+    config["logging"]["loggers"] = ["console", "mlflow:0123abcd"]
+    for uri in (str(tmp_path / "ckpt"), f"{s3_bucket}/runs/r2"):
+        written = save_checkpoint(uri, state(4, config=config))
+        assert read_checkpoint_config(written) == config
+    with pytest.raises(ObjectNotFound):
+        read_checkpoint_config(str(tmp_path / "ckpt" / checkpoint_name(5)))
 
 
 def test_stale_writes_removed_locally_and_nothing_else(tmp_path):

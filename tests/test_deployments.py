@@ -1,18 +1,26 @@
 """The operator path end to end on 127.0.0.1: the local stack (SeaweedFS with credentials, MLflow with artifacts in
 S3, a Prefect server with its own PREFECT_HOME, a process worker) started by ``infra.stack``, then — as
 ``docs/operator-guide.md`` says — ``prefect --no-prompt deploy --all`` from the repository root and ``prefect
-deployment run dino-pretrain/default --params ...`` with a tiny training; the worker runs it in a subprocess that
-gets MLflow and S3 from the worker's environment (nothing secret in ``prefect.yaml``), and the MLflow registry
-gains a version. The stack is stopped by PID at the end (worker first)."""
+deployment run ...`` with tiny parameters; the worker runs them in subprocesses that get MLflow and S3 from the
+worker's environment (nothing secret in ``prefect.yaml``).
+
+One stack serves the module, in order: a training is cancelled with ``prefect flow-run cancel`` and resumed by a new
+flow run on the same checkpoint URI (one MLflow run, every step once, the version's records); an evaluation gets a
+partial ``settings`` dict (only those fields change); then the worker and a flow-run process are SIGKILLed and the
+stack restarted: the zombie run is marked Crashed and the next training starts. Every wait is on a condition with a
+generous timeout; the times are printed (``-s``), never asserted."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import signal
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,30 +28,81 @@ import psutil
 import pytest
 from PIL import Image
 
+from dino_model.mlflow_logger import epochs_text
 from infra.services import free_port, run_prefect
-from infra.stack import StackConfig, down, load_or_create_credentials, up
+from infra.stack import StackConfig, down, load_or_create_credentials, load_state, up
 from tests.test_pretrain_flow import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+#: 16 images, batch 4: 4 steps per epoch; 500 epochs = 2000 steps, far more than any test waits for.
+LONG_TRAINING = TINY + ["train.epochs=500", "data.batch_size_per_gpu=4", "checkpoint.every_n_steps=1000"]
 
 
-@pytest.fixture
-def tiny_image_shards(tmp_path):
+@dataclass
+class Stack:
+    cfg: StackConfig
+    api: str
+    client_home: Path
+    pids: list[int]
+
+    def deployment_run(self, name: str, params: dict) -> str:
+        out = run_prefect(["deployment", "run", name, "--params", json.dumps(params)], self.api,
+                          self.client_home).stdout
+        return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    def worker_log(self) -> str:
+        return (self.cfg.dir / "worker" / "worker.log").read_text(errors="replace")
+
+    def s3(self):
+        import boto3
+
+        creds = load_or_create_credentials(self.cfg)
+        return boto3.client("s3", endpoint_url=self.cfg.urls["seaweedfs"], region_name="us-east-1",
+                            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+
+    def mlflow(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.cfg.urls["mlflow"])
+
+
+@pytest.fixture(scope="module")
+def tiny_image_shards(tmp_path_factory):
     """16 random 40-px images in 2 classes, as 2 shards on local disk (the worker runs on this machine)."""
     from dino_model.data.shard_writer import ShardOptions, write_dataset
     from dino_model.data.sources import SourceSpec, scan_source
 
-    root = tmp_path / "images"
+    root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for c in range(2):
         (root / f"class{c}").mkdir(parents=True)
         for i in range(8):
             img = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(img).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
-    dest = tmp_path / "shards"
+    dest = tmp_path_factory.mktemp("shards")
     write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name="tiny", shard_size=8))
     return str(dest)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The local stack with every deployment of prefect.yaml, deployed as the operator guide says."""
+    tmp = tmp_path_factory.mktemp("stack")
+    cfg = StackConfig(dir=tmp / "stack", prefect_port=free_port(), mlflow_port=free_port(), s3_port=free_port())
+    try:
+        report = up(cfg)
+        assert set(report) == {"seaweedfs", "mlflow", "prefect", "worker"}
+        assert all(r["healthy"] for r in report.values()), report
+        pids = [r["pid"] for r in report.values()]
+        # Idempotent: a second `up` finds everything healthy and starts no second copy.
+        assert [r["pid"] for r in up(cfg).values()] == pids
+        client_home = tmp / "prefect-client"
+        run_prefect(["deploy", "--all"], cfg.urls["prefect"], client_home, cwd=ROOT, timeout=400)
+        yield Stack(cfg, cfg.urls["prefect"], client_home, pids)
+    finally:
+        down(cfg)
 
 
 def _get(url: str) -> dict:
@@ -57,91 +116,257 @@ def _post(url: str, body: dict) -> list | dict:
         return json.loads(r.read())
 
 
-def _wait_for_flow_run(api: str, flow_run_id: str, timeout: float) -> dict:
+def _wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    """Poll ``condition()`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _get(f"{api}/flow_runs/{flow_run_id}")
-        if run["state"]["type"] in TERMINAL:
-            return run
-        time.sleep(2)
+    while True:
+        try:
+            value = condition()
+        except (OSError, urllib.error.URLError):  # a server restarting
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def _state(api: str, flow_run_id: str) -> dict:
+    return _get(f"{api}/flow_runs/{flow_run_id}")["state"]
+
+
+def _wait_for_flow_run(api: str, flow_run_id: str, timeout: float) -> dict:
+    _wait_for(lambda: _state(api, flow_run_id)["type"] in TERMINAL, timeout, f"flow run {flow_run_id} to end", 2)
     return _get(f"{api}/flow_runs/{flow_run_id}")
 
 
-def _flow_run_logs(api: str, flow_run_id: str) -> str:
-    logs = _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
-    return "\n".join(entry["message"] for entry in logs)[-6000:]
+def _flow_run_logs(api: str, flow_run_id: str, min_level: int = 0) -> list[dict]:
+    return _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]},
+                                                 "level": {"ge_": min_level}}, "limit": 200})
+
+
+def _explain(stack: Stack, flow_run_id: str) -> str:
+    logs = "\n".join(entry["message"] for entry in _flow_run_logs(stack.api, flow_run_id))[-6000:]
+    return f"{logs}\n--- worker log ---\n{stack.worker_log()[-4000:]}"
+
+
+def _training_processes(flow_run_id: str) -> list[psutil.Process]:
+    """torchrun and trainer processes of a flow run, wherever they are in the process tree (an orphan is reparented):
+    they carry the flow run's id in the environment they inherited."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "dino_model.train" in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE \
+                    and p.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _steps(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
 @pytest.mark.slow
-def test_stack_deploy_all_and_run_pretrain_through_a_worker(tmp_path, tiny_image_shards):
-    cfg = StackConfig(dir=tmp_path / "stack", prefect_port=free_port(), mlflow_port=free_port(), s3_port=free_port())
-    pids: list[int] = []
-    try:
-        report = up(cfg)
-        assert set(report) == {"seaweedfs", "mlflow", "prefect", "worker"}
-        assert all(r["healthy"] for r in report.values()), report
-        pids = [r["pid"] for r in report.values()]
-        # Idempotent: a second `up` finds everything healthy and starts no second copy.
-        assert [r["pid"] for r in up(cfg).values()] == pids
+def test_cancel_a_training_then_resume_it_in_the_same_mlflow_run(stack, tiny_image_shards):
+    api = stack.api
+    # -- deployed as the guide says (the stack created the work pool and the zombie-run automation) -----------------
+    nightly = _get(f"{api}/deployments/name/dino-reevaluate/nightly")
+    (schedule,) = nightly["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["active"]
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert nightly["parameters"]["settings"]["train_data"] and nightly["work_pool_name"] == stack.cfg.pool
+    pretrain = _get(f"{api}/deployments/name/dino-pretrain/default")
+    assert pretrain["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    assert pretrain["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert not any(k in json.dumps(pretrain) for k in load_or_create_credentials(stack.cfg).values())
+    automations = _post(f"{api}/automations/filter", {})
+    assert [a["name"] for a in automations] == ["dino-crash-zombie-flow-runs"]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the stack's S3 refuses anonymous requests
+        urllib.request.urlopen(stack.cfg.urls["seaweedfs"] + "/dino/", timeout=10)
+    assert refused.value.code == 403
 
-        urls = cfg.urls
-        api = urls["prefect"]
-        # The stack's S3 refuses anonymous requests.
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urls["seaweedfs"] + "/dino/", timeout=10)
-        assert refused.value.code == 403
+    # -- a long training, cancelled mid-run ---------------------------------------------------------------------------
+    model = f"dino-deployed-{secrets.token_hex(3)}"
+    experiment = f"deployed-{model}"
+    checkpoints = f"s3://dino/checkpoints/{model}"  # written by the flow run with the worker's credentials
+    params = {"data": tiny_image_shards, "checkpoint_uri": checkpoints, "overrides": LONG_TRAINING,
+              "registered_model": model, "experiment": experiment, "train_retries": 0}
+    first = stack.deployment_run("dino-pretrain/default", params)
+    client = stack.mlflow()
 
-        # -- deploy, exactly as the operator guide says (the stack created the work pool) -----------------------
-        client_home = tmp_path / "prefect-client"
-        run_prefect(["deploy", "--all"], api, client_home, cwd=ROOT, timeout=400)
-        nightly = _get(f"{api}/deployments/name/dino-reevaluate/nightly")
-        (schedule,) = nightly["schedules"]
-        assert schedule["schedule"]["cron"] == "0 3 * * *" and schedule["active"]
-        assert schedule["schedule"]["timezone"] == "UTC"
-        assert nightly["parameters"]["settings"]["train_data"] and nightly["work_pool_name"] == cfg.pool
-        pretrain = _get(f"{api}/deployments/name/dino-pretrain/default")
-        assert pretrain["pull_steps"] == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-        assert not any(k in json.dumps(pretrain) for k in load_or_create_credentials(cfg).values())
+    def training_run():
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return runs[0] if runs and len(_steps(client, runs[0].info.run_id)) >= 3 else None
 
-        # -- run it with tiny parameters; the stack's worker picks it up ----------------------------------------
-        model = f"dino-deployed-{secrets.token_hex(3)}"
-        checkpoints = f"s3://dino/checkpoints/{model}"  # written by the flow run with the worker's credentials
-        params = {
-            "data": tiny_image_shards,
-            "checkpoint_uri": checkpoints,
-            "overrides": TINY + ["train.epochs=1", "data.batch_size_per_gpu=8", "checkpoint.every_n_steps=100"],
-            "registered_model": model,
-            "experiment": "deployed",
-            "train_retries": 0,
-        }
-        out = run_prefect(["deployment", "run", "dino-pretrain/default", "--params", json.dumps(params)], api,
-                          client_home).stdout
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-        run = _wait_for_flow_run(api, flow_run_id, timeout=480)
-        assert run["state"]["type"] == "COMPLETED", (
-            f"flow run ended {run['state']['type']}: {run['state'].get('message')}\n"
-            f"{_flow_run_logs(api, flow_run_id)}\n--- worker log ---\n"
-            f"{(cfg.dir / 'worker' / 'worker.log').read_text(errors='replace')[-4000:]}")
+    run = _wait_for(training_run, 480, "three logged training steps", every=2)
+    run_prefect(["flow-run", "cancel", first], api, stack.client_home)
+    cancelled_at = time.monotonic()
+    ended = _wait_for_flow_run(api, first, timeout=300)
+    print(f"\ncancel -> {ended['state']['type']} after {time.monotonic() - cancelled_at:.1f} s")
+    assert ended["state"]["type"] == "CANCELLED", _explain(stack, first)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "cancelled"
+    stopped_at = int(run.data.tags["steps_done"])
+    ckpt_keys = [o["Key"] for o in stack.s3().list_objects_v2(
+        Bucket="dino", Prefix=f"checkpoints/{model}/").get("Contents", [])]
+    assert f"checkpoints/{model}/checkpoint-{stopped_at:09d}.pt" in ckpt_keys  # the trainer checkpointed
+    assert run.data.tags["checkpoint"] == f"{checkpoints}/checkpoint-{stopped_at:09d}.pt"
+    assert _training_processes(first) == []
+    infos = " ".join(e["message"] for e in _flow_run_logs(api, first))
+    assert "training cancelled at step" in infos, _explain(stack, first)
+    errors = [e["message"] for e in _flow_run_logs(api, first, min_level=40)]
+    assert not [m for m in errors if "SIGTERM" in m or "Crash" in m], errors
+    assert "exceeding memory limits" not in stack.worker_log()
 
-        # -- the registry gained a version; artifacts and checkpoints live in the stack's S3 ---------------------
-        from mlflow.tracking import MlflowClient
+    # -- a new flow run on the same URI continues the same MLflow run, and stops at max_steps -----------------------
+    last_step = stopped_at + 3
+    second = stack.deployment_run("dino-pretrain/default",
+                                  {**params, "overrides": LONG_TRAINING + [f"train.max_steps={last_step}"]})
+    ended = _wait_for_flow_run(api, second, timeout=480)
+    assert ended["state"]["type"] == "COMPLETED", _explain(stack, second)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id) == list(range(1, last_step + 1))  # every step once, in one run
+    outcome = {"steps_done": str(last_step), "steps_total": "2000", "epochs_done": epochs_text(last_step / 4),
+               "stop_reason": "max_steps"}
+    assert {k: run.data.tags.get(k) for k in outcome} == outcome
+    (version,) = client.search_model_versions(f"name='{model}'")
+    assert version.run_id == run.info.run_id
+    assert client.get_model_version_by_alias(model, "candidate").version == "1"
+    assert {k: version.tags.get(k) for k in outcome} == outcome
+    assert version.tags["epochs"] == epochs_text(last_step / 4) != "500"  # what was trained, not configured
+    # Checkpoints stay at checkpoint_uri; the version's artifacts are the export; MLflow holds no checkpoint copy.
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "checkpoints" not in artifacts and "loss_curve.png" in artifacts
+    mlflow_keys = [o["Key"] for o in stack.s3().list_objects_v2(Bucket="dino", Prefix="mlflow/")["Contents"]]
+    assert mlflow_keys and not [k for k in mlflow_keys if k.endswith(".pt")]
+    ckpt_keys = [o["Key"] for o in stack.s3().list_objects_v2(Bucket="dino", Prefix=f"checkpoints/{model}/")["Contents"]]
+    assert f"checkpoints/{model}/checkpoint-{last_step:09d}.pt" in ckpt_keys
+    assert any("/export/" in k for k in ckpt_keys)
 
-        client = MlflowClient(urls["mlflow"])
-        versions = client.search_model_versions(f"name='{model}'")
-        assert [v.version for v in versions] == ["1"]
-        assert client.get_model_version_by_alias(model, "candidate").version == "1"
-        import boto3
 
-        creds = load_or_create_credentials(cfg)
-        s3 = boto3.client("s3", endpoint_url=urls["seaweedfs"], region_name="us-east-1",
-                          aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="dino", Prefix=f"checkpoints/{model}/")["Contents"]]
-        assert any(k.endswith(".pt") for k in keys) and any("export/" in k for k in keys)
-        assert s3.list_objects_v2(Bucket="dino", Prefix="mlflow/").get("KeyCount", 0) > 0
-    finally:
-        stopped = down(cfg)
-    assert stopped == ["worker", "prefect", "mlflow", "seaweedfs"]
+@pytest.mark.slow
+def test_a_partial_evaluation_settings_parameter_keeps_the_deployments_other_settings(stack, tiny_image_shards):
+    client = stack.mlflow()
+    (model,) = [m.name for m in client.search_registered_models() if m.name.startswith("dino-deployed-")]
+    # The deployment's settings name s3://dino/shards/imagenette-*; this run swaps in the tiny shards and a crop
+    # that fits 40-px images. Everything else (features_root, experiment, champion policy) stays the deployment's.
+    settings = {"train_data": tiny_image_shards, "val_data": tiny_image_shards, "evaluations": ["knn"],
+                "knn_ks": [5, 20], "resize_size": 40, "crop_size": 32, "batch_size": 8}
+    flow_run_id = stack.deployment_run("dino-evaluate/default",
+                                       {"model": f"models:/{model}@candidate", "settings": settings})
+    ended = _wait_for_flow_run(stack.api, flow_run_id, timeout=480)
+    assert ended["state"]["type"] == "COMPLETED", _explain(stack, flow_run_id)
+    (run,) = client.search_runs([client.get_experiment_by_name("dino-evaluate").experiment_id])
+    assert run.data.params["crop_size"] == "32" and run.data.params["champion_policy"] == "if_better"
+    assert run.data.params["features_root"] == "s3://dino/features"
+    assert "knn20_top1" in run.data.metrics
+    keys = stack.s3().list_objects_v2(Bucket="dino", Prefix="features/").get("Contents", [])
+    assert any(k["Key"].endswith(".parquet") for k in keys)
+
+
+@pytest.mark.slow
+def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_training_cleanly(stack,
+                                                                                              tiny_image_shards):
+    api = stack.api
+    model = f"dino-zombie-{secrets.token_hex(3)}"
+    params = {"data": tiny_image_shards, "checkpoint_uri": f"s3://dino/checkpoints/{model}",
+              "overrides": LONG_TRAINING, "registered_model": model, "experiment": model, "train_retries": 0}
+    client = stack.mlflow()
+
+    def checkpoints(uri_name: str) -> list[str]:
+        listing = stack.s3().list_objects_v2(Bucket="dino", Prefix=f"checkpoints/{uri_name}/").get("Contents", [])
+        return [o["Key"] for o in listing if o["Key"].endswith(".pt")]
+
+    # -- kill -9 the worker and a training flow-run process: the trainer stops by itself, with a checkpoint -------
+    zombie = stack.deployment_run("dino-pretrain/default", params)
+    worker_pid = load_state(stack.cfg)["services"]["worker"]["pid"]
+    trainers = _wait_for(lambda: len(_training_processes(zombie)) >= 2 and _training_processes(zombie), 480,
+                         "the zombie's torchrun and trainer", every=2)
+    (torchrun,) = [p for p in trainers if "torch.distributed.run" in " ".join(p.cmdline())]
+    flow_process = torchrun.parent()
+
+    def zombie_steps() -> list[int]:
+        exp = client.get_experiment_by_name(model)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return runs and _steps(client, runs[0].info.run_id)
+
+    _wait_for(lambda: len(zombie_steps()) >= 2, 300, "the zombie's first training steps", every=2)
+    os.kill(worker_pid, signal.SIGKILL)
+    os.kill(flow_process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _wait_for(lambda: not _training_processes(zombie), 300, "the orphaned trainer to stop")
+    print(f"\ntrainer gone {time.monotonic() - killed:.1f} s after its flow-run process was SIGKILLed")
+    assert checkpoints(model), "the trainer did not checkpoint on its parent-death signal"
+
+    # -- a new worker; the next training waits for the zombie's slot; restart the whole stack (the server forgets
+    #    the zombie's concurrency lease; the run still says Running) -----------------------------------------------
+    up(stack.cfg)
+    following = stack.deployment_run("dino-pretrain/default",
+                                      {**params, "checkpoint_uri": f"s3://dino/checkpoints/{model}-next"})
+    assert down(stack.cfg) == ["worker", "prefect", "mlflow", "seaweedfs"]
+    assert down(stack.cfg) == []  # down when down is fine
+    up(stack.cfg)
+    restarted = time.monotonic()
+    _wait_for(lambda: _state(api, zombie)["type"] == "CRASHED", 600, "the zombie to be marked Crashed", every=2)
+    reaped = time.monotonic() - restarted
+    _wait_for(lambda: _training_processes(following), 600, "the next training to start", every=2)
+    started = time.monotonic() - restarted
+    print(f"zombie Crashed {reaped:.0f} s after the stack was back ({reaped + restarted - killed:.0f} s after the "
+          f"kill); the next training started after {started:.0f} s ({started + restarted - killed:.0f} s)")
+    # The zombie ran no hook; the next training of its experiment ended its MLflow run, as the trainer recorded it.
+    runs = client.search_runs([client.get_experiment_by_name(model).experiment_id])
+    (abandoned,) = [r for r in runs if r.data.tags["prefect.flow_run_id"] == zombie]
+    assert abandoned.info.status == "KILLED" and abandoned.data.tags["stop_reason"] == "cancelled"
+
+    # -- `make stack-down` while it trains: the flow run stops its trainer (checkpoint) and reports, then the rest -
+    _wait_for(lambda: any(r.info.run_id != abandoned.info.run_id and _steps(client, r.info.run_id) for r in
+                          client.search_runs([client.get_experiment_by_name(model).experiment_id])),
+              300, "the next training's first step")
+    worker_pid = load_state(stack.cfg)["services"]["worker"]["pid"]
+    pids = [r["pid"] for r in load_state(stack.cfg)["services"].values()]
+    assert down(stack.cfg) == ["worker", "prefect", "mlflow", "seaweedfs"]
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert down(cfg) == []  # down when down is fine
+    assert _training_processes(following) == []
+    up(stack.cfg)
+    assert _state(api, following)["type"] == "CRASHED"  # reported before the server stopped
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name(model).experiment_id])
+              if r.data.tags["prefect.flow_run_id"] == following]
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "cancelled"
+    assert run.data.tags["checkpoint"].endswith(f"checkpoint-{int(run.data.tags['steps_done']):09d}.pt")
+    assert checkpoints(f"{model}-next")
+
+
+def test_the_zombie_automation_is_prefects_recipe_sized_to_the_deployments_heartbeat():
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore, Posture
+
+    from infra.services import AUTOMATIONS_FILE
+
+    (automation,) = [AutomationCore.model_validate(a)
+                     for a in yaml.safe_load(AUTOMATIONS_FILE.read_text())["automations"]]
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")} < trigger.expect
+    assert trigger.for_each == {"prefect.resource.id"}
+    (action,) = automation.actions
+    assert action.type == "change-flow-run-state" and action.state.value == "CRASHED"
+    pools = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["work_pools"]
+    heartbeat = int(pools["process_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    # Three heartbeats may go missing (a busy machine) before a live run would be taken for a zombie.
+    assert heartbeat >= 30 and trigger.within.total_seconds() >= 3 * heartbeat
+
+
+def test_prefect_setup_needs_the_server(monkeypatch, capsys):
+    from infra.stack import parse_args
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(SystemExit):
+        parse_args(["prefect-setup"])
+    assert "PREFECT_API_URL" in capsys.readouterr().err
+    assert parse_args(["prefect-setup", "--api", "http://127.0.0.1:4200/api"])[0] == \
+        "prefect-setup:http://127.0.0.1:4200/api"

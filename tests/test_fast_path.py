@@ -344,7 +344,7 @@ def test_mlflow_logger_records_verdicts_as_tags_and_params(mlflow_server, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment(f"fast-path-{tmp_name()}")).info.run_id
-    logger = MlflowLogger(run_id, system_metrics=False, checkpoint_artifacts=False)
+    logger = MlflowLogger(run_id, system_metrics=False)
     step = Verdict("step", "verified", "compiled (default), bf16 autocast, fused AdamW", figures={"grad_rel": 0.01})
     logger.on_fast_path({"step": step.as_record(), "data": Verdict("data", "reference", "CPU").as_record()})
     again = Verdict("step", "fallback", "eager, fp32, for-each optimiser", "grad_rel 0.5 > 0.125",

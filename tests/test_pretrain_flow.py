@@ -120,11 +120,17 @@ def test_pretrain_two_processes_tracks_and_registers(tiny_shards, tracking, tmp_
     for key in ("lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s"):
         assert client.get_metric_history(run.info.run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"checkpoints", "loss_curve.png", "config.json"} <= artifacts
-    assert client.list_artifacts(run.info.run_id, "checkpoints")
+    assert {"loss_curve.png", "config.json"} <= artifacts
+    # logging.mlflow_checkpoints=none (the default): the run records where the checkpoints are, copies none.
+    assert "checkpoints" not in artifacts
+    assert run.data.tags["checkpoint"] == list_checkpoints(str(tmp_path / "ckpt"))[-1][1]
+    assert run.data.tags["checkpoint_uri"] == str(tmp_path / "ckpt")
+    outcome = {"steps_done": "8", "steps_total": "8", "epochs_done": "2", "stop_reason": "completed"}
+    assert {k: run.data.tags.get(k) for k in outcome} == outcome
     mv = client.get_model_version_by_alias("dino-e2e", "candidate")
     assert int(mv.version) == out["version"] == 1
     assert mv.tags["dataset_hash"] == out["dataset_hash"] and mv.tags["architecture"] == "vit_tiny/16"
+    assert {k: mv.tags.get(k) for k in outcome} == outcome and mv.tags["epochs"] == "2"
     # the machines (from the trainer's start record), the model card, the registered model's description, the
     # experiment marked as model training
     assert run.data.tags["hardware"] == "2 processes on cpu, fp32, global batch 8"
@@ -133,7 +139,7 @@ def test_pretrain_two_processes_tracks_and_registers(tiny_shards, tracking, tmp_
     assert card.startswith("not evaluated yet · DINO vit_tiny/16 trained on ")
     assert "- **hardware**: 2 processes on cpu, fp32, global batch 8" in card
     assert f"hash `{out['dataset_hash'][:12]}`" in card and "32 samples" in card
-    assert "- **training**: 2 epochs configured, last step logged in epoch 2 · 8 steps (last logged)" in card
+    assert "- **training**: 2 of 2 epochs · 8 of 8 steps · stop reason: completed" in card
     assert "Not evaluated yet" in card
     assert "**candidate** (now v1)" in client.get_registered_model("dino-e2e").description
     assert client.get_experiment_by_name("e2e").tags["mlflow.experimentKind"] == "custom_model_development"
@@ -174,7 +180,7 @@ def test_killed_trainer_is_resumed_by_the_retry(tiny_shards, tracking, tmp_path)
     out = dino_pretrain(
         data=tiny_shards,
         checkpoint_uri=ckpt,
-        overrides=TINY + ["train.epochs=3"],
+        overrides=TINY + ["train.epochs=3", "logging.mlflow_checkpoints=last"],
         nproc_per_node=1,
         experiment="killed",
         registered_model="dino-killed",
@@ -190,6 +196,9 @@ def test_killed_trainer_is_resumed_by_the_retry(tiny_shards, tracking, tmp_path)
     # 32 images, batch 4 -> 8 steps per epoch, 3 epochs; the retry continued from the checkpoint, not step 0.
     assert max(steps) == 24 and out["final_step"] == 24
     assert max(s for s, _ in list_checkpoints(ckpt)) == 24
+    # logging.mlflow_checkpoints=last: a copy of the checkpoint the run ended with, and only that one.
+    copies = [a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoints")]
+    assert copies == ["checkpoints/checkpoint-000000024.pt"]
 
 
 def test_preflight_rejects_bad_parameters_before_launching(tiny_shards, tracking, tmp_path):

@@ -48,6 +48,7 @@ import torch
 
 from dino_model.fast_path import Verdict, on_rank0
 from dino_model.metrics import emit_progress
+from dino_model.parent_death import exit_with_parent_from_env
 
 from .features import delete_stale_parts, extract_features, feature_kind, list_feature_files
 from .shard_source import EvalShardSet
@@ -223,6 +224,7 @@ def finish(out: str, split: str, summaries: list[dict[str, Any]], expected: int,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_with_parent_from_env()  # launched by the extract task: stop when torchrun or the task's process dies
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

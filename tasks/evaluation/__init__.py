@@ -98,7 +98,7 @@ from .scores import (
     linear_probe_fast,
     linear_probe_full,
 )
-from .settings import EvaluationSettings, metric_family, set_hash_tag, version_tag
+from .settings import EvaluationSettings, metric_family, set_hash_tag, version_tag, with_deployment_defaults
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -145,4 +145,5 @@ __all__ = [
     "tag_model_version",
     "update_champion",
     "version_tag",
+    "with_deployment_defaults",
 ]

@@ -164,6 +164,9 @@ class EvaluationSettings(BaseModel):
             raise ValueError(f"evaluations {[e for e in chosen if e in VIDEO]} need davis_root")
         if self.champion_metric is None:
             self.champion_metric = _default_champion_metric(self)
+            # A derived default, not a choice: fields_set stays what the caller gave (a deployment run's partial
+            # settings are merged onto the deployment's by the fields they set).
+            self.__pydantic_fields_set__.discard("champion_metric")
         if self.champion_policy != "never" and metric_family(self.champion_metric, self) is None:
             raise ValueError(f"champion_metric {self.champion_metric!r} is not produced by the selected evaluations "
                              f"{chosen} (e.g. knn20_top1, linear_approx_best_top1, davis_jf_mean)")
