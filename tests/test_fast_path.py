@@ -299,9 +299,9 @@ def test_two_torchrun_extraction_ranks_take_rank_0s_verdict(tmp_path, monkeypatc
     equal a single-process fp32 extraction."""
     from dino_model.export import export_backbone
     from tasks.evaluation import extract_split_features
-    from tests.test_evaluate_flow import _write_set
+    from tests.datasets import write_colour_set
 
-    data = _write_set(tmp_path / "img", tmp_path / "shards", range(3), 4, 3, "train")
+    data = write_colour_set(tmp_path / "img", tmp_path / "shards", range(3), 4, 3, "train")
     torch.manual_seed(0)
     export = tmp_path / "export"
     export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
