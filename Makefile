@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dino demo
 
+# Two pytest workers, one test file each at a time: the end-to-end tests mostly wait on servers and subprocesses.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/shard_throughput.py

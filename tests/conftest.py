@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 # Isolate Prefect and MLflow before any test imports them: no analytics, no telemetry, a temp home.
-_SESSION_HOME = Path(os.environ.setdefault("DINO_TEST_HOME", f"/tmp/dino-tests-{os.getpid()}"))
+# One home per pytest-xdist worker (they inherit the controller's environment): each has its own Prefect database.
+_SESSION_HOME = Path(os.environ.setdefault("DINO_TEST_HOME", f"/tmp/dino-tests-{os.getpid()}")) / os.environ.get(
+    "PYTEST_XDIST_WORKER", "main")
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 (_SESSION_HOME / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
