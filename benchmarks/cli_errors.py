@@ -6,8 +6,10 @@ fresh interpreter (``python -m flows.cli ...``), as a user would run it. Results
 
 The cases are those of issue 11: a data path that does not exist, ``--set optim.lr=-1``, ``--set optim.lrr=1``,
 ``--set train.epochs=abc`` for ``dino pretrain``; a missing source for ``dino shard``; a missing shard set for
-``dino extract`` and ``dino evaluate``; a local export given to ``dino evaluate``. Each run gets its own empty
-working folder and Prefect home, so nothing is warm but the page cache.
+``dino extract`` and ``dino evaluate``; a local export given to ``dino evaluate``; and those that needed Prefect's
+start-up before: ``--resume require`` / ``never`` against the checkpoint folder, a source folder without images,
+no registry in the working folder, and a version the registry does not hold. Each run gets its own empty working
+folder and Prefect home, so nothing is warm but the page cache.
 """
 
 from __future__ import annotations
@@ -42,14 +44,30 @@ def _shard_set(work: Path) -> str:
     write_dataset(scan_source(SourceSpec(str(work / "images"))), str(work / "shards"), ShardOptions(name="s",
                                                                                                      shard_size=4))
     (work / "export").mkdir()
+    (work / "used").mkdir()
+    (work / "used" / "checkpoint-000000030.pt").write_bytes(b"")  # only the name is listed
+    (work / "no-images" / "cls").mkdir(parents=True)
+    (work / "no-images" / "cls" / "notes.txt").write_text("not an image")
     return str(work / "shards")
 
 
-def cases(work: Path) -> dict[str, list[str]]:
+def _registry(work: Path) -> str:
+    """An MLflow sqlite registry holding the registered model ``m`` with no version."""
+    from mlflow.tracking import MlflowClient
+
+    (work / "registry").mkdir()
+    uri = f"sqlite:///{work / 'registry' / 'mlflow.db'}"
+    MlflowClient(uri).create_registered_model("m")
+    return uri
+
+
+def cases(work: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name -> (arguments, environment added to the command's)."""
     shards = _shard_set(work)
+    registry = {"MLFLOW_TRACKING_URI": _registry(work)}
     missing = str(work / "missing")
     ckpt = str(work / "ckpt")
-    return {
+    table = {
         "pretrain: data path does not exist": ["pretrain", missing, ckpt],
         "pretrain: --set optim.lr=-1": ["pretrain", shards, ckpt, "--set", "optim.lr=-1"],
         "pretrain: --set optim.lrr=1": ["pretrain", shards, ckpt, "--set", "optim.lrr=1"],
@@ -59,15 +77,23 @@ def cases(work: Path) -> dict[str, list[str]]:
         "evaluate: val shard set does not exist": ["evaluate", "models:/m/1", "--train", shards, "--val", missing],
         "evaluate: a local export instead of models:/": ["evaluate", str(work / "export"), "--train", shards,
                                                          "--val", shards],
+        "pretrain: --resume require, no checkpoint": ["pretrain", shards, ckpt, "--resume", "require"],
+        "pretrain: --resume never, a checkpoint there": ["pretrain", shards, str(work / "used"), "--resume", "never"],
+        "shard: a folder without images": ["shard", str(work / "no-images"), str(work / "out")],
+        "evaluate: no registry in the working folder": ["evaluate", "models:/m/1", "--train", shards, "--val", shards],
+        "evaluate: a version the registry does not hold": (["evaluate", "models:/m/3", "--train", shards, "--val",
+                                                            shards], registry),
     }
+    return {name: case if isinstance(case, tuple) else (case, {}) for name, case in table.items()}
 
 
-def time_case(tree: Path, args: list[str], runs: int) -> tuple[list[float], int, str]:
+def time_case(tree: Path, args: list[str], environ: dict[str, str], runs: int) -> tuple[list[float], int, str]:
     seconds, rc, last = [], 0, ""
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as cwd:
             env = {**os.environ, "PYTHONPATH": str(tree), "PREFECT_HOME": str(Path(cwd) / ".prefect")}
             env.pop("MLFLOW_TRACKING_URI", None)
+            env.update(environ)
             started = time.monotonic()
             out = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                                  text=True, timeout=600)
@@ -89,8 +115,8 @@ def main() -> None:
     print("| case | exit | median s | min s | max s | tracebacks |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cmd in cases(Path(tmp)).items():
-            seconds, rc, stderr = time_case(tree, cmd, args.runs)
+        for name, (cmd, environ) in cases(Path(tmp)).items():
+            seconds, rc, stderr = time_case(tree, cmd, environ, args.runs)
             tracebacks = stderr.count("Traceback (most recent call last)")
             print(f"| {name} | {rc} | {statistics.median(seconds):.2f} | {min(seconds):.2f} | {max(seconds):.2f} | "
                   f"{tracebacks} |", flush=True)

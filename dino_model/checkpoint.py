@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from dino_model import distributed as dist_utils
+from dino_model.checkpoint_names import CHECKPOINT_NAME, checkpoint_name, latest_checkpoint, list_checkpoints
 from dino_model.config import DinoConfig
 from dino_model.meta_arch import DINO, unwrap
 from dino_model.storage import LocalStore, ObjectNotFound, S3Store, open_object, open_store
@@ -80,33 +81,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "dino_model.checkpoint/v1"
-_NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
 #: The temporary file :class:`dino_model.storage.LocalStore` writes a checkpoint into before renaming it.
 _LOCAL_TEMP = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"checkpoint-\d{9}\.pt\..+$")
-
-
-def checkpoint_name(step: int) -> str:
-    """``checkpoint-000001200.pt`` for step 1200 (zero-padded so names sort like steps)."""
-    if step < 0 or step >= 10**9:
-        raise ValueError(f"checkpoint step must be in [0, 1e9), got {step}")
-    return f"checkpoint-{step:09d}.pt"
-
-
-def list_checkpoints(uri: str) -> list[tuple[int, str]]:
-    """``(step, full URI)`` of every complete checkpoint directly under ``uri``, oldest first."""
-    store = open_store(uri)
-    found = []
-    for obj in store.list("checkpoint-"):
-        m = _NAME.match(obj.key)
-        if m:
-            found.append((int(m.group(1)), store.url(obj.key)))
-    return sorted(found)
-
-
-def latest_checkpoint(uri: str) -> str | None:
-    """The full URI of the newest checkpoint under ``uri``, or ``None``."""
-    found = list_checkpoints(uri)
-    return found[-1][1] if found else None
 
 
 def save_checkpoint(uri: str, state: Mapping[str, Any], keep_last: int = 0) -> str:
@@ -171,7 +147,7 @@ def remove_stale_writes(uri: str) -> list[str]:
                     removed.append(str(path))
     elif isinstance(store, S3Store):
         for key, upload_id in store.incomplete_uploads("checkpoint-"):
-            if _NAME.match(key):
+            if CHECKPOINT_NAME.match(key):
                 store.abort_upload(key, upload_id)
                 removed.append(f"{store.url(key)} (incomplete upload {upload_id})")
     return removed

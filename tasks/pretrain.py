@@ -92,7 +92,7 @@ def preflight(config: dict[str, Any], launch: LaunchSpec, resume: str = "auto",
     except ConfigError as e:
         raise PreflightError(problems_message("pre-flight failed", problems)) from e
     problems += _check_mlflow()
-    problems += _check_checkpoints(cfg.checkpoint.uri, resume, facts)
+    problems += _check_checkpoints(cfg.checkpoint.uri, facts)
     if kubernetes is None:
         problems += _check_devices(cfg, launch)
     else:
@@ -122,17 +122,14 @@ def _check_mlflow() -> list[str]:
     return []
 
 
-def _check_checkpoints(uri: str, resume: str, facts: dict) -> list[str]:
+def _check_checkpoints(uri: str, facts: dict) -> list[str]:
+    """The checkpoint URI takes a write (a probe); the resume policy was checked with the other side-effect-free
+    checks (:func:`tasks.validation.training.resume_problems`)."""
     try:
         open_store(uri).check_writable()
-        existing = list_checkpoints(uri)
+        facts["existing_checkpoints"] = len(list_checkpoints(uri))
     except (StorageError, ValueError) as e:
         return [f"checkpoint: {e}"]
-    facts["existing_checkpoints"] = len(existing)
-    if resume == "never" and existing:
-        return [f"checkpoint: resume='never' but {uri} already holds {len(existing)} checkpoints; use a new URI"]
-    if resume == "require" and not existing:
-        return [f"checkpoint: resume='require' but {uri} holds no checkpoint"]
     return []
 
 

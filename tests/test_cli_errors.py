@@ -50,19 +50,21 @@ def shards(tmp_path_factory) -> str:
     return str(dest)
 
 
-def dino(args: list[str], cwd: Path) -> tuple[int, str, str, float]:
+def dino(args: list[str], cwd: Path, **environ: str) -> tuple[int, str, str, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(environ)
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", RUN_DINO, *args], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=300)
     return out.returncode, out.stdout, out.stderr, time.monotonic() - started
 
 
-def assert_user_error(args: list[str], cwd: Path, *expected: str) -> float:
+def assert_user_error(args: list[str], cwd: Path, *expected: str, **environ: str) -> float:
     """The command fails as a user error: status 2, one ``dino <cmd>: error:`` message, no traceback, neither
     Prefect nor torch imported, nothing written to the working folder. Returns the wall time."""
-    rc, stdout, stderr, seconds = dino(args, cwd)
+    before = sorted(cwd.rglob("*"))
+    rc, stdout, stderr, seconds = dino(args, cwd, **environ)
     assert rc == 2, (rc, stdout, stderr)
     # one message (argparse's own errors come after its usage lines)
     assert [line for line in stderr.splitlines() if "error:" in line][0].startswith(f"dino {args[0]}: error: ")
@@ -71,7 +73,7 @@ def assert_user_error(args: list[str], cwd: Path, *expected: str) -> float:
         assert text in stderr, (text, stderr)
     assert "Traceback" not in stderr
     assert "imported: prefect=False torch=False" in stdout, stdout
-    assert not list(cwd.iterdir()), f"a failed command left {list(cwd.iterdir())}"
+    assert sorted(cwd.rglob("*")) == before, f"a failed command left {sorted(set(cwd.rglob('*')) - set(before))}"
     assert seconds < LOOSE_LIMIT_S, f"dino {args[0]} took {seconds:.1f} s to report a user error"
     return seconds
 
@@ -89,7 +91,16 @@ def test_pretrain_user_errors(shards, tmp_path):
     assert_user_error(["pretrain", shards, ckpt, "--preset", "smal"], cwd, "preset must be one of")
     assert_user_error(["pretrain", shards, ckpt, "--nproc-per-node", "0"], cwd, "nproc_per_node must be >= 1")
     assert_user_error(["pretrain", shards, ckpt, "--set", "data.num_workers=8"], cwd, "cannot feed 8 readers")
+    assert_user_error(["pretrain", shards, ckpt, "--resume", "require"], cwd, "--resume require but", "holds no "
+                      "checkpoint")
     assert not (tmp_path / "ckpt").exists()
+    # --resume never against a URI that holds a checkpoint: only the names are listed, nothing is read or written.
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "checkpoint-000000030.pt").write_bytes(b"")
+    assert_user_error(["pretrain", shards, str(used), "--resume", "never"], cwd, "--resume never but",
+                      "holds 1 checkpoint(s)", "checkpoint-000000030.pt")
+    assert sorted(p.name for p in used.iterdir()) == ["checkpoint-000000030.pt"]
 
 
 def test_shard_user_errors(tmp_path):
@@ -97,10 +108,15 @@ def test_shard_user_errors(tmp_path):
     cwd.mkdir()
     dest = str(tmp_path / "dest")
     assert_user_error(["shard", str(tmp_path / "missing"), dest], cwd, "source root", "does not exist")
-    assert_user_error(["shard", str(tmp_path), dest, "--shard-size", "-3"], cwd, "shard_size must be a positive")
-    assert_user_error(["shard", str(tmp_path), dest, "--parallelism", "0"], cwd, "--parallelism must be >= 1")
-    assert_user_error(["shard", str(tmp_path), "ftp://host/x"], cwd, "unsupported storage URI scheme 'ftp'")
-    assert_user_error(["shard", str(tmp_path), dest, "--task-runner", "threadz"], cwd,
+    no_images = tmp_path / "no-images"
+    (no_images / "cls").mkdir(parents=True)
+    (no_images / "cls" / "notes.txt").write_text("not an image")
+    assert_user_error(["shard", str(no_images), dest], cwd, f"no images found under {no_images}")
+    (no_images / "cls" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # an image signature: the cases below pass it
+    assert_user_error(["shard", str(no_images), dest, "--shard-size", "-3"], cwd, "shard_size must be a positive")
+    assert_user_error(["shard", str(no_images), dest, "--parallelism", "0"], cwd, "--parallelism must be >= 1")
+    assert_user_error(["shard", str(no_images), "ftp://host/x"], cwd, "unsupported storage URI scheme 'ftp'")
+    assert_user_error(["shard", str(no_images), dest, "--task-runner", "threadz"], cwd,
                       "argument --task-runner: must be one of threads, processes, dask or", "tcp://HOST:PORT")
 
 
@@ -141,6 +157,34 @@ def test_evaluate_user_errors(shards, tmp_path):
                       "champion_metric 'knn20_top1' is not produced")
     assert_user_error(["evaluate", "models:/m/1", "--davis", str(tmp_path / "no-davis")], cwd,
                       "davis_root:", "is not a folder")
+
+
+def test_a_model_the_registry_does_not_hold_fails_before_prefect_starts(shards, tmp_path):
+    """The registry lookup is a read: a missing registry, model, version or alias, or an unreachable tracking
+    server, is reported before Prefect starts (it is the last check: it imports MLflow)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    sets = ["--train", shards, "--val", shards]
+    assert_user_error(["evaluate", "models:/m/1", *sets], cwd, "no model registry here", "mlruns-dino/mlflow.db",
+                      "MLFLOW_TRACKING_URI")
+    assert_user_error(["extract", "models:/m/1", shards, str(tmp_path / "f")], cwd, "no model registry here")
+    assert_user_error(["evaluate", "models:/m/1", *sets], cwd, "MLflow tracking server http://127.0.0.1:9",
+                      "is not reachable", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+
+    from mlflow.tracking import MlflowClient
+
+    (cwd / "mlruns-dino").mkdir()
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns-dino' / 'mlflow.db'}")
+    client.create_registered_model("m")
+    client.get_registered_model("m")
+    assert_user_error(["evaluate", "models:/other@champion", *sets], cwd,
+                      "registered model 'other' does not exist (asked for models:/other@champion)")
+    assert_user_error(["evaluate", "models:/m/3", *sets], cwd, "registered model 'm' has no version 3")
+    assert_user_error(["evaluate", "models:/m@champion", *sets], cwd, "registered model 'm' has no alias 'champion'")
+    assert_user_error(["extract", "models:/m/2", shards, str(tmp_path / "f")], cwd, "has no version 2")
+    assert_user_error(["reevaluate", "other", *sets], cwd, "registered model 'other' does not exist")
+    assert_user_error(["reevaluate", "m", *sets, "--versions", "1,2"], cwd, "registered model 'm' has no version(s)"
+                      " [1, 2]")
 
 
 def test_reevaluate_user_errors(shards, tmp_path):

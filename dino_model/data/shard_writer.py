@@ -39,7 +39,7 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 from ..storage import ObjectNotFound, ObjectStore, open_store
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, UNREADABLE, ImageOptions, prepare_image
 from .manifest import FORMAT, MANIFEST_NAME, Manifest, Reject, ShardEntry, save_manifest
-from .sources import Scan, SourceItem, SourceSpec, check_source
+from .sources import Scan, SourceItem, SourceSpec, check_source, require_an_image_file
 
 #: Bumped when the bytes a shard holds for the same inputs change (member layout, json fields...): old shards are
 #: then rewritten rather than skipped.
@@ -133,12 +133,14 @@ def default_name(source: str) -> str:
 
 def validate_request(spec: SourceSpec, destination: str, options: ShardOptions) -> ObjectStore:
     """The cheap whole-input checks, before anything is read in bulk or written: the destination URI parses, the
-    source root and label files exist. (Options validate themselves on construction; writability and "at least
-    one image" are checked next by the caller.) Returns the destination store."""
+    source root and label files exist, a source folder holds at least one image file. (Options validate themselves
+    on construction; writability and what the scan accepts are checked next by the caller.) Returns the
+    destination store."""
     if not isinstance(options, ShardOptions):
         raise TypeError(f"options must be ShardOptions, got {type(options).__name__}")
     store = open_store(destination)  # ValueError naming the URI when malformed or unsupported
     check_source(spec)
+    require_an_image_file(spec)
     return store
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from ..storage import StorageError, open_store
 from .images import UNREADABLE, looks_like_image
 from .manifest import Reject, class_map_sha256, load_manifest
-from .tree_walk import FoundFile, TreeWalker
+from .tree_walk import FoundFile, TreeWalker, any_image_under
 
 KINDS = ("auto", "imagefolder", "ilsvrc-train", "ilsvrc-val", "flat")
 
@@ -233,6 +233,14 @@ def explicit_class_map(spec: SourceSpec) -> ClassMap | None:
                              "class map to copy")
         return ClassMap(list(manifest.classes), dict(manifest.class_names), "shard-set", store.uri)
     return None
+
+
+def require_an_image_file(spec: SourceSpec) -> None:
+    """Before the scan: raise ``ValueError`` when the source is a folder in which no file (sub-folders and links
+    included) starts with an image signature. Stops at the first image: a real dataset costs a few small reads."""
+    if Path(spec.root).is_dir() and not any_image_under(spec.root, looks_like_image):
+        raise ValueError(f"no images found under {spec.root}: no file in it or its sub-folders starts with an image "
+                         "signature (JPEG, PNG, GIF, BMP, TIFF or WebP)")
 
 
 def require_images(scan: Scan, probe_limit: int | None = None) -> None:

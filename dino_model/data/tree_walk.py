@@ -243,3 +243,32 @@ class TreeWalker:
                     kept.append(cand)
         self._direct, self._linked = [], []
         return kept, self.rejects
+
+
+def any_image_under(root: str, looks_like_image) -> bool:
+    """Whether some file under the folder ``root`` (links followed, each real folder once) starts with an image
+    signature (``looks_like_image(first 16 bytes)``). Stops at the first one, so a real dataset costs a few small
+    reads; a folder without images is walked whole. A necessary condition only: the scan decides what is kept."""
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():  # follows links; loops end at `seen`
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    with open(entry.path, "rb") as f:
+                        if looks_like_image(f.read(16)):
+                            return True
+            except OSError:
+                continue
+    return False

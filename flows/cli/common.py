@@ -14,7 +14,7 @@ from tasks.validation.errors import UserInputError, is_user_error
 
 __all__ = ["COMMANDS", "Command", "UsageError", "add_debug_option", "add_task_runner_option", "command",
            "is_user_error", "parse_bytes", "print_mlflow_hint", "print_warnings", "size_or_none",
-           "trainer_progress_bar", "use_embedded_mlflow"]
+           "trainer_progress_bar", "use_embedded_mlflow", "use_registry"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,20 @@ def use_embedded_mlflow(folder: str) -> None:
     # Read by tasks.pretrain / tasks.evaluation when they create an experiment: keep artifacts beside the store.
     os.environ.setdefault("DINO_MLFLOW_ARTIFACT_ROOT", os.path.join(os.path.abspath(folder), "artifacts"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def use_registry(reference: str, name: str | None = None, versions: list[int] | None = None) -> None:
+    """Before Prefect starts (the last check: it imports MLflow): the registry exists, and ``reference`` (a
+    ``models:/`` URI) or, with ``name``, that registered model and its ``versions`` are in it. Then the command
+    tracks into that registry (the embedded one in ``./mlruns-dino`` without ``MLFLOW_TRACKING_URI``)."""
+    from tasks.validation.registry import check_registry_available, find_model_version, require_registered_model
+
+    check_registry_available(reference)
+    use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
+    if name:
+        require_registered_model(name, versions)
+    else:
+        find_model_version(reference)
 
 
 def print_mlflow_hint() -> None:

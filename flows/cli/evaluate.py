@@ -8,9 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from .common import UsageError, command, print_mlflow_hint, print_warnings, use_embedded_mlflow
+from .common import UsageError, command, print_mlflow_hint, print_warnings, use_registry
 from .evaluation_options import add_evaluation_options, evaluation_settings, print_scores
 from .prefect_session import flow_session
 
@@ -24,11 +23,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dino_model.storage import StorageError
     from tasks.validation import UserInputError, check_evaluation_request, parse_model_uri
 
-    # The flow's own checks (the model reference, check-evaluation-inputs), here before Prefect starts.
+    # The flow's own checks (check-evaluation-inputs, the model version in the registry), before Prefect starts.
     settings = evaluation_settings(args)
     parse_model_uri(args.model)
     print_warnings("evaluate", check_evaluation_request(settings).warnings)
-    use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
+    use_registry(args.model)
     from flows.evaluate import dino_evaluate
 
     with flow_session(reported=(UserInputError, StorageError), debug=args.debug):

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from .common import (
     UsageError,
@@ -17,7 +16,7 @@ from .common import (
     command,
     print_warnings,
     size_or_none,
-    use_embedded_mlflow,
+    use_registry,
 )
 from .prefect_session import flow_session
 
@@ -61,7 +60,7 @@ def run_extract(args: argparse.Namespace) -> int:
     found = check_extraction_request(args.data, args.classes_from, args.resize, args.crop, args.output, args.device)
     print_warnings("extract", found.warnings)
     if args.model.startswith("models:/"):
-        use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
+        use_registry(args.model)
     from flows.extract import dino_extract
 
     with flow_session(reported=(UserInputError, StorageError, FileNotFoundError), debug=args.debug):

@@ -3,7 +3,7 @@
 Three things it takes care of:
 
 **No traceback for an error the command reports itself.** When a flow fails on bad input (a model version that
-does not exist, a checkpoint folder that ``--resume require`` finds empty...), Prefect logs the exception with its
+does not exist, a source folder that holds no image...), Prefect logs the exception with its
 traceback from the task run and again from the flow run, then the command prints the same message as
 ``dino <cmd>: error: ...``. Unless ``--debug``, those Prefect records are dropped for the exception types the
 command reports (and only for them): everything else Prefect logs is shown as usual.

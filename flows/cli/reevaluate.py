@@ -7,9 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from .common import UsageError, command, print_mlflow_hint, print_warnings, use_embedded_mlflow
+from .common import UsageError, command, print_mlflow_hint, print_warnings, use_registry
 from .evaluation_options import add_evaluation_options, evaluation_settings, print_scores
 from .prefect_session import flow_session
 
@@ -42,7 +41,7 @@ def run_reevaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--missing {args.missing_metric}: not a metric of the evaluations {settings.selected()} "
                          "(e.g. knn20_top1, linear_approx_best_top1, davis_jf_mean), or use --all")
     print_warnings("reevaluate", check_evaluation_request(settings).warnings)
-    use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
+    use_registry(f"registered model {args.registered_model!r}", name=args.registered_model, versions=versions)
     from flows.evaluate import dino_reevaluate
 
     with flow_session(reported=(UserInputError, StorageError), debug=args.debug):

@@ -63,6 +63,8 @@ def run_shard(args: argparse.Namespace) -> int:
         elif bar is not None:
             bar.update(value)
 
+    if args.parallelism < 1:
+        raise UsageError(f"--parallelism must be >= 1, got {args.parallelism}")
     try:  # the same cheap checks the flow starts with, before paying for Prefect's start-up
         validate_request(
             SourceSpec(args.source, args.kind, args.labels, args.meta, args.classes, args.classes_from),
@@ -72,8 +74,6 @@ def run_shard(args: argparse.Namespace) -> int:
         )
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
-    if args.parallelism < 1:
-        raise UsageError(f"--parallelism must be >= 1, got {args.parallelism}")
 
     from flows.shard import dino_shard
     from tasks.shard import add_progress_listener, remove_progress_listener

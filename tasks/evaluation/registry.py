@@ -10,8 +10,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.validation.models import parse_model_uri
+from tasks.validation.registry import find_model_version, require_registered_model
 
-from .common import ModelVersionNotFound, run_logger
+from .common import run_logger
 
 __all__ = ["find_versions_to_evaluate", "logged_model_id", "parse_model_uri", "resolve_model_version"]
 
@@ -29,20 +30,8 @@ def logged_model_id(mv) -> str | None:
 def resolve_model_version(model: str) -> dict[str, Any]:
     """Pin ``model`` (an alias or a version of a registered model) to one version, so an alias moving during the
     evaluation changes nothing. Raises :class:`ModelVersionNotFound` naming the model, version or alias."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    name, version, alias = parse_model_uri(model)
-    client = MlflowClient()
-    try:
-        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
-    except MlflowException as e:
-        what = f"version {version}" if version else f"alias {alias!r}"
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            raise ModelVersionNotFound(f"registered model {name!r} does not exist (asked for {model})") from e
-        raise ModelVersionNotFound(f"registered model {name!r} has no {what} (asked for {model})") from e
+    mv = find_model_version(model)
+    name = mv.name
     info = {"name": name, "version": int(mv.version), "uri": f"models:/{name}/{mv.version}",
             "model_id": logged_model_id(mv), "run_id": mv.run_id, "tags": dict(mv.tags or {}),
             "aliases": list(getattr(mv, "aliases", []) or [])}
@@ -57,29 +46,16 @@ def find_versions_to_evaluate(registered_model: str, missing: dict[str, str] | N
     only, when ``missing`` (``{"metric", "set_name", "set_hash"}``) is given, those without that score on that
     evaluation set — in the version tags ``eval.<set name>.<metric>`` under the same ``eval.<set name>.set_hash``,
     or the earlier layout ``eval.<set hash>.<metric>`` (:func:`tasks.evaluation.recording.recorded_score`)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     from .recording import recorded_score
 
-    client = MlflowClient()
-    try:
-        client.get_registered_model(registered_model)
-    except MlflowException as e:
-        raise ModelVersionNotFound(f"registered model {registered_model!r} does not exist") from e
     found = []
-    all_versions = client.search_model_versions(f"name = '{registered_model}'")
-    for mv in all_versions:
+    for mv in require_registered_model(registered_model, versions):
         if versions and int(mv.version) not in versions:
             continue
         if missing and recorded_score(dict(mv.tags or {}), missing["set_name"], missing["set_hash"],
                                       missing["metric"]) is not None:
             continue
         found.append(int(mv.version))
-    if versions:
-        unknown = sorted(set(versions) - {int(mv.version) for mv in all_versions})
-        if unknown:
-            raise ModelVersionNotFound(f"registered model {registered_model!r} has no version(s) {unknown}")
     found.sort()
     what = (f" (missing {missing['metric']} on {missing['set_name']}, set hash {missing['set_hash']})"
             if missing else "")

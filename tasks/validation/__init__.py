@@ -5,7 +5,8 @@ second instead of after Prefect's start-up; the flows' first tasks run the same 
 fails in its first task with the same message, and no task retries it (:func:`retry_unless_user_error`).
 
 Rule: nothing here imports Prefect, torch, MLflow or boto3 at import time (``tests/test_validation.py`` checks it);
-storage clients are created only when an ``s3://`` URI is actually read.
+storage clients are created only when an ``s3://`` URI is actually read, MLflow only when ``registry.py`` looks a
+model up (the command's last check).
 
 ==========================  ==================================================================================
 ``errors.py``               :class:`UserInputError` and its kinds; :func:`retry_unless_user_error`
@@ -14,6 +15,7 @@ storage clients are created only when an ``s3://`` URI is actually read.
 ``evaluation_settings.py``  :class:`EvaluationSettings` (``dino-evaluate`` / ``dino-reevaluate``)
 ``evaluation_inputs.py``    shard sets and classes, the DAVIS folder, device name, URIs, black-padding warnings
 ``models.py``               model references: ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, backbone paths
+``registry.py``             the registered model / version a reference names, looked up (MLflow imported lazily)
 ``task_runners.py``         the ``task_runner`` choice (threads, processes, dask, ``tcp://HOST:PORT``)
 ==========================  ==================================================================================
 """

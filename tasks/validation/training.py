@@ -2,8 +2,9 @@
 overrides), the launch (processes, nodes, rendezvous), the resume policy, the checkpoint URI's syntax, and the data
 (a shard set's manifest and shards, or an ImageFolder).
 
-What needs the worker or a write stays in the ``preflight`` task (:mod:`tasks.pretrain`): MLflow reachable, the
-checkpoint URI writable and its existing checkpoints against the resume policy, GPUs present, Kubernetes.
+The resume policy is checked here too (``never`` / ``require`` list the checkpoint URI, a read). What needs the
+worker or a write stays in the ``preflight`` task (:mod:`tasks.pretrain`): MLflow reachable, the checkpoint URI
+writable (a probe write), GPUs present, Kubernetes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dino_model.checkpoint_names import list_checkpoints
 from dino_model.config import ConfigError, DinoConfig, load_config
 from dino_model.data.manifest import MANIFEST_NAME
 from dino_model.storage import LocalStore, StorageError, open_store
@@ -75,7 +77,27 @@ def pretrain_problems(config: dict[str, Any], launch: LaunchSpec, resume: str, f
         open_store(cfg.checkpoint.uri)
     except ValueError as e:
         problems.append(f"checkpoint: {e}")
+    else:
+        problems += resume_problems(cfg.checkpoint.uri, resume)
     return problems + data_problems(cfg, launch, facts)
+
+
+def resume_problems(uri: str, resume: str) -> list[str]:
+    """``never`` refuses a checkpoint URI that holds checkpoints, ``require`` one that holds none (a listing;
+    ``auto`` takes either and lists nothing)."""
+    if resume not in ("never", "require"):
+        return []
+    try:
+        existing = list_checkpoints(uri)
+    except (StorageError, ValueError) as e:
+        return [f"checkpoint: {uri} cannot be listed: {e}"]
+    if resume == "never" and existing:
+        return [f"checkpoint: --resume never but {uri} already holds {len(existing)} checkpoint(s) (the newest: "
+                f"{existing[-1][1]}); give a new checkpoint URI, or --resume auto to continue from it"]
+    if resume == "require" and not existing:
+        return [f"checkpoint: --resume require but {uri} holds no checkpoint; check the URI, or --resume auto to "
+                "start a new training there"]
+    return []
 
 
 def data_problems(cfg: DinoConfig, launch: LaunchSpec, facts: dict[str, Any]) -> list[str]:
