@@ -33,6 +33,8 @@ def dino_pipeline(
     registered_model: str = "dino-backbone",
     evaluation: EvaluationSettings | None = None,
     resume: Literal["auto", "never", "require"] = "auto",
+    task_runner: str = "threads",
+    parallelism: int = 4,
 ) -> dict[str, Any]:
     """Shard ``train_source`` and ``val_source`` (ImageFolder trees, ILSVRC layouts or flat folders) under
     ``workspace`` (local folder or ``s3://`` prefix), pretrain on the train shards, register the teacher, and
@@ -51,15 +53,22 @@ def dino_pipeline(
         registered_model: MLflow registered model receiving the new version.
         evaluation: evaluation settings; ``train_data``/``val_data``/``features_root`` default to the workspace's.
         resume: checkpoint policy of the training stage.
+        task_runner: where the shard tasks and the evaluation's feature extraction run: ``threads`` (of the flow's
+            process), ``processes`` (of its machine), ``dask`` (a local Dask cluster of ``parallelism`` workers)
+            or ``tcp://HOST:PORT`` (a running Dask scheduler). An ``evaluation`` with a task runner of its own
+            (other than ``threads``) keeps it.
+        parallelism: shard tasks at once, and the workers of ``processes`` / ``dask``.
     """
     # First task: the whole request checked (the checks `dino pipeline` runs before Prefect starts).
     check_pipeline(train_source, val_source, workspace, preset, overrides, shard_size, nproc_per_node,
-                   registered_model, evaluation, resume)
+                   registered_model, evaluation, resume, task_runner, parallelism)
     root = workspace.rstrip("/")
     train_shards, val_shards = f"{root}/shards/train", f"{root}/shards/val"
-    dino_shard(source=train_source, destination=train_shards, name="train", shard_size=shard_size)
+    runner = {"task_runner": task_runner, "parallelism": parallelism}
+    dino_shard(source=train_source, destination=train_shards, name="train", shard_size=shard_size, **runner)
     # val gets train's class indices (the evaluation aligns them by class id anyway; this keeps them equal)
-    dino_shard(source=val_source, destination=val_shards, name="val", shard_size=shard_size, classes_from=train_shards)
+    dino_shard(source=val_source, destination=val_shards, name="val", shard_size=shard_size, classes_from=train_shards,
+               **runner)
     trained = dino_pretrain(
         data=train_shards,
         checkpoint_uri=f"{root}/checkpoints",
@@ -75,5 +84,7 @@ def dino_pipeline(
     settings.val_data = settings.val_data or val_shards
     if settings.features_root == EvaluationSettings.model_fields["features_root"].default:
         settings.features_root = f"{root}/features"
+    if settings.task_runner == "threads" and settings.nproc_per_node == 1:
+        settings.task_runner, settings.parallelism = task_runner, parallelism
     evaluated = dino_evaluate(model=f"models:/{registered_model}/{trained['version']}", settings=settings)
     return {"train_shards": train_shards, "val_shards": val_shards, "pretrain": trained, "evaluation": evaluated}

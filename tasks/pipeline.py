@@ -26,7 +26,9 @@ def check_pipeline(
     registered_model: str,
     evaluation: EvaluationSettings | None,
     resume: str,
+    task_runner: str = "threads",
+    parallelism: int = 4,
 ) -> None:
     """Raise :class:`tasks.validation.PreflightError` listing every problem of the pipeline's parameters."""
     check_pipeline_request(train_source, val_source, workspace, preset, overrides, shard_size, nproc_per_node,
-                           registered_model, evaluation, resume)
+                           registered_model, evaluation, resume, task_runner, parallelism)

@@ -207,6 +207,10 @@ def test_pipeline_demo_and_register_user_errors(shards, tmp_path):
     assert_user_error(["pipeline", images, images, workspace, "--set", "optim.lr=0"], cwd, "optim.lr must be > 0")
     assert_user_error(["pipeline", images, images, workspace, "--davis", str(tmp_path / "no-davis")], cwd,
                       "davis_root:")
+    assert_user_error(["pipeline", images, images, workspace, "--parallelism", "0"], cwd,
+                      "parallelism must be a positive integer")
+    assert_user_error(["pipeline", images, images, workspace, "--task-runner", "tcp://host"], cwd,
+                      "argument --task-runner: must be one of threads, processes, dask or")
     assert_user_error(["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"], cwd, "train.epochs must be")
     assert not (tmp_path / "demo").exists()
     assert_user_error(["register", str(tmp_path / "missing"), "--name", "m"], cwd, "does not exist")

@@ -1,6 +1,7 @@
 """``dino pipeline`` and ``dino demo``: the whole pipeline (shard → pretrain → evaluate) from the command line.
 
     dino pipeline /data/train /data/val ./run1 --preset small --set train.epochs=20
+    dino pipeline /data/train /data/val s3://bucket/run1 --task-runner tcp://10.0.0.5:8786   # data stages on Dask
     dino demo                   # generated data, embedded MLflow (sqlite), in-process Prefect: no servers
 
 Registered into :data:`flows.cli.common.COMMANDS` on import (``flows/cli/__init__.py`` imports this module).
@@ -13,7 +14,14 @@ import os
 import time
 from pathlib import Path
 
-from .common import UsageError, command, print_mlflow_hint, trainer_progress_bar, use_embedded_mlflow
+from .common import (
+    UsageError,
+    add_task_runner_option,
+    command,
+    print_mlflow_hint,
+    trainer_progress_bar,
+    use_embedded_mlflow,
+)
 from .prefect_session import flow_session
 
 #: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) at a
@@ -45,6 +53,9 @@ def _configure_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes (one per GPU; default 1)")
     p.add_argument("--davis", help="DAVIS-2017 folder: also score attention maps and label propagation")
     p.add_argument("--registered-model", default="dino-backbone", help="MLflow registered model name")
+    add_task_runner_option(p, "shard tasks and the evaluation's feature extraction")
+    p.add_argument("--parallelism", type=int, default=max(2, min(8, os.cpu_count() or 2)),
+                   help="shard tasks at once, and the workers of processes / dask (default: CPU count, 2..8)")
 
 
 @command("pipeline", "shard, pretrain and evaluate in one run (the dino-pipeline flow)", _configure_pipeline)
@@ -54,7 +65,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
                                       evaluations=["knn", "linear_fast"] + (["attention", "davis"] if args.davis
                                                                             else []))
     out = _run(args.train, args.val, args.workspace, args.preset, args.overrides, args.shard_size,
-               args.nproc_per_node, args.registered_model, evaluation, debug=args.debug)
+               args.nproc_per_node, args.registered_model, evaluation, debug=args.debug,
+               runner={"task_runner": args.task_runner, "parallelism": args.parallelism})
     _report(out)
     return 0
 
@@ -121,13 +133,15 @@ def _evaluation_settings(**fields):
 
 
 def _run(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation,
-         experiment="dino-pretrain", debug=False) -> dict:
+         experiment="dino-pretrain", debug=False, runner: dict | None = None) -> dict:
     from dino_model.storage import StorageError
     from tasks.validation import UserInputError
     from tasks.validation.pipeline import check_pipeline_request
 
     # The flow's first task (check-pipeline-request), here before Prefect or MLflow start.
-    check_pipeline_request(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation)
+    runner = runner or {}
+    check_pipeline_request(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation,
+                           **runner)
     use_embedded_mlflow(os.path.join(os.path.abspath(workspace) if "://" not in workspace else os.getcwd(),
                                      "mlflow"))
     from flows.pipeline import dino_pipeline
@@ -137,7 +151,8 @@ def _run(train, val, workspace, preset, overrides, shard_size, nproc, registered
         try:
             return dino_pipeline(train_source=train, val_source=val, workspace=workspace, preset=preset,
                                  overrides=overrides, shard_size=shard_size, nproc_per_node=nproc,
-                                 experiment=experiment, registered_model=registered_model, evaluation=evaluation)
+                                 experiment=experiment, registered_model=registered_model, evaluation=evaluation,
+                                 **runner)
         except (StorageError, ValueError) as e:
             raise UsageError(str(e)) from e
 

@@ -14,6 +14,7 @@ from .errors import PreflightError, UserInputError, problems_message
 from .evaluation_inputs import evaluation_inputs
 from .evaluation_settings import VIDEO, EvaluationSettings
 from .models import check_model_name
+from .task_runners import check_parallelism, check_task_runner
 from .training import RESUME_POLICIES, resolve_training_config
 
 
@@ -35,9 +36,16 @@ def check_pipeline_request(
     registered_model: str = "dino-backbone",
     evaluation: EvaluationSettings | None = None,
     resume: str = "auto",
+    task_runner: str = "threads",
+    parallelism: int = 4,
 ) -> None:
     """Raises :class:`PreflightError` listing every problem of the request (each naming its parameter)."""
     problems: list[str] = []
+    for check, value in ((check_task_runner, task_runner), (check_parallelism, parallelism)):
+        try:
+            check(value)
+        except UserInputError as e:
+            problems.append(str(e))
     try:
         open_store(workspace)
     except ValueError as e:
