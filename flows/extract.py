@@ -21,6 +21,7 @@ from prefect import flow
 from tasks.evaluation import (
     check_extraction_input,
     check_feature_precision,
+    collect_feature_ranges,
     extract_feature_range,
     extract_split_features,
     finish_feature_ranges,
@@ -120,6 +121,7 @@ def extract_split(model_uri: str, data: str, output: str, split: str, metadata: 
             })
             for index in range(plan["count"])
         ]
-        summaries = [future.result() for future in futures]
+        summaries = collect_feature_ranges(futures, split, data, task_runner, options.get("n_last_blocks", 1),
+                                           options.get("avgpool", False))
     return finish_feature_ranges(output, split, data, summaries, options.get("n_last_blocks", 1),
                                  options.get("avgpool", False))

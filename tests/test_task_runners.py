@@ -188,6 +188,13 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
     assert (two["dim"], two["feature_kind"]) == (one["dim"], one["feature_kind"]) == (192, "cls")
     names = [key.split("/")[1] for _, key in list_feature_files(ranged, "train")]
     assert names == ["part-r0000-00000.parquet", "part-r0001-00000.parquet"]  # one range per worker
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as prefect:  # the flow's progress card, updated as the ranges finished
+        progress = prefect.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    assert f"features train (cls) of {data} on {dask_cluster.address}: 2/2 ranges, 21 rows" in [
+        a.description for a in progress]
 
     k1, l1, f1, m1 = read_features(single, "train")
     k2, l2, f2, m2 = read_features(ranged, "train")
