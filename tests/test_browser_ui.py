@@ -19,13 +19,11 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dino_model.data.shard_writer import ShardOptions, write_dataset
-from dino_model.data.sources import SourceSpec, scan_source
+from tests.datasets import write_colour_set
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.slow
@@ -72,18 +70,6 @@ def _text(dom: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
-def _write_set(root: Path, dest: Path, classes, per_class: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            base = np.zeros((40, 40, 3), np.uint8) + np.array([60 * c, 255 - 60 * c, 128], np.uint8)
-            Image.fromarray(np.clip(base + rng.integers(0, 60, (40, 40, 3)), 0, 255).astype(np.uint8)).save(
-                root / f"class{c}" / f"img{i}.jpg", quality=90)
-    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name=dest.name, shard_size=8))
-    return str(dest)
-
-
 def _register(name: str, tmp_path: Path) -> int:
     import mlflow
 
@@ -110,8 +96,8 @@ def test_model_card_runs_and_report_in_a_browser(mlflow_server, shared_data, tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     client = MlflowClient(mlflow_server.url)
     sets = tmp_path / "imagenette-toy"
-    train = _write_set(tmp_path / "train-img", sets / "train", range(4), 8, 0)
-    val = _write_set(tmp_path / "val-img", sets / "val", range(1, 4), 3, 1)
+    train = write_colour_set(tmp_path / "train-img", sets / "train", range(4), 8, 0, "train")
+    val = write_colour_set(tmp_path / "val-img", sets / "val", range(1, 4), 3, 1, "val")
     name = f"ui-{secrets.token_hex(3)}"
     version = _register(name, tmp_path)
     experiment = f"ui-eval-{secrets.token_hex(3)}"

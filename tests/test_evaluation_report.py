@@ -12,34 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_model.data.shard_writer import ShardOptions, write_dataset
-from dino_model.data.sources import SourceSpec, scan_source
 from dino_model.eval import report as rp
 from dino_model.eval.features import extract_features, read_features
 from dino_model.eval.knn import knn_classify, knn_predict
 from dino_model.eval.shard_source import EvalShardSet
 from dino_model.eval.transforms import EvalTransform
 from dino_model.models import build_backbone
-
-
-def _set(root, dest, classes, per_class, seed):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            base = np.zeros((40, 40, 3), np.uint8) + np.array([60 * c, 255 - 60 * c, 128], np.uint8)
-            Image.fromarray(np.clip(base + rng.integers(0, 60, (40, 40, 3)), 0, 255).astype(np.uint8)).save(
-                root / f"class{c}" / f"img{i}.jpg", quality=90)
-    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name=dest.name, shard_size=5))
-    return EvalShardSet(str(dest))
+from tests.datasets import write_colour_set
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Train (4 classes x 6) and val (classes 1-3 x 3) shard sets, a random ViT-Tiny, and their [CLS] features."""
     base = tmp_path_factory.mktemp("report")
-    train = _set(base / "train-img", base / "train", range(4), 6, 0)
-    val = _set(base / "val-img", base / "val", range(1, 4), 3, 1)
+    train = EvalShardSet(write_colour_set(base / "train-img", base / "train", range(4), 6, 0, "train", shard_size=5))
+    val = EvalShardSet(write_colour_set(base / "val-img", base / "val", range(1, 4), 3, 1, "val", shard_size=5))
     torch.manual_seed(0)
     backbone = build_backbone("vit_tiny", patch_size=16).eval()
     out = str(base / "feats")
