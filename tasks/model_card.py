@@ -95,16 +95,24 @@ def evaluation_sets(tags: dict[str, str]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: (e["legacy"], min(sort_key(m) for m in e["scores"]), e["name"]))
 
 
-def _training_facts(client, run_id: str | None) -> dict[str, Any]:
-    """What the card says about training, from the training run (empty when there is none)."""
+def _run_or_facts(client, run_id: str | None):
+    """``(run, None)``, or ``(None, facts)`` when there is no run to read: ``{}`` without an id,
+    ``{"missing_run": id}`` when the tracking server has no such run."""
     from mlflow.exceptions import MlflowException
 
     if not run_id:
-        return {}
+        return None, {}
     try:
-        run = client.get_run(run_id)
+        return client.get_run(run_id), None
     except MlflowException:
-        return {"missing_run": run_id}
+        return None, {"missing_run": run_id}
+
+
+def _training_facts(client, run_id: str | None) -> dict[str, Any]:
+    """What the card says about training, from the training run (empty when there is none)."""
+    run, missing = _run_or_facts(client, run_id)
+    if run is None:
+        return missing
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     facts: dict[str, Any] = {"run_id": run_id, "experiment_id": run.info.experiment_id, "run_name": run.info.run_name,
                              "status": run.info.status, "tags": tags, "params": params, "metrics": metrics}
@@ -119,14 +127,10 @@ def _training_facts(client, run_id: str | None) -> dict[str, Any]:
 
 
 def _evaluation_facts(client, run_id: str | None) -> dict[str, Any]:
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return {}
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        return {"missing_run": run_id}
+    """What the card says about one evaluation, from its run: name, start, tags and the data sets it logged."""
+    run, missing = _run_or_facts(client, run_id)
+    if run is None:
+        return missing
     inputs = []
     for d in (run.inputs.dataset_inputs if run.inputs else []) or []:
         context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), "")
