@@ -120,6 +120,10 @@ class trainer_progress_bar:
 
 def use_embedded_mlflow(folder: str) -> None:
     """Without ``MLFLOW_TRACKING_URI``, track into an embedded sqlite store (and local artifacts) in ``folder``."""
+    # MLflow's per-download progress bars and INFO lines (database set-up, registration) would tear the command's
+    # own progress bar; its warnings still show (a user's settings win).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
     os.makedirs(folder, exist_ok=True)
