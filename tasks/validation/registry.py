@@ -30,7 +30,8 @@ def check_registry_available(reference: str, cwd: str | None = None) -> None:
             raise ModelVersionNotFound(
                 f"{reference}: no model registry here ({db} does not exist; `dino pretrain` and `dino register` "
                 "write it in their working folder): run from that folder, or set MLFLOW_TRACKING_URI to your "
-                "tracking server")
+                "tracking server (`dino pipeline` / `dino demo` keep theirs in WORKSPACE/mlflow/mlflow.db: "
+                "MLFLOW_TRACKING_URI=sqlite:///<absolute path of that file>)")
         return
     if uri.startswith(("http://", "https://")):
         try:
