@@ -237,11 +237,27 @@ def training_rows(training: dict[str, Any], version_tags: dict[str, str]) -> lis
     return rows
 
 
-def fast_path_rows(version_tags: dict[str, str], training: dict[str, Any]) -> list[tuple[str, str]]:
-    """(check, verdict) of the ``fast_path.*`` tags of the version and its training run (the version's win)."""
+def fast_path_rows(version_tags: dict[str, str], training: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """One (check, verdict, path taken, figures) row per check, from the ``fast_path.<check>[.<field>]`` tags of
+    the version and its training run (the version's win): ``.path`` is the path, ``.seconds`` the check's time
+    (left out when 0: the check did not run), every other field a figure."""
     found = {k: v for k, v in (training.get("tags") or {}).items() if k.startswith("fast_path.")}
     found.update({k: v for k, v in version_tags.items() if k.startswith("fast_path.")})
-    return [(k[len("fast_path."):], v) for k, v in sorted(found.items())]
+    checks: dict[str, dict[str, str]] = {}
+    for key, value in sorted(found.items()):
+        check, _, field = key[len("fast_path."):].partition(".")
+        checks.setdefault(check, {})[field or "verdict"] = value
+    rows = []
+    for check, fields in checks.items():
+        verdict, path, seconds = fields.pop("verdict", ""), fields.pop("path", ""), fields.pop("seconds", "")
+        figures = [f"{k} {v}" for k, v in fields.items()]
+        try:
+            if float(seconds) > 0:
+                figures.append(f"{float(seconds):.1f} s")
+        except ValueError:
+            pass
+        rows.append((check, verdict, path, ", ".join(figures)))
+    return rows
 
 
 def _when(ms: int | None) -> str:
@@ -311,8 +327,9 @@ def render_version_card(name: str, version: int, version_tags: dict[str, str], t
     lines.append("")
     fast = fast_path_rows(version_tags, training)
     if fast:
-        lines += ["### Fast path", "", "| check | verdict |", "|---|---|"]
-        lines += [f"| {_cell(k)}&emsp; | {_cell(v)} |" for k, v in fast]
+        lines += ["### Fast path", "", "| check | verdict | path taken | figures |", "|---|---|---|---|"]
+        lines += [f"| {_cell(check)}&emsp; | {_cell(verdict)} | {_cell(path)} | {_cell(figures)} |"
+                  for check, verdict, path, figures in fast]
         lines.append("")
     if not sets:
         lines += ["### Scores", "", f"Not evaluated yet: `dino evaluate models:/{name}/{version} --train ... "

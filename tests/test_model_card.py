@@ -70,6 +70,17 @@ def test_fast_path_verdicts_appear_when_tagged():
     assert card.startswith("not evaluated yet · DINO vit_small/16") and "Not evaluated yet" in card
 
 
+def test_fast_path_tags_make_one_row_per_check():
+    tags = {"fast_path.data": "verified", "fast_path.data.path": "device augmentation", "fast_path.data.seconds": "2.1",
+            "fast_path.data.mean_levels": "0.004", "fast_path.step": "reference", "fast_path.step.path": "eager, fp32",
+            "fast_path.step.seconds": "0"}
+    card = render_version_card("m", 1, tags, TRAINING, [], {})
+    assert "| check | verdict | path taken | figures |" in card
+    assert "| data&emsp; | verified | device augmentation | mean_levels 0.004, 2.1 s |" in card
+    assert "| step&emsp; | reference | eager, fp32 |  |" in card  # a check that did not run has no time
+    assert "seconds" not in card and "data.path" not in card
+
+
 def test_registered_model_description_says_what_each_alias_means():
     text = render_model_description("dino-backbone", {"champion": 3, "candidate": 5, "prod": 2})
     assert "**champion** (now v3): the best evaluated version" in text
