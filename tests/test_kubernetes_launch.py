@@ -71,6 +71,7 @@ def test_flow_parameters_render_an_indexed_job_running_torchrun_with_c10d_on_pod
     assert job["spec"]["parallelism"] == 4 and job["spec"]["backoffLimit"] == 0
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == name
+    assert pod["terminationGracePeriodSeconds"] == 300  # a cancelled Job's trainers have time to checkpoint
     (container,) = pod["containers"]
     assert container["image"] == "registry.example/dino:0.1"
     expected = torchrun_command(LaunchSpec(nproc_per_node=8, nnodes=4, rdzv_endpoint=f"{name}-0.{name}:29500",
