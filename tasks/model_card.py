@@ -250,14 +250,18 @@ def fast_path_rows(version_tags: dict[str, str], training: dict[str, Any]) -> li
     rows = []
     for check, fields in checks.items():
         verdict, path, seconds = fields.pop("verdict", ""), fields.pop("path", ""), fields.pop("seconds", "")
-        figures = [f"{k} {v}" for k, v in fields.items()]
-        try:
-            if float(seconds) > 0:
-                figures.append(f"{float(seconds):.1f} s")
-        except ValueError:
-            pass
-        rows.append((check, verdict, path, ", ".join(figures)))
+        figures = [f"{k} {v}" for k, v in fields.items()] + [_seconds(seconds)]
+        rows.append((check, verdict, path, ", ".join(f for f in figures if f)))
     return rows
+
+
+def _seconds(text: str) -> str:
+    """``"2.1 s"`` for a positive number of seconds; ``""`` for 0 (the check did not run) or no number."""
+    try:
+        value = float(text)
+    except ValueError:
+        return ""
+    return f"{value:.1f} s" if value > 0 else ""
 
 
 def _when(ms: int | None) -> str:
