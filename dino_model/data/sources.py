@@ -238,7 +238,7 @@ def explicit_class_map(spec: SourceSpec) -> ClassMap | None:
 def require_an_image_file(spec: SourceSpec) -> None:
     """Before the scan: raise ``ValueError`` when the source is a folder in which no file (sub-folders and links
     included) starts with an image signature. Stops at the first image: a real dataset costs a few small reads."""
-    if Path(spec.root).is_dir() and not any_image_under(spec.root, looks_like_image):
+    if Path(spec.root).is_dir() and not any_image_under(spec.root):
         raise ValueError(f"no images found under {spec.root}: no file in it or its sub-folders starts with an image "
                          "signature (JPEG, PNG, GIF, BMP, TIFF or WebP)")
 

@@ -37,7 +37,7 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 
-from .images import UNREADABLE
+from .images import UNREADABLE, looks_like_image
 from .manifest import Reject
 
 LINK_LEAVES_CLASS = "link-leaves-class"
@@ -245,9 +245,9 @@ class TreeWalker:
         return kept, self.rejects
 
 
-def any_image_under(root: str, looks_like_image) -> bool:
+def any_image_under(root: str) -> bool:
     """Whether some file under the folder ``root`` (links followed, each real folder once) starts with an image
-    signature (``looks_like_image(first 16 bytes)``). Stops at the first one, so a real dataset costs a few small
+    signature (:func:`dino_model.data.images.looks_like_image` of its first 16 bytes). Stops at the first one, so a real dataset costs a few small
     reads; a folder without images is walked whole. A necessary condition only: the scan decides what is kept."""
     seen: set[str] = set()
     stack = [root]
