@@ -138,9 +138,11 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(seaweedfs, s3_bucket, shared
         with Client(cluster.address, set_as_default=False) as client:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and flow.is_alive():
-                busy = {info["name"]: len(keys) for info, keys in
-                        ((client.scheduler_info(n_workers=-1)["workers"].get(w, {}), k)
-                         for w, k in client.processing().items())}
+                # processing() and scheduler_info() are two calls: a worker may join between them, so an address
+                # the second call does not know yet counts as not busy
+                processing = client.processing()
+                names = {w: info.get("name") for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+                busy = {names[w]: len(keys) for w, keys in processing.items() if names.get(w) is not None}
                 written = [k for k in _objects(f"{s3_bucket}/dask") if k.endswith(".tar")]
                 if busy.get("worker-0") and len(written) >= 2:
                     break  # mid-run: shards written already, and the victim is running (or holding) tasks
