@@ -4,6 +4,7 @@ reference-implementation checkpoints for evaluation."""
 from __future__ import annotations
 
 import argparse
+import logging
 import pickle
 import random
 from dataclasses import dataclass
@@ -116,6 +117,22 @@ def test_the_config_of_a_checkpoint_reads_alone_locally_and_on_s3(tmp_path, s3_b
         assert read_checkpoint_config(written) == config
     with pytest.raises(ObjectNotFound):
         read_checkpoint_config(str(tmp_path / "ckpt" / checkpoint_name(5)))
+
+
+def test_the_config_of_a_large_s3_checkpoint_is_read_without_its_tensors(s3_bucket, caplog):
+    """The pretrain flow reads a checkpoint's config to find its MLflow run before each resume: on S3 that must not
+    cost a download of the whole checkpoint (hundreds of MB for a ViT-S/16 with its optimiser state)."""
+    config = DinoConfig().to_dict()
+    config["logging"]["loggers"] = ["mlflow:feedbeef"]
+    big = state(7, config=config)
+    big["student"] = {"weight": torch.randn(2048, 2048)}  # 16 MiB of tensor bytes
+    written = save_checkpoint(f"{s3_bucket}/runs/big", big)
+    with caplog.at_level(logging.DEBUG, logger="dino_model.checkpoint"):
+        assert read_checkpoint_config(written) == config
+    (record,) = [r for r in caplog.records if "bytes" in r.getMessage()]
+    fetched, size = record.args[1], record.args[2]
+    assert size > 16 << 20 and fetched < 1 << 20, (fetched, size)
+    assert torch.equal(read_checkpoint(written)["student"]["weight"], big["student"]["weight"])  # untouched
 
 
 def test_stale_writes_removed_locally_and_nothing_else(tmp_path):

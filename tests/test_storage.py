@@ -47,6 +47,25 @@ def test_streaming_read_and_large_write(store):
     assert head + rest == data
 
 
+def test_s3_ranged_reader_seeks_and_fetches_only_what_is_read(s3_bucket):
+    store = open_store(f"{s3_bucket}/ranged")
+    data = os.urandom(3 << 20)
+    store.put_bytes("blob.bin", data)
+    with store.open_ranged("blob.bin", block_size=64 << 10) as f:
+        assert f.read(10) == data[:10]
+        f.seek(-100, os.SEEK_END)
+        assert f.read() == data[-100:]
+        assert f.read(5) == b""  # at the end
+        f.seek(2 << 20)
+        assert f.read(200_000) == data[2 << 20:(2 << 20) + 200_000]
+        f.seek(5, os.SEEK_CUR)
+        assert f.tell() == (2 << 20) + 200_005
+        assert f.read(3) == data[(2 << 20) + 200_005:(2 << 20) + 200_008]
+        assert f.raw.fetched < 600_000  # of 3 MiB
+    with pytest.raises(ObjectNotFound):
+        store.open_ranged("absent.bin")
+
+
 def test_failed_write_leaves_nothing(store):
     store.put_bytes("keep.bin", b"old")
     with pytest.raises(RuntimeError):
