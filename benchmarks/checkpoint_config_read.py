@@ -4,7 +4,8 @@ This writes a real checkpoint of the given preset (the paper's ViT-S/16 by defau
 and AdamW state) to a local SeaweedFS server, then times
 
 * ``download``: the whole object fetched, then ``torch.load(mmap=True)`` of its config (what the flow did before);
-* ``ranged``: ``read_checkpoint_config`` as it is now (ranged GETs of the zip directory and the pickle only).
+* ``ranged``: ``read_checkpoint_config`` as it is now (ranged GETs of the zip directory and the pickle only, loaded
+  with ``map_location="meta"``).
 
     .venv/bin/python benchmarks/checkpoint_config_read.py                  # preset "reference" (ViT-S/16), 3 runs
     .venv/bin/python benchmarks/checkpoint_config_read.py --preset small   # a smaller model

@@ -136,14 +136,10 @@ def read_checkpoint_config(uri: str | os.PathLike) -> dict[str, Any]:
 
 
 def _config_without_tensor_bytes(f) -> dict[str, Any]:
-    """``config`` of the checkpoint in the seekable file ``f``. Under ``FakeTensorMode`` ``torch.load`` makes each
-    tensor from the archive's metadata (dtype, shape) without reading its storage record, so only the zip's
+    """``config`` of the checkpoint in the seekable file ``f``. With ``map_location="meta"`` ``torch.load`` makes
+    each tensor from the archive's metadata (dtype, shape) without reading its storage record, so only the zip's
     directory and ``data.pkl`` are read; ``weights_only`` still refuses anything but plain types."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    return dict(state.get("config") or {})
+    return dict(torch.load(f, map_location="meta", weights_only=True).get("config") or {})
 
 
 def remove_stale_writes(uri: str) -> list[str]:
