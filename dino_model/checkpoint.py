@@ -118,15 +118,16 @@ def read_checkpoint(uri: str | os.PathLike, map_location: str | torch.device = "
 
 
 def read_checkpoint_config(uri: str | os.PathLike) -> dict[str, Any]:
-    """The resolved config a checkpoint was written with, without reading its tensors: a local file is
-    memory-mapped; of an ``s3://`` one only the zip directory and the pickle are fetched, by ranged GETs (a few
-    hundred kB, whatever the checkpoint's size)."""
+    """The resolved config a checkpoint was written with, without reading its tensors: with
+    ``map_location="meta"`` ``torch.load`` makes each tensor from the archive's metadata (dtype, shape) and skips
+    its storage record, so only the zip's directory and ``data.pkl`` are read — of an ``s3://`` checkpoint by
+    ranged GETs (a few hundred kB, whatever its size). ``weights_only`` still refuses anything but plain types."""
     store, key = open_object(os.fspath(uri))
     if isinstance(store, LocalStore):
         path = store.local_path(key)
         if not path.is_file():
             raise ObjectNotFound(f"checkpoint {uri} does not exist")
-        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {})
+        return _config_without_tensor_bytes(path)
     if not isinstance(store, S3Store):
         raise TypeError(f"no checkpoint config reader for {type(store).__name__}")
     with store.open_ranged(key) as f:
@@ -136,9 +137,6 @@ def read_checkpoint_config(uri: str | os.PathLike) -> dict[str, Any]:
 
 
 def _config_without_tensor_bytes(f) -> dict[str, Any]:
-    """``config`` of the checkpoint in the seekable file ``f``. With ``map_location="meta"`` ``torch.load`` makes
-    each tensor from the archive's metadata (dtype, shape) without reading its storage record, so only the zip's
-    directory and ``data.pkl`` are read; ``weights_only`` still refuses anything but plain types."""
     return dict(torch.load(f, map_location="meta", weights_only=True).get("config") or {})
 
 
