@@ -54,7 +54,7 @@ import torch
 
 from dino_model import distributed as dist_utils
 from dino_model.checkpoint_names import CHECKPOINT_NAME, checkpoint_name, latest_checkpoint, list_checkpoints
-from dino_model.config import DinoConfig
+from dino_model.config import DinoConfig, is_checkpoint_file
 from dino_model.meta_arch import DINO, unwrap
 from dino_model.storage import LocalStore, ObjectNotFound, S3Store, open_object, open_store
 from dino_model.storage.local import TEMP_PREFIX
@@ -67,6 +67,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "read_checkpoint_config",
+    "config_source",
     "make_checkpoint",
     "resume_cursor",
     "restore_checkpoint",
@@ -134,6 +135,15 @@ def read_checkpoint_config(uri: str | os.PathLike) -> dict[str, Any]:
         config = _config_without_tensor_bytes(f)
         _log.debug("config of %s read from %d of its %d bytes", uri, f.raw.fetched, f.raw.size)
         return config
+
+
+def config_source(path: str | os.PathLike | None) -> str | os.PathLike | dict[str, Any] | None:
+    """What :func:`dino_model.config.load_config` takes for a ``--config`` argument: the path of a YAML / JSON file
+    as it is, or, for a training checkpoint, the resolved config saved in it (:func:`read_checkpoint_config`: its
+    tensors are not read)."""
+    if path is not None and is_checkpoint_file(path):
+        return read_checkpoint_config(path)
+    return path
 
 
 def _config_without_tensor_bytes(f) -> dict[str, Any]:

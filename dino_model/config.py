@@ -43,6 +43,8 @@ __all__ = [
     "DinoConfig",
     "PRESETS",
     "load_config",
+    "is_checkpoint_file",
+    "read_config_file",
     "apply_overrides",
     "parse_override",
 ]
@@ -509,15 +511,19 @@ def preset_names(preset: str | Sequence[str] | None) -> list[str]:
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    source: str | os.PathLike | dict[str, Any] | None = None,
     overrides: Iterable[str] = (),
     preset: str | Sequence[str] | None = None,
 ) -> DinoConfig:
     """Reference defaults, then the presets (from ``preset`` and the file's ``preset:`` key), then the file, then
-    the ``key.sub=value`` overrides; validated."""
+    the ``key.sub=value`` overrides; validated. ``source``: a YAML or JSON file, or a config dict already read
+    (for a training checkpoint: ``dino_model.checkpoint.read_checkpoint_config(path)``, see
+    :func:`is_checkpoint_file`)."""
     file_dict: dict[str, Any] = {}
-    if path is not None:
-        file_dict = read_config_file(path)
+    if isinstance(source, dict):
+        file_dict = json.loads(json.dumps(source))  # a copy: the preset key is popped below
+    elif source is not None:
+        file_dict = read_config_file(source)
     names = preset_names(file_dict.pop("preset", None)) + preset_names(preset)
     merged: dict[str, Any] = DinoConfig().to_dict()
     for n in names:
@@ -527,15 +533,25 @@ def load_config(
     return DinoConfig.from_dict(merged)
 
 
+#: Extensions of training checkpoints (``torch.save`` archives), whose saved config can serve as a config file.
+CHECKPOINT_EXTENSIONS = (".pt", ".pth")
+
+
+def is_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a training checkpoint rather than a YAML / JSON file: its config is read with
+    ``dino_model.checkpoint.read_checkpoint_config`` (torch; this module imports none) and passed to
+    :func:`load_config` as a dict."""
+    return os.path.splitext(os.fspath(path))[1].lower() in CHECKPOINT_EXTENSIONS
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or JSON (``.json``) config file as a dict; the config dict stored in a training
-    checkpoint is accepted too (``.pt``/``.pth``)."""
+    """A YAML (``.yaml``/``.yml``) or JSON (``.json``) config file as a dict. A training checkpoint is refused
+    here: its config is read by ``dino_model.checkpoint.read_checkpoint_config`` (:func:`is_checkpoint_file`)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth"):
-        from .checkpoint import read_checkpoint  # a checkpoint's resolved config
-
-        return read_checkpoint(path)["config"]
+    if is_checkpoint_file(path):
+        raise ConfigError(f"config file {path!r} is a training checkpoint: read its config with "
+                          "dino_model.checkpoint.read_checkpoint_config and pass the dict to load_config")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -73,6 +73,7 @@ from torch import nn
 
 from dino_model import distributed as dist_utils
 from dino_model.checkpoint import (
+    config_source,
     gather_rng_states,
     latest_checkpoint,
     make_checkpoint,
@@ -717,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent_from_env()
     _setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides, preset=args.preset)
+        cfg = load_config(config_source(args.config), args.overrides, preset=args.preset)
         if args.print_config:
             import json
 

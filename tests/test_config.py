@@ -153,3 +153,31 @@ def test_from_dict_validates():
     d["data"]["batch_size_per_gpu"] = 0
     with pytest.raises(ConfigError, match="data.batch_size_per_gpu"):
         DinoConfig.from_dict(d)
+
+
+def test_the_config_module_imports_neither_torch_nor_the_checkpoint_code():
+    """config.py is read by commands before anything heavy starts; a checkpoint's config reaches it as a dict."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, dino_model.config\nprint(sorted(m for m in ('torch', 'dino_model.checkpoint') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_serves_as_a_config_file_through_its_saved_config(tmp_path):
+    from dino_model.checkpoint import config_source, save_checkpoint
+    from tasks.validation.training import resolve_training_config
+
+    saved = load_config(overrides=["optim.lr=0.0123", "train.epochs=17"]).to_dict()
+    written = save_checkpoint(str(tmp_path / "ckpt"), {"step": 3, "config": saved, "big": torch.zeros(1000)})
+    assert config_source(written) == saved and config_source("run.yaml") == "run.yaml"
+    cfg = load_config(config_source(written), overrides=["train.epochs=19"])
+    assert (cfg.optim.lr, cfg.train.epochs) == (0.0123, 19)
+    resolved = resolve_training_config("/data/train", "/ckpt", None, written, ["optim.min_lr=0"])
+    assert (resolved["optim"]["lr"], resolved["optim"]["min_lr"], resolved["data"]["source"]) == (0.0123, 0, "/data/train")
+    with pytest.raises(ConfigError, match="is a training checkpoint"):
+        load_config(written)

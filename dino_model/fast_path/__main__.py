@@ -24,6 +24,7 @@ import tempfile
 import torch
 
 from dino_model import distributed as dist_utils
+from dino_model.checkpoint import config_source
 from dino_model.config import ConfigError, load_config
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"checkpoint.uri={json.dumps(os.path.join(tmp, 'checkpoints'))}", "checkpoint.resume=false",
                 "checkpoint.every_n_steps=0", "export.enabled=false", "logging.loggers=[]", "logging.progress=false",
                 "train.fast_path_check=fallback"]
-            cfg = load_config(args.config, overrides, preset=args.preset)
+            cfg = load_config(config_source(args.config), overrides, preset=args.preset)
             with torch.random.fork_rng():
                 records = run_checks(cfg, args.steps)
     except ConfigError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_model.checkpoint_names import list_checkpoints
-from dino_model.config import ConfigError, DinoConfig, load_config
+from dino_model.config import ConfigError, DinoConfig, is_checkpoint_file, load_config
 from dino_model.data.manifest import MANIFEST_NAME
 from dino_model.storage import LocalStore, StorageError, open_store
 from tasks.trainer_process import LaunchSpec
@@ -40,9 +40,23 @@ def resolve_training_config(
     overrides = list(overrides or [])
     overrides += [f"data.source={json.dumps(data)}", f"checkpoint.uri={json.dumps(checkpoint_uri)}"]
     try:
-        return load_config(config_file, overrides=overrides, preset=preset or None).to_dict()
+        return load_config(_config_source(config_file), overrides=overrides, preset=preset or None).to_dict()
     except ConfigError as e:
         raise PreflightError(f"invalid training config: {_with_suggestion(str(e))}") from e
+
+
+def _config_source(config_file: str | None) -> str | dict[str, Any] | None:
+    """The config file as :func:`load_config` takes it: a training checkpoint's saved config is read here (its
+    tensors are not: :func:`dino_model.checkpoint.read_checkpoint_config`; torch is imported only then)."""
+    if config_file is None or not is_checkpoint_file(config_file):
+        return config_file
+    from dino_model.checkpoint import read_checkpoint_config
+
+    try:
+        return read_checkpoint_config(config_file)
+    except (OSError, StorageError, RuntimeError, ValueError) as e:
+        raise PreflightError(f"config_file {config_file!r}: cannot read the checkpoint's config "
+                             f"({type(e).__name__}: {e})") from e
 
 
 def _with_suggestion(message: str) -> str:
