@@ -101,6 +101,11 @@ class DINO(nn.Module):
     def teacher_backbone(self) -> nn.Module:
         return unwrap(self.teacher).backbone
 
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        """What a training checkpoint saves of the model, by name (:mod:`dino_model.checkpoint` asks each for its
+        ``state_dict``): the student and the teacher without their wrappers, and the loss (its centre)."""
+        return {"student": self.student_module(), "teacher": unwrap(self.teacher), "dino_loss": self.dino_loss}
+
     def convert_sync_batchnorm(self) -> None:
         """Replace BatchNorm by SyncBatchNorm in student and teacher (ResNet-50 / BN heads, multi-GPU), before
         wrapping the student in DDP — as the reference does when the model has batch norms."""

@@ -367,7 +367,7 @@ def test_the_check_command_measures_every_part_and_exits_4_on_a_fallback(tiny_im
     """``python -m dino_model.fast_path`` (what gpu_session.sh runs first): every part measured and printed."""
     import json
 
-    from dino_model.fast_path.__main__ import main as check_main
+    from dino_model.train.check_fast_path import main as check_main
 
     monkeypatch.setenv(FAULT_ENV, "extract")
     overrides = [o for o in tiny_overrides(tiny_images, tiny_images / "unused") if not o.startswith("checkpoint.")]
@@ -379,6 +379,25 @@ def test_the_check_command_measures_every_part_and_exits_4_on_a_fallback(tiny_im
     assert records["extract"]["status"] == "fallback" and "min cosine similarity" in records["extract"]["reason"]
     assert "fast path · extract · fallback: bf16 features differ from fp32" in out
     assert not (tiny_images / "unused").exists()  # checkpoints went to a temporary folder
+
+
+def test_the_check_command_keeps_its_name_and_the_fast_path_package_never_imports_the_loop():
+    """``python -m dino_model.fast_path`` runs the training package's check as a new program (no import upward)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "dino_model.fast_path", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m dino_model.fast_path") and "--steps STEPS" in out.stdout
+    for path in (root / "dino_model" / "fast_path").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n == "dino_model.train" or n.startswith("dino_model.train.") for n in names), path
 
 
 def test_settings_validate():
