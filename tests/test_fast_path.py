@@ -18,7 +18,7 @@ import torch
 from dino_model.checkpoint import latest_checkpoint, read_checkpoint
 from dino_model.config import CropsConfig, load_config
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop
-from dino_model.data.reader import build_loader
+from dino_model.data.reader import LoaderSettings, build_loader
 from dino_model.eval.features import extract_features, read_features
 from dino_model.fast_path import FastPathError, Verdict
 from dino_model.fast_path.data_canary import AUGMENT_MEAN_LEVELS, compare_data_paths, device_multicrop
@@ -61,8 +61,8 @@ def run_records(out: str) -> dict:
 @pytest.fixture(scope="module")
 def first_batch(shared_data):
     """The first batch of a decode=False loader over real ImageNet JPEGs (~500x375), the paper's crops."""
-    loader = build_loader(str(shared_data / "imagenet-sample"), batch_size=8, transform=None, decode=False,
-                          param_sampler=CropParamSampler(CropsConfig()), seed=0, epoch=0)
+    loader = build_loader(str(shared_data / "imagenet-sample"), LoaderSettings(batch_size=8, seed=0),
+                          transform=None, decode=False, param_sampler=CropParamSampler(CropsConfig()), epoch=0)
     return next(iter(loader))
 
 

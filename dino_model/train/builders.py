@@ -13,13 +13,14 @@ from torch import nn
 
 from dino_model import distributed as dist_utils
 from dino_model.config import DinoConfig
+from dino_model.data.reader import LoaderSettings, build_loader
 from dino_model.fast_path.data_canary import device_multicrop
 from dino_model.fast_path.step_canary import StepPath, compile_model
 from dino_model.meta_arch import DINO, unwrap
 from dino_model.optim import build_optimizer, load_optimizer_state, optimizer_state, param_groups
 from dino_model.step import TrainingState
 
-__all__ = ["augment_on_device", "build_train_loader", "batch_preparer", "CursorData", "build_training_state",
+__all__ = ["augment_on_device", "loader_settings", "build_train_loader", "batch_preparer", "CursorData", "build_training_state",
            "prepare_model", "check_resume_layout", "teacher_replicas_identical"]
 
 
@@ -29,6 +30,14 @@ def augment_on_device(cfg: DinoConfig, device: torch.device) -> bool:
     return mode == "device" or (mode == "auto" and device.type == "cuda")
 
 
+def loader_settings(cfg: DinoConfig, ctx: dist_utils.DistContext) -> LoaderSettings:
+    """How this rank reads the training data, every epoch (``data.*``, ``train.seed``, the rank's place)."""
+    return LoaderSettings(batch_size=cfg.data.batch_size_per_gpu, seed=cfg.train.seed, rank=ctx.rank,
+                          world_size=ctx.world_size, num_workers=cfg.data.num_workers, resampled=cfg.data.resampled,
+                          epoch_length=cfg.data.epoch_length, shuffle_buffer=cfg.data.shuffle_buffer,
+                          pin_memory=cfg.data.pin_memory and ctx.device.type == "cuda")
+
+
 def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int, start_batch: int = 0,
                        on_device: bool | None = None):
     """The reader for one epoch, positioned at ``start_batch`` (the saved cursor). ``on_device`` (default: as
@@ -36,26 +45,11 @@ def build_train_loader(cfg: DinoConfig, ctx: dist_utils.DistContext, epoch: int,
     the training process to decode and augment on its device; else they augment."""
     from dino_model.data.augment import MultiCropAugmentation
     from dino_model.data.gpu_augment import CropParamSampler
-    from dino_model.data.reader import build_loader
 
     on_device = augment_on_device(cfg, ctx.device) if on_device is None else on_device
-    return build_loader(
-        cfg.data.source,
-        batch_size=cfg.data.batch_size_per_gpu,
-        transform=None if on_device else MultiCropAugmentation(cfg.crops),
-        decode=not on_device,
-        param_sampler=CropParamSampler(cfg.crops) if on_device else None,
-        seed=cfg.train.seed,
-        epoch=epoch,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        num_workers=cfg.data.num_workers,
-        start_batch=start_batch,
-        resampled=cfg.data.resampled,
-        epoch_length=cfg.data.epoch_length,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        pin_memory=cfg.data.pin_memory and ctx.device.type == "cuda",
-    )
+    return build_loader(cfg.data.source, loader_settings(cfg, ctx), epoch=epoch, start_batch=start_batch,
+                        transform=None if on_device else MultiCropAugmentation(cfg.crops), decode=not on_device,
+                        param_sampler=CropParamSampler(cfg.crops) if on_device else None)
 
 
 def batch_preparer(cfg: DinoConfig, device: torch.device,
