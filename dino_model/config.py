@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "ExportConfig",
+    "HealthConfig",
     "DinoConfig",
     "PRESETS",
     "load_config",
@@ -347,11 +348,58 @@ class TrainConfig(Section):
     reference path (workers augment; the step runs eager, in bf16 autocast if that alone passes, else fp32), with a
     WARNING and the reason in the run's records; ``strict``: the run stops with exit code 4 instead (benchmarks);
     ``off``: no check. Every verdict is recorded (MLflow tags ``fast_path.data`` / ``fast_path.step``)."""
+    health: Literal["warn", "stop", "off"] = "warn"
+    """What the run does when the training-health monitor (:mod:`dino_model.health`, thresholds in ``health.*``)
+    calls a window of steps after the warm-ups ``collapse:uniform``, ``collapse:one-hot`` or ``stalled``: ``warn``
+    (default: one WARNING with the figures, the MLflow tag ``health`` and metric ``health.bad``, a line in the
+    pretrain flow's progress artifact and a row in the model card; training goes on, because the thresholds are
+    heuristics and a wrongly stopped run loses its GPU time too), ``stop`` (write a checkpoint, exit with code 5 and
+    ``stop_reason=collapsed:<mode>``; the flow fails without retrying, since a retry would collapse again) or
+    ``off`` (the verdicts are still logged)."""
     nonfinite_check_every: NonNegInt = 0
     """Check the loss for NaN/inf (and, across ranks, for a stop signal) every this many steps; 0 = every step on
     CPU and every ``logging.log_every`` steps on GPU, where each check is a host-device sync. Steps between checks
     are still watched on the device, so the failure names the first bad step; a check always precedes a
     checkpoint, so no checkpoint ever holds non-finite weights."""
+
+
+class HealthConfig(Section):
+    """Thresholds of the training-health monitor (:mod:`dino_model.health`; what it does: ``train.health``). The
+    figures behind the defaults were measured on the tests' tiny runs (ViT-Tiny, K = 64, 48 images): healthy runs
+    keep target entropy 0.43-0.55·ln K, batch-target entropy >= 0.71·ln K (~20 prototypes), information
+    0.19-0.33·ln K, KL(teacher‖student) >= 0.17·ln K and feature spread >= 0.6; a uniform collapse (teacher
+    temperature 1) reaches entropy 0.997·ln K and information 0.002·ln K; no centring (one-hot) falls below 2
+    prototypes with information 0.005-0.04·ln K; a teacher that is the student object gives information
+    0.00-0.05·ln K and a feature spread of 0.13-0.3."""
+
+    section: ClassVar[str] = "health"
+    window_steps: PositiveInt = 200
+    """Steps per judged window; a window is judged on the means of its logged steps (``logging.log_every``)."""
+    min_points: PositiveInt = 3
+    """Logged steps a window needs at least before it is judged (it grows beyond ``window_steps`` until then)."""
+    patience: PositiveInt = 2
+    """Consecutive bad windows before a verdict is called (and ``train.health`` acts): one window can be a
+    transient."""
+    start_step: NonNegInt | None = None
+    """First step judged; ``null`` = when the learning-rate and teacher-temperature warm-ups end (targets and
+    updates change by design before)."""
+    one_hot_prototypes: Annotated[Number, Field(ge=1)] = 2.0
+    """``collapse:one-hot`` when the batch's mean target has an entropy <= ln(this): its targets fall on about
+    this many prototypes or fewer (healthy tiny runs: ~20; ImageNet batches: hundreds)."""
+    uniform_entropy: Annotated[Number, _between(0.5, 1.0)] = 0.95
+    """``collapse:uniform`` when the mean target entropy is >= this · ln K (healthy: about 0.4-0.6 on the tests'
+    runs; uniform collapse: 0.99+)."""
+    min_information: Annotated[Number, _between(0.0, 1.0)] = 0.05
+    """A collapse when the information the targets carry about the image (mutual information, the
+    ``teacher_kl_to_center`` metric) is <= this · ln K: every image gets nearly the same target (healthy tiny
+    runs: >= 0.19·ln K; every collapse measured: <= 0.05·ln K)."""
+    min_feature_spread: NonNegNumber = 0.05
+    """A collapse when the teacher's backbone features' spread (the ``teacher_feature_spread`` metric, ~1 when
+    spread out) is <= this: every image gets nearly the same feature."""
+    stalled_kl: NonNegNumber = 0.01
+    """``stalled`` when KL(teacher‖student) is <= this · ln K (nothing left to learn) ..."""
+    stalled_loss_change: NonNegNumber = 0.001
+    """... and the mean loss changed by <= this fraction since the previous window."""
 
 
 class CheckpointConfig(Section):
@@ -421,6 +469,8 @@ class DinoConfig(Section):
     """Metrics loggers and progress lines."""
     export: ExportConfig = Field(default_factory=ExportConfig)
     """Final teacher export."""
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    """Thresholds of the training-health monitor."""
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "DinoConfig":

@@ -30,7 +30,8 @@ What a run does (:func:`train` in ``loop.py`` reads in this order):
 2. :func:`run_epoch`, from the cursor to the end of each epoch: per step, lr / weight decay / teacher momentum /
    teacher temperature from the schedule arrays at the global step, forward and backward, gradient clipping (per
    parameter by default), drop the last layer's gradients during the ``freeze_last_layer`` epochs, optimiser
-   step, teacher EMA (:func:`dino_model.step.train_step`); then metrics, agreement across ranks on NaN losses and
+   step, teacher EMA (:func:`dino_model.step.train_step`); then metrics (at each logged step also the
+   training-health monitor's window verdicts, :mod:`dino_model.health`), agreement across ranks on NaN losses and
    stop signals, and checkpoints, each when the :class:`Cadence` says.
 3. :func:`finish`: check that the ranks' teachers are identical and export the teacher backbone (safetensors +
    JSON, loadable by timm) to ``export.uri`` (default ``<checkpoint.uri>/export``).
@@ -42,6 +43,8 @@ Exit codes of ``python -m dino_model.train``:
 * 2   invalid configuration (the message names the field)
 * 3   non-finite loss (the message names the step; no checkpoint is written after it, earlier ones stay intact)
 * 4   a fast path failed its check with ``train.fast_path_check=strict`` (the message gives the figures)
+* 5   ``train.health=stop`` and the training-health monitor called a collapse or a stall (:mod:`dino_model.health`):
+  a checkpoint is written, the stop reason is ``collapsed:uniform``, ``collapsed:one-hot`` or ``stalled``
 * 143 stopped by SIGTERM or SIGINT: the current step is finished, a checkpoint is written (atomically; a
   second SIGINT abandons it and nothing half-written remains, a repeated SIGTERM does not), then the process
   exits (logged as a warning: a stop on request is no error). Under torchrun, each worker exits 143 and torchrun
@@ -67,6 +70,7 @@ from .cli import main
 from .controls import Cadence, StopSignals
 from .loop import finish, run_epoch, setup_run, train
 from .outcomes import (
+    EXIT_COLLAPSED,
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_FAST_PATH,
@@ -74,6 +78,7 @@ from .outcomes import (
     EXIT_OK,
     EXIT_TERMINATED,
     NonFiniteLoss,
+    TrainingCollapsed,
     TrainingTerminated,
     TrainResult,
 )
@@ -85,8 +90,10 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_NONFINITE",
     "EXIT_FAST_PATH",
+    "EXIT_COLLAPSED",
     "EXIT_TERMINATED",
     "NonFiniteLoss",
+    "TrainingCollapsed",
     "TrainingTerminated",
     "TrainResult",
     "Cadence",

@@ -18,6 +18,7 @@ from dino_model.parent_death import exit_with_parent_from_env
 
 from .loop import train
 from .outcomes import (
+    EXIT_COLLAPSED,
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_FAST_PATH,
@@ -25,6 +26,7 @@ from .outcomes import (
     EXIT_OK,
     EXIT_TERMINATED,
     NonFiniteLoss,
+    TrainingCollapsed,
     TrainingTerminated,
 )
 
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             emit_progress("error", kind="fast_path", part=e.verdict.part, message=str(e),
                           fast_path={e.verdict.part: e.verdict.as_record()})
         return EXIT_FAST_PATH
+    except TrainingCollapsed as e:
+        log.error("%s", e)
+        return EXIT_COLLAPSED
     except (TrainingTerminated, KeyboardInterrupt) as e:
         log.warning("%s", e)
         return EXIT_TERMINATED

@@ -21,6 +21,7 @@ from dino_model.config import ConfigError, DinoConfig
 from dino_model.data.device_prefetch import DevicePrefetcher
 from dino_model.fast_path.step_canary import canary_step_args
 from dino_model.fast_path.training import FirstStepsGuard, check_training_paths
+from dino_model.health import HealthMonitor, stop_reason
 from dino_model.metrics import MultiLogger, build_loggers
 from dino_model.schedules import build_schedules
 from dino_model.step import StepSettings, resolve_precision
@@ -34,7 +35,7 @@ from .builders import (
     teacher_replicas_identical,
 )
 from .controls import Cadence, NonFiniteWatch, Progress, StopSignals, Throughput
-from .outcomes import TrainingTerminated, TrainResult
+from .outcomes import TrainingCollapsed, TrainingTerminated, TrainResult
 from .run import Run
 
 __all__ = ["setup_run", "run_epoch", "finish", "train"]
@@ -63,9 +64,11 @@ def setup_run(cfg: DinoConfig) -> Run:
                          f"per rank with {ctx.world_size} ranks")
     state = build_training_state(cfg, ctx, torch.amp.GradScaler(ctx.device.type) if use_scaler else None)
     schedules = build_schedules(cfg, steps_per_epoch, ctx.world_size)
+    health = HealthMonitor.from_config(cfg, steps_per_epoch) if cfg.train.health != "off" else None
     if checkpoint is not None:
         check_resume_layout(checkpoint, cfg, ctx)
-        restore_checkpoint(checkpoint, state.parts(), rank=ctx.rank, device=ctx.device)
+        parts = {**state.parts(), **({"health": health} if health is not None else {})}
+        restore_checkpoint(checkpoint, parts, rank=ctx.rank, device=ctx.device, optional=("health",))
         del checkpoint
         if ctx.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch)
@@ -86,7 +89,7 @@ def setup_run(cfg: DinoConfig) -> Run:
               prepare_batch=data.preparer(paths.augment_on_device), loggers=loggers,
               progress=Progress(ctx.is_main and cfg.logging.progress), watch=NonFiniteWatch(ctx.device),
               throughput=Throughput(step, cfg.data.batch_size_per_gpu * ctx.world_size), step=step, epoch=epoch,
-              batch=batch, last_checkpoint=resume_from, loader=paths.loader)
+              batch=batch, last_checkpoint=resume_from, health=health, loader=paths.loader)
     run.record_fast_path(paths.data, paths.step, announce=False)
     _announce_start(run, resume_from)
     return run
@@ -117,7 +120,8 @@ def _announce_start(run: Run, resume_from: str | None) -> None:
 
 def run_epoch(run: Run, stop: StopSignals) -> bool:
     """Step 2 of the package docstring: train from the cursor to the end of its epoch, or to ``train.max_steps``,
-    or to a stop signal; returns whether a stop signal ended it (after its checkpoint)."""
+    or to a stop: a stop signal, or a health verdict with ``train.health=stop``; returns whether a stop ended it
+    (after its checkpoint)."""
     loader = run.take_loader()
     if int(loader.batches_per_epoch) != run.steps_per_epoch:
         raise RuntimeError(f"epoch {run.epoch} has {loader.batches_per_epoch} batches, the first had "
@@ -135,7 +139,8 @@ def run_epoch(run: Run, stop: StopSignals) -> bool:
             if run.cadence.sync(run.step, end_of_epoch) or (stop.requested and not run.ctx.distributed):
                 stopping = run.agree(stop)
             if run.cadence.log(run.step):
-                run.log_step(stats)
+                run.log_step(stats)  # (every rank judges the run's health alike here)
+                stopping = stopping or bool(run.collapsed)
             if end_of_epoch:
                 break  # the epoch's end below covers every reason to write a checkpoint now
             if run.cadence.checkpoint(run.step) or stopping:
@@ -177,6 +182,22 @@ def finish(run: Run) -> TrainResult:
                        metrics=run.last_metrics)
 
 
+def _stopped(run: Run, stop: StopSignals) -> tuple[str, Exception]:
+    """A run that a stop ended (its checkpoint written): the ``end`` progress line, then its stop reason and the
+    exception that ends :func:`train` — :class:`TrainingCollapsed` for a health stop, else
+    :class:`TrainingTerminated`."""
+    if run.collapsed:
+        reason = stop_reason(run.collapsed)
+        run.progress("end", status=reason, step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint,
+                     total_steps=run.schedules.total_steps, epochs_done=run.epochs_done,
+                     health=run.health.last.as_record() if run.health.last else None)
+        detail = run.health.last.describe() if run.health.last else run.collapsed
+        return reason, TrainingCollapsed(run.collapsed, reason, run.step, run.last_checkpoint, detail)
+    run.progress("end", status="terminated", step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint,
+                 total_steps=run.schedules.total_steps, epochs_done=run.epochs_done)
+    return "cancelled", TrainingTerminated(stop.requested or int(signal.SIGTERM), run.step, run.last_checkpoint)
+
+
 def train(cfg: DinoConfig) -> TrainResult:
     """Run (or resume) DINO pretraining as configured; see the package docstring."""
     run = setup_run(cfg)
@@ -185,11 +206,8 @@ def train(cfg: DinoConfig) -> TrainResult:
         with StopSignals() as stop:
             while not run.cadence.done(run.step):
                 if run_epoch(run, stop):
-                    stop_reason = "cancelled"
-                    run.progress("end", status="terminated", step=run.step, epoch=run.epoch,
-                                 checkpoint=run.last_checkpoint, total_steps=run.schedules.total_steps,
-                                 epochs_done=run.epochs_done)
-                    raise TrainingTerminated(stop.requested or int(signal.SIGTERM), run.step, run.last_checkpoint)
+                    stop_reason, error = _stopped(run, stop)
+                    raise error
         result = finish(run)
         stop_reason = result.status
         return result

@@ -6,14 +6,15 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
-__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_FAST_PATH", "EXIT_TERMINATED",
-           "NonFiniteLoss", "TrainingTerminated", "TrainResult"]
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_FAST_PATH", "EXIT_COLLAPSED",
+           "EXIT_TERMINATED", "NonFiniteLoss", "TrainingCollapsed", "TrainingTerminated", "TrainResult"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_FAST_PATH = 4
+EXIT_COLLAPSED = 5
 EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's convention for "terminated by a signal"
 
 
@@ -40,6 +41,23 @@ class TrainingTerminated(RuntimeError):
         self.checkpoint = checkpoint
         super().__init__(
             f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint or 'none'}"
+        )
+
+
+class TrainingCollapsed(RuntimeError):
+    """``train.health=stop`` and the health monitor called a collapse (or a stall): training stopped after
+    writing ``checkpoint``; ``stop_reason`` is ``collapsed:<mode>`` or ``stalled``."""
+
+    def __init__(self, verdict: str, stop_reason: str, step: int, checkpoint: str | None, detail: str):
+        self.verdict = verdict
+        self.stop_reason = stop_reason
+        self.step = step
+        self.checkpoint = checkpoint
+        self.detail = detail
+        super().__init__(
+            f"training stopped at step {step} ({stop_reason}, train.health=stop): {detail}; checkpoint: "
+            f"{checkpoint or 'none'}. A retry would collapse again: change the recipe (teacher temperature, "
+            "learning rate, centring; see dino_model/health.py) before resuming, or set train.health=warn"
         )
 
 

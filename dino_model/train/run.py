@@ -17,6 +17,7 @@ from dino_model.data.rng import derive_seed
 from dino_model.fast_path import Verdict
 from dino_model.fast_path.step_canary import StepPath, canary_step_args
 from dino_model.fast_path.training import FirstStepsGuard
+from dino_model.health import HEALTHY, HealthMonitor, WindowVerdict
 from dino_model.meta_arch import DINO
 from dino_model.metrics import MultiLogger
 from dino_model.schedules import Schedules
@@ -38,6 +39,7 @@ STAT_KEYS = (
     "teacher_kl_to_uniform",
     "teacher_kl_to_center",
     "kl_teacher_student",
+    "teacher_feature_spread",
 )
 
 
@@ -66,8 +68,11 @@ class Run:
     epoch: int
     batch: int
     last_checkpoint: str | None
+    health: HealthMonitor | None = None  #: the training-health monitor (dino_model.health)
     loader: Any = None  #: the loader of the cursor's epoch once built (setup_run builds the first)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    collapsed: str = ""  #: the bad health verdict that stops this run (train.health=stop), once called
+    health_announced: str = ""  #: the verdict the loggers were last told of as a change
 
     def take_loader(self) -> Any:
         """The loader of the cursor's epoch, positioned at the cursor, built here unless setup_run already did."""
@@ -151,6 +156,30 @@ class Run:
         self.loggers.log(self.step, metrics)
         self.progress("step", **{"step": self.step, "total_steps": self.schedules.total_steps, "batch": self.batch,
                                  **metrics, "epoch": self.epoch})
+        if self.health is not None:
+            window = self.health.observe(self.step, metrics)
+            if window is not None:
+                self.judge_health(window)
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """What a checkpoint of this run saves: the training state and the health monitor's history."""
+        return {**self.state.parts(), **({"health": self.health} if self.health is not None else {})}
+
+    def judge_health(self, window: WindowVerdict) -> None:
+        """A window's verdict (every rank reaches the same, from the same all-reduced metrics): to the loggers
+        and the parent process; a WARNING when a bad verdict is called; with ``train.health=stop`` the run stops
+        at this step (:attr:`collapsed`)."""
+        called = self.health.called
+        changed = called != self.health_announced
+        text = window.describe() if window.verdict == called else f"{called} (latest window: {window.describe()})"
+        record = {"called": called, "window": window.as_record(), "text": text, "changed": changed}
+        self.loggers.on_health(record)
+        self.progress("health", step=self.step, **record)
+        if changed and self.ctx.is_main:
+            (log.info if called == HEALTHY else log.warning)("training health: %s", text)
+        self.health_announced = called
+        if called != HEALTHY and self.cfg.train.health == "stop":
+            self.collapsed = called
 
     @property
     def epochs_done(self) -> float:
@@ -164,7 +193,7 @@ class Run:
         rng = gather_rng_states(self.ctx.device)
         written = None
         if self.ctx.is_main:
-            state = make_checkpoint(self.state.parts(), step=self.step, cursor=(self.epoch, self.batch), rng=rng,
+            state = make_checkpoint(self.checkpoint_parts(), step=self.step, cursor=(self.epoch, self.batch), rng=rng,
                                     config=self.cfg.to_dict(), metrics=self.last_metrics,
                                     world_size=self.ctx.world_size)
             written = save_checkpoint(self.cfg.checkpoint.uri, state, keep_last=self.cfg.checkpoint.keep_last)

@@ -1,0 +1,194 @@
+"""Training health (dino_model/health.py): the rules on known figures, the monitor's windows, patience and
+checkpoint state; then real tiny runs — a healthy one is never flagged, and each collapse the issue trackers
+know (uniform: a far too hot teacher; one-hot: no centring; a teacher that is the student object) is named
+within a bounded number of steps; ``train.health=stop`` checkpoints, exits 5 and records its stop reason."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dino_model.checkpoint import latest_checkpoint, read_checkpoint
+from dino_model.config import HealthConfig, load_config
+from dino_model.health import (
+    COLLAPSE_ONE_HOT,
+    COLLAPSE_UNIFORM,
+    HEALTHY,
+    STALLED,
+    HealthMonitor,
+    judge_window,
+    stop_reason,
+)
+from dino_model.metrics import register_logger
+from dino_model.train import EXIT_COLLAPSED, main, run_epoch, setup_run
+from dino_model.train.controls import StopSignals
+from tests.test_train import tiny_images, tiny_overrides  # noqa: F401 - the module fixture
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+K = 64
+LOG_K = math.log(K)
+
+
+def means(entropy, information, kl=1.0, spread=0.8, loss=3.0) -> dict:
+    """Window means in units of ln K for the entropies (as the thresholds are written)."""
+    return {"teacher_entropy": entropy * LOG_K, "teacher_kl_to_center": information * LOG_K,
+            "kl_teacher_student": kl * LOG_K, "teacher_feature_spread": spread, "loss": loss}
+
+
+def test_each_rule_on_the_figures_measured_in_tiny_runs():
+    t = HealthConfig()
+    # healthy tiny run (steps 20-240): entropy 0.43-0.55, information 0.19-0.33, KL >= 0.17, spread >= 0.6
+    assert judge_window(means(0.45, 0.28, kl=0.2, spread=0.62), K, t, 3.0)[0] == HEALTHY
+    # teacher temperature 1.0: entropy 0.997, information 0.002
+    assert judge_window(means(0.997, 0.002, kl=0.03), K, t, None)[0] == COLLAPSE_UNIFORM
+    # no centring: the batch's targets on ~1.7 prototypes
+    verdict, reason = judge_window(means(0.11, 0.017), K, t, None)
+    assert verdict == COLLAPSE_ONE_HOT and "prototypes" in reason
+    # the same target for every image, neither extreme yet: named by its entropy
+    assert judge_window(means(0.7, 0.02), K, t, None)[0] == COLLAPSE_UNIFORM
+    assert judge_window(means(0.3, 0.03), K, t, None)[0] == COLLAPSE_ONE_HOT
+    # every image gets the same feature although the targets still differ
+    verdict, reason = judge_window(means(0.45, 0.28, spread=0.01), K, t, None)
+    assert verdict == COLLAPSE_ONE_HOT and "same feature" in reason
+    # nothing left to learn and nothing moves; the same KL with a moving loss is not a stall
+    assert judge_window(means(0.45, 0.28, kl=0.001, loss=3.0), K, t, 3.0001)[0] == STALLED
+    assert judge_window(means(0.45, 0.28, kl=0.001, loss=3.0), K, t, 3.3)[0] == HEALTHY
+    assert judge_window(means(0.45, 0.28, kl=0.001), K, t, None)[0] == HEALTHY  # no previous window
+    # thresholds are the user's
+    assert judge_window(means(0.45, 0.28), K, HealthConfig(min_information=0.3), None)[0] == COLLAPSE_ONE_HOT
+    assert stop_reason(COLLAPSE_UNIFORM) == "collapsed:uniform" and stop_reason(STALLED) == "stalled"
+
+
+def feed(monitor: HealthMonitor, steps, entropy, information) -> list:
+    metrics = means(entropy, information)
+    return [w for w in (monitor.observe(s, metrics) for s in steps) if w is not None]
+
+
+def test_windows_start_after_the_warm_ups_and_a_verdict_needs_patience():
+    cfg = load_config(overrides=["model.out_dim=64", "optim.warmup_epochs=2", "loss.warmup_teacher_temp_epochs=1",
+                                 "train.epochs=10", "health.window_steps=10", "health.patience=2"])
+    monitor = HealthMonitor.from_config(cfg, steps_per_epoch=5)
+    assert monitor.start_step == 10  # the longer warm-up: 2 epochs of 5 steps
+    assert feed(monitor, range(1, 11), 0.999, 0.0) == [] and monitor.called == ""  # warming up: not judged
+    first = feed(monitor, range(11, 21), 0.999, 0.0)
+    assert [w.verdict for w in first] == [COLLAPSE_UNIFORM] and monitor.called == HEALTHY  # one window: not yet
+    assert (first[0].first_step, first[0].last_step) == (11, 20)
+    feed(monitor, range(21, 31), 0.3, 0.02)  # bad again, in another face: called, named by the latest window
+    assert monitor.called == COLLAPSE_ONE_HOT
+    feed(monitor, range(31, 41), 0.45, 0.28)
+    assert monitor.called == HEALTHY and len(monitor.history) == 3
+    # state round trip mid-window
+    feed(monitor, range(41, 45), 0.45, 0.28)
+    again = HealthMonitor.from_config(cfg, steps_per_epoch=5)
+    again.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert again.state_dict() == monitor.state_dict()
+    assert [w.last_step for w in feed(again, range(45, 51), 0.45, 0.28)] == [50]
+    # a window grows until it has min_points logged steps (sparse logging)
+    sparse = HealthMonitor(HealthConfig(window_steps=5, min_points=3), K, 0)
+    assert [w.last_step for w in feed(sparse, range(10, 100, 10), 0.45, 0.28)] == [30, 60, 90]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# real tiny runs (ViT-Tiny, K = 64, 48 images, 6 steps per epoch)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class HealthRecords:
+    """A logger that keeps the health records and the end of the run (registered as ``health-records``)."""
+
+    runs: dict[str, "HealthRecords"] = {}
+
+    def __init__(self, name):
+        self.records, self.stop_reason = [], None
+        HealthRecords.runs[name] = self
+
+    def log(self, step, metrics):
+        pass
+
+    def on_health(self, record):
+        self.records.append(record)
+
+    def on_run_end(self, step, reason):
+        self.stop_reason = reason
+
+    def close(self):
+        pass
+
+
+def health_overrides(images, ckpt, name: str, **extra) -> list[str]:
+    register_logger("health-records", HealthRecords)
+    return tiny_overrides(images, ckpt, **{
+        "logging.loggers": [f"health-records:{name}"], "logging.progress": False, "export.enabled": False,
+        "checkpoint.every_n_steps": 0, "health.window_steps": 12, "health.patience": 2, **extra})
+
+
+def run_tiny(overrides: list[str], shared_teacher: bool = False):
+    """Train as ``train()`` does, optionally with the dinov2 #407 bug: the teacher is the student object."""
+    run = setup_run(load_config(overrides=overrides))
+    if shared_teacher:
+        run.state.model.teacher = run.state.model.student
+    try:
+        with StopSignals() as stop:
+            while not run.cadence.done(run.step) and not run_epoch(run, stop):
+                pass
+    finally:
+        run.loggers.close()
+    return run
+
+
+@pytest.mark.slow
+def test_a_healthy_run_is_never_flagged(tiny_images, tmp_path):
+    run = run_tiny(health_overrides(tiny_images, tmp_path / "ckpt", "healthy", **{"train.epochs": 12}))
+    windows = run.health.history
+    assert len(windows) >= 5 and windows[0]["first_step"] > 6  # judged only after the 1-epoch warm-up
+    assert {w["verdict"] for w in windows} == {HEALTHY} and run.health.called == HEALTHY
+    records = HealthRecords.runs["healthy"].records
+    assert [r["changed"] for r in records] == [True] + [False] * (len(records) - 1)  # announced once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, extra, expected", [
+    # a teacher temperature far above the paper's 0.04-0.07: every target nearly uniform (loss ~ ln K)
+    ("uniform", {"loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0}, {COLLAPSE_UNIFORM}),
+    # no centring (the centre stays at zero) with a fast learning rate: one prototype wins for every image
+    ("one-hot", {"loss.center_momentum": 1.0, "optim.lr": 0.05, "optim.warmup_epochs": 0}, {COLLAPSE_ONE_HOT}),
+])
+def test_collapses_are_named_within_a_bounded_number_of_steps(tiny_images, tmp_path, case, extra, expected):
+    run = run_tiny(health_overrides(tiny_images, tmp_path / "ckpt", case, **{"train.epochs": 14, **extra}))
+    assert run.health.called in expected, run.health.history
+    called_at = next(r["window"]["last_step"] for r in HealthRecords.runs[case].records if r["called"] != HEALTHY)
+    assert called_at <= 84
+
+
+@pytest.mark.slow
+def test_a_teacher_that_is_the_student_collapses_and_is_named(tiny_images, tmp_path):
+    run = run_tiny(health_overrides(tiny_images, tmp_path / "ckpt", "shared", **{"train.epochs": 14}),
+                   shared_teacher=True)
+    assert run.health.called in (COLLAPSE_UNIFORM, COLLAPSE_ONE_HOT), run.health.history
+    assert run.health.last.figures["information_ratio"] <= 0.05
+
+
+@pytest.mark.slow
+def test_stop_checkpoints_exits_5_and_records_why(tiny_images, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    overrides = health_overrides(tiny_images, ckpt, "stop", **{
+        "train.epochs": 14, "train.health": "stop", "loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0,
+        "logging.progress": True})
+    assert main(overrides) == EXIT_COLLAPSED
+    ended = HealthRecords.runs["stop"]
+    assert ended.stop_reason == "collapsed:uniform"
+    out = capsys.readouterr().out
+    end = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("DINO_PROGRESS")]
+    end = [e for e in end if e["event"] == "end"][-1]
+    assert end["status"] == "collapsed:uniform" and end["checkpoint"]
+    state = read_checkpoint(latest_checkpoint(str(ckpt)))
+    assert state["step"] == end["step"] < 84  # stopped early, at the step the verdict was called
+    assert state["health"]["called"] == COLLAPSE_UNIFORM and len(state["health"]["history"]) >= 2
+    # a resumed run keeps the history (here with warn: it goes on, and the verdict is still in force)
+    resumed = run_tiny(health_overrides(tiny_images, ckpt, "resumed", **{
+        "train.epochs": 14, "loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0, "train.max_steps": 84}))
+    assert resumed.health.history[:len(state["health"]["history"])] == state["health"]["history"]
+    assert resumed.health.called == COLLAPSE_UNIFORM
