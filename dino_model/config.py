@@ -41,6 +41,7 @@ __all__ = [
     "LoggingConfig",
     "ExportConfig",
     "HealthConfig",
+    "MonitorConfig",
     "DinoConfig",
     "PRESETS",
     "load_config",
@@ -402,6 +403,37 @@ class HealthConfig(Section):
     """... and the mean loss changed by <= this fraction since the previous window."""
 
 
+class MonitorConfig(Section):
+    """The learning curve during training (:mod:`dino_model.train.knn_monitor`): on rank 0, every
+    ``every_epochs`` epochs (and before the first step), the teacher backbone's weighted k-NN top-1 (the paper's
+    protocol: k = 20, T = 0.07, cosine similarity) of a bounded labelled subset, logged as the metric
+    ``monitor.knn<k>_top1`` (percent). The subsets' centre crops are decoded once and kept in memory as uint8
+    (``(train_samples + val_samples) · 3 · crop_size²`` bytes: 0.9 GB for the defaults at 224 px)."""
+
+    section: ClassVar[str] = "monitor"
+    val_source: str = ""
+    """A labelled shard set (``manifest.json``) to measure on, e.g. the validation split written by ``dino shard``;
+    empty = no learning curve."""
+    train_source: str = ""
+    """The labelled shard set whose features are the k-NN's memory; empty = ``data.source`` (which must then be a
+    labelled shard set)."""
+    every_epochs: PositiveInt = 1
+    """Measure after every this many epochs (and after the last one)."""
+    train_samples: PositiveInt = 5000
+    """Samples of the memory (the first ones in manifest order: ``dino shard`` mixes classes across shards)."""
+    val_samples: PositiveInt = 1000
+    """Samples measured (the first ones in manifest order)."""
+    k: PositiveInt = 20
+    """Neighbours voting (the paper's 20)."""
+    temperature: PositiveNumber = 0.07
+    """Temperature of the vote weights exp(similarity / T) (the paper's 0.07)."""
+    crop_size: PositiveInt | None = None
+    """Side of the centre crop the images are resized to (short side · 256 / 224, then cropped); ``null`` =
+    ``crops.global_size``."""
+    batch_size: PositiveInt = 128
+    """Images per forward pass."""
+
+
 class CheckpointConfig(Section):
     """Where and how often checkpoints are written."""
 
@@ -471,6 +503,8 @@ class DinoConfig(Section):
     """Final teacher export."""
     health: HealthConfig = Field(default_factory=HealthConfig)
     """Thresholds of the training-health monitor."""
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    """The learning curve (k-NN of the teacher during training)."""
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "DinoConfig":

@@ -192,3 +192,28 @@ def test_stop_checkpoints_exits_5_and_records_why(tiny_images, tmp_path, capsys)
         "train.epochs": 14, "loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0, "train.max_steps": 84}))
     assert resumed.health.history[:len(state["health"]["history"])] == state["health"]["history"]
     assert resumed.health.called == COLLAPSE_UNIFORM
+
+
+@pytest.mark.slow
+def test_the_learning_curve_starts_at_the_random_backbone_and_follows_the_epochs(tmp_path, capsys):
+    from dino_model.metrics import parse_progress_line
+    from tests.datasets import write_colour_set
+
+    train = write_colour_set(tmp_path / "train-images", tmp_path / "train", range(4), 12, seed=0, name="train")
+    val = write_colour_set(tmp_path / "val-images", tmp_path / "val", range(4), 5, seed=1, name="val")
+    overrides = tiny_overrides(train, tmp_path / "ckpt", **{
+        "data.source": train, "train.epochs": 3, "monitor.val_source": val, "monitor.train_samples": 40,
+        "monitor.every_epochs": 2, "monitor.crop_size": 32, "logging.loggers": [f"jsonl:{tmp_path}/m.jsonl"],
+        "export.enabled": False})
+    assert main(overrides) == 0
+    events = [e for e in map(parse_progress_line, capsys.readouterr().out.splitlines()) if e and e["event"] == "knn"]
+    # before the first step, after epoch 2 (every_epochs) and after the last epoch
+    assert [e["step"] for e in events] == [0, 12, 18]
+    assert all(0.0 <= e["monitor.knn20_top1"] <= 100.0 for e in events)
+    logged = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["monitor.knn20_top1"]) for r in logged if "monitor.knn20_top1" in r]
+    assert curve == [(e["step"], e["monitor.knn20_top1"]) for e in events]
+    # an unlabelled or missing set is a configuration error that names the field
+    with pytest.raises(Exception, match="monitor"):
+        run_tiny(tiny_overrides(train, tmp_path / "ckpt2", **{"data.source": train,
+                                                              "monitor.val_source": str(tmp_path / "nowhere")}))

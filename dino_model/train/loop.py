@@ -36,6 +36,7 @@ from .builders import (
 )
 from .controls import Cadence, NonFiniteWatch, Progress, StopSignals, Throughput
 from .outcomes import TrainingCollapsed, TrainingTerminated, TrainResult
+from .knn_monitor import KnnMonitor
 from .run import Run
 
 __all__ = ["setup_run", "run_epoch", "finish", "train"]
@@ -89,9 +90,13 @@ def setup_run(cfg: DinoConfig) -> Run:
               prepare_batch=data.preparer(paths.augment_on_device), loggers=loggers,
               progress=Progress(ctx.is_main and cfg.logging.progress), watch=NonFiniteWatch(ctx.device),
               throughput=Throughput(step, cfg.data.batch_size_per_gpu * ctx.world_size), step=step, epoch=epoch,
-              batch=batch, last_checkpoint=resume_from, health=health, loader=paths.loader)
+              batch=batch, last_checkpoint=resume_from, health=health,
+              knn=KnnMonitor.from_config(cfg) if cfg.monitor.val_source and ctx.is_main else None,
+              loader=paths.loader)
     run.record_fast_path(paths.data, paths.step, announce=False)
     _announce_start(run, resume_from)
+    if step == 0:
+        run.measure_learning_curve()  # the randomly initialised backbone: where the learning curve starts
     return run
 
 
@@ -154,6 +159,8 @@ def run_epoch(run: Run, stop: StopSignals) -> bool:
     if run.ctx.is_main:
         log.info("epoch %d done at step %d, mean loss %.4f", run.epoch, run.step, mean_loss)
     finished_epoch, run.epoch, run.batch = run.epoch, run.epoch + 1, 0
+    if (finished_epoch + 1) % run.cfg.monitor.every_epochs == 0 or run.epoch == run.cfg.train.epochs:
+        run.measure_learning_curve()
     if run.cadence.checkpoint(run.step, finished_epoch) or stopping:
         run.write_checkpoint(final=stopping or run.cadence.done(run.step))
     return stopping

@@ -5,6 +5,7 @@ first-steps guard while it watches), agree across ranks, log, write a checkpoint
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from dino_model.step import StepSettings, TrainingState, train_step
 
 from .builders import build_train_loader, prepare_model
 from .controls import Cadence, NonFiniteWatch, Progress, StopSignals, Throughput
+from .knn_monitor import KnnMonitor
 from .outcomes import NonFiniteLoss
 
 __all__ = ["STAT_KEYS", "Run"]
@@ -69,6 +71,7 @@ class Run:
     batch: int
     last_checkpoint: str | None
     health: HealthMonitor | None = None  #: the training-health monitor (dino_model.health)
+    knn: KnnMonitor | None = None  #: the learning curve's k-NN, on rank 0 (with monitor.val_source)
     loader: Any = None  #: the loader of the cursor's epoch once built (setup_run builds the first)
     last_metrics: dict[str, float] = field(default_factory=dict)
     collapsed: str = ""  #: the bad health verdict that stops this run (train.health=stop), once called
@@ -160,6 +163,22 @@ class Run:
             window = self.health.observe(self.step, metrics)
             if window is not None:
                 self.judge_health(window)
+
+    def measure_learning_curve(self) -> None:
+        """The learning curve's next point (a collective when ``monitor.val_source`` is set): rank 0 measures the
+        teacher's k-NN and hands it to the loggers (metric ``monitor.knn<k>_top1``) and the parent process
+        (``knn`` progress line); the other ranks wait for it."""
+        if not self.cfg.monitor.val_source:
+            return
+        if self.knn is not None:
+            started = time.perf_counter()
+            metrics = self.knn.measure(self.model.teacher_backbone())
+            seconds = time.perf_counter() - started
+            self.loggers.log(self.step, {**metrics, "epoch": float(self.epoch)})
+            self.progress("knn", step=self.step, epoch=self.epoch, seconds=round(seconds, 3), **metrics)
+            log.info("learning curve at step %d: %s (%.1f s)",
+                     self.step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), seconds)
+        dist_utils.barrier()
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint of this run saves: the training state and the health monitor's history."""
