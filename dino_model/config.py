@@ -44,6 +44,8 @@ __all__ = [
     "MonitorConfig",
     "DinoConfig",
     "PRESETS",
+    "SMALL_DATA_BUCKETS",
+    "small_data_preset",
     "load_config",
     "is_checkpoint_file",
     "read_config_file",
@@ -417,8 +419,12 @@ class MonitorConfig(Section):
     train_source: str = ""
     """The labelled shard set whose features are the k-NN's memory; empty = ``data.source`` (which must then be a
     labelled shard set)."""
-    every_epochs: PositiveInt = 1
-    """Measure after every this many epochs (and after the last one)."""
+    every_epochs: PositiveInt | None = None
+    """Measure after every this many epochs (and after the last one); ``null`` = often enough for a curve and
+    rarely enough to cost about 2 % of the training time: every ``ceil((train_samples + val_samples) /
+    (0.2 · images per epoch))`` epochs (a monitored image costs about 1/9 of a trained one: 2x224 + 8x96 crops
+    with a backward pass against one 224 px forward pass, ``benchmarks/knn_monitor_cost.py``). ImageNet: every
+    epoch (0.05 %); a 6,000-image set: every 5 epochs."""
     train_samples: PositiveInt = 5000
     """Samples of the memory (the first ones in manifest order: ``dino shard`` mixes classes across shards)."""
     val_samples: PositiveInt = 1000
@@ -569,6 +575,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "crops": {"global_size": 128, "local_size": 64},
     },
+    # Small data sets (about 5k-200k images of 64-128 px; docs/small-data.md gives each value's source). The
+    # prototypes K, the teacher temperature and the teacher's EMA momentum follow LightlyTrain's size rule for DINO
+    # (K: 1,024 below 20k images, 2,048 below 50k, 4,096 below 100k, 16,384 below 200k; temperature 0.02 at 20k
+    # rising linearly to 0.07 at ImageNet's size; momentum 0.99 -> 0.996 likewise): a large K and a soft teacher
+    # collapse to uniform on small sets (facebookresearch/dino #279, #43). Crops: 2 x 128 px + 6 x 64 px, lightly's
+    # Imagenette benchmark. `--preset small-data` picks the bucket from the data set's size.
+    **{name: {"model": {"out_dim": out_dim},
+              "loss": {"teacher_temp": temp, "warmup_teacher_temp": temp, "warmup_teacher_temp_epochs": 0},
+              "optim": {"momentum_teacher": momentum},
+              "crops": {"global_size": 128, "local_size": 64, "n_local": 6}}
+       for name, out_dim, temp, momentum in (("small-data-20k", 1024, 0.02, 0.99), ("small-data-50k", 2048, 0.02, 0.99),
+                                             ("small-data-100k", 4096, 0.02, 0.99),
+                                             ("small-data-200k", 16384, 0.03, 0.991))},
     # The reference's ResNet-50 recipe: SGD, constant weight decay 1e-4, tighter crops, SyncBatchNorm.
     "resnet50": {
         "model": {"arch": "resnet50", "sync_bn": True},
@@ -578,14 +597,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names(preset: str | Sequence[str] | None) -> list[str]:
-    """``"boost,small"`` / ``["boost", "small"]`` / ``None`` -> a list of known preset names."""
+#: ``small-data`` resolves to the first bucket whose size bound the data set stays below (``--preset small-data``).
+SMALL_DATA_BUCKETS = ((20_000, "small-data-20k"), (50_000, "small-data-50k"), (100_000, "small-data-100k"),
+                      (200_000, "small-data-200k"))
+SMALL_DATA = "small-data"
+
+
+def small_data_preset(dataset_size: int) -> str:
+    """The ``small-data-*`` preset for a data set of ``dataset_size`` images; from 200,000 images on, the paper's
+    own recipe (``reference``) is the one to use."""
+    for bound, name in SMALL_DATA_BUCKETS:
+        if dataset_size < bound:
+            return name
+    return "reference"
+
+
+def preset_names(preset: str | Sequence[str] | None,
+                 dataset_size: int | Callable[[], int] | None = None) -> list[str]:
+    """``"boost,small"`` / ``["boost", "small"]`` / ``None`` -> a list of known preset names. ``small-data`` is
+    resolved by ``dataset_size`` (images in the training data, or a function that counts them)."""
     if preset is None or preset == "":
         return []
     names = [n.strip() for n in preset.split(",")] if isinstance(preset, str) else list(preset)
-    for n in names:
-        if n not in PRESETS:
-            raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {n!r}")
+    for i, n in enumerate(names):
+        if n == SMALL_DATA:
+            if dataset_size is None:
+                raise ConfigError(f"preset {SMALL_DATA} is chosen by the data set's size, which is not known here: "
+                                  f"name a bucket instead ({', '.join(b for _, b in SMALL_DATA_BUCKETS)})")
+            names[i] = small_data_preset(dataset_size() if callable(dataset_size) else dataset_size)
+        elif n not in PRESETS:
+            raise ConfigError(f"preset must be one of {sorted([*PRESETS, SMALL_DATA])}, got {n!r}")
     return names
 
 
@@ -598,17 +639,19 @@ def load_config(
     source: str | os.PathLike | dict[str, Any] | None = None,
     overrides: Iterable[str] = (),
     preset: str | Sequence[str] | None = None,
+    dataset_size: int | Callable[[], int] | None = None,
 ) -> DinoConfig:
     """Reference defaults, then the presets (from ``preset`` and the file's ``preset:`` key), then the file, then
     the ``key.sub=value`` overrides; validated. ``source``: a YAML or JSON file, or a config dict already read
     (for a training checkpoint: ``dino_model.checkpoint.read_checkpoint_config(path)``, see
-    :func:`is_checkpoint_file`)."""
+    :func:`is_checkpoint_file`). ``dataset_size``: what resolves the ``small-data`` preset (an int, or a function
+    called only then)."""
     file_dict: dict[str, Any] = {}
     if isinstance(source, dict):
         file_dict = json.loads(json.dumps(source))  # a copy: the preset key is popped below
     elif source is not None:
         file_dict = read_config_file(source)
-    names = preset_names(file_dict.pop("preset", None)) + preset_names(preset)
+    names = preset_names(file_dict.pop("preset", None), dataset_size) + preset_names(preset, dataset_size)
     merged: dict[str, Any] = DinoConfig().to_dict()
     for n in names:
         merged = _deep_merge(merged, PRESETS[n], "")

@@ -217,3 +217,28 @@ def test_the_learning_curve_starts_at_the_random_backbone_and_follows_the_epochs
     with pytest.raises(Exception, match="monitor"):
         run_tiny(tiny_overrides(train, tmp_path / "ckpt2", **{"data.source": train,
                                                               "monitor.val_source": str(tmp_path / "nowhere")}))
+
+
+@pytest.mark.slow
+def test_the_small_data_recipe_trains_without_tripping_the_monitor(tmp_path):
+    """docs/small-data.md: the recipe's quality is a GPU measurement; here, that it trains and stays healthy (a
+    ViT-Tiny for the CPU, everything else the recipe's: K = 1,024, teacher 0.02, momentum 0.99, 2x128 + 6x64)."""
+    from tests.datasets import write_colour_set
+
+    train = write_colour_set(tmp_path / "images", tmp_path / "train", range(4), 12, seed=0, name="train")
+    register_logger("health-records", HealthRecords)
+    overrides = [f"data.source={json.dumps(train)}", f"checkpoint.uri={json.dumps(str(tmp_path / 'ckpt'))}",
+                 "model.arch=vit_tiny", "data.batch_size_per_gpu=8", "data.num_workers=0", "train.device=cpu",
+                 "train.epochs=6", "optim.warmup_epochs=1", "health.window_steps=8", "logging.log_every=1",
+                 "logging.loggers=[health-records:small-data]", "logging.progress=false", "export.enabled=false",
+                 "checkpoint.every_n_steps=0"]
+    cfg = load_config(overrides=overrides, preset="small-data", dataset_size=lambda: 48)
+    assert (cfg.model.out_dim, cfg.loss.teacher_temp, cfg.crops.global_size, cfg.crops.n_local) == (1024, 0.02, 128, 6)
+    run = setup_run(cfg)
+    try:
+        with StopSignals() as stop:
+            while not run.cadence.done(run.step):
+                run_epoch(run, stop)
+    finally:
+        run.loggers.close()
+    assert len(run.health.history) >= 3 and run.health.called == HEALTHY, run.health.history

@@ -42,10 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML or JSON config file (sections model/crops/data/loss/optim/train/...)")
     p.add_argument("--preset", help="preset(s) applied before the file: reference, boost, multicrop10, small, "
+                                    "small-data (or one of its size buckets small-data-20k/-50k/-100k/-200k), "
                                     "resnet50 (comma-separated to chain)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. optim.lr=1e-3")
     return p.parse_args(argv)
+
+
+def _dataset_size(args: argparse.Namespace) -> int:
+    """The training data's image count, for ``--preset small-data``: the config resolved without that preset
+    names the data."""
+    from dino_model.data.counting import count_images
+
+    presets = ",".join(p for p in (args.preset or "").split(",") if p.strip() != "small-data") or None
+    source = load_config(config_source(args.config), args.overrides, preset=presets).data.source
+    if not source:
+        raise ConfigError("--preset small-data needs data.source (its size picks the recipe)")
+    return count_images(source)
 
 
 def _setup_logging() -> None:
@@ -64,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent_from_env()
     _setup_logging()
     try:
-        cfg = load_config(config_source(args.config), args.overrides, preset=args.preset)
+        cfg = load_config(config_source(args.config), args.overrides, preset=args.preset,
+                          dataset_size=lambda: _dataset_size(args))
         if args.print_config:
             import json
 

@@ -36,7 +36,7 @@ from .builders import (
 )
 from .controls import Cadence, NonFiniteWatch, Progress, StopSignals, Throughput
 from .outcomes import TrainingCollapsed, TrainingTerminated, TrainResult
-from .knn_monitor import KnnMonitor
+from .knn_monitor import KnnMonitor, monitor_every_epochs
 from .run import Run
 
 __all__ = ["setup_run", "run_epoch", "finish", "train"]
@@ -159,7 +159,8 @@ def run_epoch(run: Run, stop: StopSignals) -> bool:
     if run.ctx.is_main:
         log.info("epoch %d done at step %d, mean loss %.4f", run.epoch, run.step, mean_loss)
     finished_epoch, run.epoch, run.batch = run.epoch, run.epoch + 1, 0
-    if (finished_epoch + 1) % run.cfg.monitor.every_epochs == 0 or run.epoch == run.cfg.train.epochs:
+    every = monitor_every_epochs(run.cfg, run.steps_per_epoch * run.cfg.data.batch_size_per_gpu * run.ctx.world_size)
+    if (finished_epoch + 1) % every == 0 or run.epoch == run.cfg.train.epochs:
         run.measure_learning_curve()
     if run.cadence.checkpoint(run.step, finished_epoch) or stopping:
         run.write_checkpoint(final=stopping or run.cadence.done(run.step))

@@ -17,6 +17,7 @@ from typing import Any
 
 from dino_model.checkpoint_names import list_checkpoints
 from dino_model.config import ConfigError, DinoConfig, is_checkpoint_file, load_config
+from dino_model.data.counting import count_images
 from dino_model.data.manifest import MANIFEST_NAME
 from dino_model.storage import LocalStore, StorageError, open_store
 from tasks.trainer_process import LaunchSpec
@@ -40,7 +41,8 @@ def resolve_training_config(
     overrides = list(overrides or [])
     overrides += [f"data.source={json.dumps(data)}", f"checkpoint.uri={json.dumps(checkpoint_uri)}"]
     try:
-        return load_config(_config_source(config_file), overrides=overrides, preset=preset or None).to_dict()
+        return load_config(_config_source(config_file), overrides=overrides, preset=preset or None,
+                           dataset_size=lambda: count_images(data)).to_dict()
     except ConfigError as e:
         raise PreflightError(f"invalid training config: {_with_suggestion(str(e))}") from e
 
