@@ -197,7 +197,9 @@ def test_dockerfile_installs_the_project_and_runs_a_worker():
         assert re.search(rf"^COPY {folder} \./{folder}$", text, re.M), folder
     assert "COPY prefect.yaml" in text
     assert re.search(r"pip install --no-deps \.", text) and "DINO_PROJECT_DIR=/opt/dino" in text
-    assert re.search(r"^USER dino$", text, re.M), "the image must not run as root"
+    # Numeric: Kubernetes' runAsNonRoot can verify a UID, not a name (tests/test_trainer_image.py runs the image).
+    assert re.search(r"^USER 1000:1000$", text, re.M), "the image must not run as root"
+    assert "--uid 1000" in text
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--pool") + 1] == POOL
     ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
