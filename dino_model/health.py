@@ -18,7 +18,8 @@ K = ``model.out_dim``:
 ==========================  ==================================================================================
 ``teacher_entropy`` H       mean entropy of the centred, sharpened targets; ln K when they are uniform
 ``teacher_kl_to_center``    mutual information between image and prototype, H(q̄) - H (q̄: the batch's mean
-                            target): 0 when every image gets the same target, whatever that target is
+                            target): 0 when every image gets the same target, whatever that target is; at most
+                            ln(min(K, R)) for R targets (2 per image of the batch per rank)
 H(q̄) = H + MI               entropy of the batch's mean target: ln 2 means the batch's targets use ~2 prototypes
 ``kl_teacher_student``      KL(teacher ‖ student) = loss - H: what is left to learn
 ``teacher_feature_spread``  spread of the teacher's L2-normalised backbone features (~1 spread out, 0 collapsed:
@@ -29,11 +30,12 @@ Each window of ``health.window_steps`` steps after the warm-ups (learning rate a
 ``health.start_step``) is judged on the means of its logged steps, in this order (the thresholds are the fields
 of :class:`dino_model.config.HealthConfig`, where each is documented with the figures it comes from):
 
-1. ``collapse:one-hot`` — H(q̄) <= ln(``one_hot_prototypes``): the whole batch's targets fall on ~1-2 prototypes.
+1. ``collapse:one-hot`` — H(q̄) <= ln(``one_hot_prototypes``): the whole batch's targets fall on ~1-3 prototypes.
 2. ``collapse:uniform`` — H >= ``uniform_entropy`` · ln K: every target is nearly uniform.
-3. ``collapse:<uniform|one-hot>`` — MI <= ``min_information`` · ln K (every image gets nearly the same target)
-   or the feature spread <= ``min_feature_spread`` (every image gets nearly the same feature): a collapse even
-   though its target is neither extreme yet; named uniform when H >= ln K / 2, else one-hot.
+3. ``collapse:<uniform|one-hot>`` — MI <= ``min_information`` · ln(min(K, R)), R = 2 × the batch per rank (the
+   rows the statistic is computed on: their mutual information cannot exceed ln R): every image gets nearly the
+   same target; or the feature spread <= ``min_feature_spread`` (every image gets nearly the same feature). A
+   collapse even though its target is neither extreme yet; named uniform when H >= ln K / 2, else one-hot.
 4. ``stalled`` — KL(teacher ‖ student) <= ``stalled_kl`` · ln K and the loss moved by less than
    ``stalled_loss_change`` (relative) since the previous window: the student reproduces the teacher and nothing
    changes.
@@ -53,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["HEALTHY", "STALLED", "COLLAPSE_UNIFORM", "COLLAPSE_ONE_HOT", "SIGNALS", "WindowVerdict",
-           "HealthMonitor", "judge_window", "stop_reason", "warmup_end_step"]
+           "HealthMonitor", "information_capacity", "judge_window", "stop_reason", "warmup_end_step"]
 
 HEALTHY = "healthy"
 STALLED = "stalled"
@@ -84,18 +86,25 @@ class WindowVerdict:
         f = self.figures
         numbers = (f"loss {f['loss']:.4g}, target entropy {f['entropy_ratio']:.3f}·ln K, batch-target entropy "
                    f"{f['batch_entropy']:.3g} nats (~{math.exp(f['batch_entropy']):.3g} prototypes), information "
-                   f"{f['information_ratio']:.3f}·ln K, KL(teacher‖student) {f['kl_ratio']:.3g}·ln K, feature spread "
-                   f"{f['feature_spread']:.3g}")
+                   f"{f['information_ratio']:.3f} of its most, KL(teacher‖student) {f['kl_ratio']:.3g}·ln K, feature "
+                   f"spread {f['feature_spread']:.3g}")
         return f"{self.verdict} over steps {self.first_step}-{self.last_step}: {self.reason} ({numbers})"
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def judge_window(means: Mapping[str, float], out_dim: int, thresholds: Any,
+def information_capacity(out_dim: int, rows: int) -> float:
+    """The most information (nats) targets of ``rows`` images over ``out_dim`` prototypes can carry about the
+    image: ln(min(K, rows))."""
+    return math.log(max(2, min(out_dim, rows)))
+
+
+def judge_window(means: Mapping[str, float], out_dim: int, rows: int, thresholds: Any,
                  previous_loss: float | None) -> tuple[str, str]:
-    """``(verdict, reason)`` for a window's mean signals (:data:`SIGNALS`); ``thresholds``: a
-    :class:`dino_model.config.HealthConfig`; ``previous_loss``: the previous window's mean loss, if any."""
+    """``(verdict, reason)`` for a window's mean signals (:data:`SIGNALS`) measured on ``rows`` teacher outputs
+    per rank (2 × the batch per rank); ``thresholds``: a :class:`dino_model.config.HealthConfig`;
+    ``previous_loss``: the previous window's mean loss, if any."""
     log_k = math.log(out_dim)
     entropy, information = means["teacher_entropy"], max(means["teacher_kl_to_center"], 0.0)
     batch_entropy = entropy + information
@@ -104,12 +113,12 @@ def judge_window(means: Mapping[str, float], out_dim: int, thresholds: Any,
                                   f"(<= {thresholds.one_hot_prototypes:g})")
     if entropy >= thresholds.uniform_entropy * log_k:
         return COLLAPSE_UNIFORM, f"the targets are nearly uniform (entropy >= {thresholds.uniform_entropy:g}·ln K)"
-    same_target = information <= thresholds.min_information * log_k
+    same_target = information <= thresholds.min_information * information_capacity(out_dim, rows)
     same_feature = means["teacher_feature_spread"] <= thresholds.min_feature_spread
     if same_target or same_feature:
         mode = COLLAPSE_UNIFORM if entropy >= log_k / 2 else COLLAPSE_ONE_HOT
-        what = (f"every image gets nearly the same target (information <= {thresholds.min_information:g}·ln K)"
-                if same_target else
+        what = (f"every image gets nearly the same target (information <= {thresholds.min_information:g} of the "
+                f"most {rows} targets can carry)" if same_target else
                 f"every image gets nearly the same feature (spread <= {thresholds.min_feature_spread:g})")
         return mode, what
     if previous_loss is not None and means["kl_teacher_student"] <= thresholds.stalled_kl * log_k:
@@ -143,6 +152,7 @@ class HealthMonitor:
 
     thresholds: Any  #: dino_model.config.HealthConfig
     out_dim: int
+    rows: int  #: teacher outputs per rank the statistics are computed on: 2 x the batch per rank
     start_step: int
     called: str = ""  #: "" until the first window is judged
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -152,7 +162,7 @@ class HealthMonitor:
 
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> "HealthMonitor":
-        return cls(cfg.health, cfg.model.out_dim, warmup_end_step(cfg, steps_per_epoch))
+        return cls(cfg.health, cfg.model.out_dim, 2 * cfg.data.batch_size_per_gpu, warmup_end_step(cfg, steps_per_epoch))
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> WindowVerdict | None:
         """One logged step's metrics (``step``: updates done). Steps before :attr:`start_step` are not judged."""
@@ -171,11 +181,12 @@ class HealthMonitor:
     def _close_window(self, step: int) -> WindowVerdict:
         means = {k: v / self._points for k, v in self._sums.items()}
         previous = self.history[-1]["figures"]["loss"] if self.history else None
-        verdict, reason = judge_window(means, self.out_dim, self.thresholds, previous)
+        verdict, reason = judge_window(means, self.out_dim, self.rows, self.thresholds, previous)
         log_k = math.log(self.out_dim)
         figures = {"loss": means["loss"], "entropy_ratio": means["teacher_entropy"] / log_k,
                    "batch_entropy": means["teacher_entropy"] + max(means["teacher_kl_to_center"], 0.0),
-                   "information_ratio": max(means["teacher_kl_to_center"], 0.0) / log_k,
+                   "information_ratio": (max(means["teacher_kl_to_center"], 0.0)
+                                         / information_capacity(self.out_dim, self.rows)),
                    "kl_ratio": means["kl_teacher_student"] / log_k,
                    "feature_spread": means["teacher_feature_spread"], "points": float(self._points)}
         result = WindowVerdict(verdict, self._window_first, step, figures, reason)

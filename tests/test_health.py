@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 K = 64
 LOG_K = math.log(K)
+ROWS = 16  # 2 global crops x 8 images: information is at most ln 16 = 0.667 ln K
 
 
 def means(entropy, information, kl=1.0, spread=0.8, loss=3.0) -> dict:
@@ -40,25 +41,30 @@ def means(entropy, information, kl=1.0, spread=0.8, loss=3.0) -> dict:
 
 def test_each_rule_on_the_figures_measured_in_tiny_runs():
     t = HealthConfig()
-    # healthy tiny run (steps 20-240): entropy 0.43-0.55, information 0.19-0.33, KL >= 0.17, spread >= 0.6
-    assert judge_window(means(0.45, 0.28, kl=0.2, spread=0.62), K, t, 3.0)[0] == HEALTHY
+    # healthy tiny run (steps 20-240): entropy 0.43-0.55, information 0.19-0.33 ln K, KL >= 0.17, spread >= 0.6
+    assert judge_window(means(0.45, 0.28, kl=0.2, spread=0.62), K, ROWS, t, 3.0)[0] == HEALTHY
     # teacher temperature 1.0: entropy 0.997, information 0.002
-    assert judge_window(means(0.997, 0.002, kl=0.03), K, t, None)[0] == COLLAPSE_UNIFORM
-    # no centring: the batch's targets on ~1.7 prototypes
-    verdict, reason = judge_window(means(0.11, 0.017), K, t, None)
+    assert judge_window(means(0.997, 0.002, kl=0.03), K, ROWS, t, None)[0] == COLLAPSE_UNIFORM
+    # no centring: the batch's targets on ~1.7 prototypes; on ~2.5, with little information (the textures run)
+    verdict, reason = judge_window(means(0.11, 0.017), K, ROWS, t, None)
     assert verdict == COLLAPSE_ONE_HOT and "prototypes" in reason
+    textures = {"teacher_entropy": 0.25, "teacher_kl_to_center": 0.63, "kl_teacher_student": 0.57,
+                "teacher_feature_spread": 0.49, "loss": 0.8}
+    assert judge_window(textures, 1024, 128, t, None)[0] == COLLAPSE_ONE_HOT
+    textures.update(teacher_entropy=4.4, teacher_kl_to_center=0.56)  # the same run later: spread-out targets,
+    assert judge_window(textures, 1024, 128, t, None)[0] == COLLAPSE_UNIFORM  # still < 1 bit about the image
     # the same target for every image, neither extreme yet: named by its entropy
-    assert judge_window(means(0.7, 0.02), K, t, None)[0] == COLLAPSE_UNIFORM
-    assert judge_window(means(0.3, 0.03), K, t, None)[0] == COLLAPSE_ONE_HOT
+    assert judge_window(means(0.7, 0.02), K, ROWS, t, None)[0] == COLLAPSE_UNIFORM
+    assert judge_window(means(0.3, 0.03), K, ROWS, t, None)[0] == COLLAPSE_ONE_HOT
     # every image gets the same feature although the targets still differ
-    verdict, reason = judge_window(means(0.45, 0.28, spread=0.01), K, t, None)
+    verdict, reason = judge_window(means(0.45, 0.28, spread=0.01), K, ROWS, t, None)
     assert verdict == COLLAPSE_ONE_HOT and "same feature" in reason
     # nothing left to learn and nothing moves; the same KL with a moving loss is not a stall
-    assert judge_window(means(0.45, 0.28, kl=0.001, loss=3.0), K, t, 3.0001)[0] == STALLED
-    assert judge_window(means(0.45, 0.28, kl=0.001, loss=3.0), K, t, 3.3)[0] == HEALTHY
-    assert judge_window(means(0.45, 0.28, kl=0.001), K, t, None)[0] == HEALTHY  # no previous window
+    assert judge_window(means(0.45, 0.28, kl=0.001, loss=3.0), K, ROWS, t, 3.0001)[0] == STALLED
+    assert judge_window(means(0.45, 0.28, kl=0.001, loss=3.0), K, ROWS, t, 3.3)[0] == HEALTHY
+    assert judge_window(means(0.45, 0.28, kl=0.001), K, ROWS, t, None)[0] == HEALTHY  # no previous window
     # thresholds are the user's
-    assert judge_window(means(0.45, 0.28), K, HealthConfig(min_information=0.3), None)[0] == COLLAPSE_ONE_HOT
+    assert judge_window(means(0.45, 0.28), K, ROWS, HealthConfig(min_information=0.5), None)[0] == COLLAPSE_ONE_HOT
     assert stop_reason(COLLAPSE_UNIFORM) == "collapsed:uniform" and stop_reason(STALLED) == "stalled"
 
 
@@ -87,7 +93,7 @@ def test_windows_start_after_the_warm_ups_and_a_verdict_needs_patience():
     assert again.state_dict() == monitor.state_dict()
     assert [w.last_step for w in feed(again, range(45, 51), 0.45, 0.28)] == [50]
     # a window grows until it has min_points logged steps (sparse logging)
-    sparse = HealthMonitor(HealthConfig(window_steps=5, min_points=3), K, 0)
+    sparse = HealthMonitor(HealthConfig(window_steps=5, min_points=3), K, ROWS, 0)
     assert [w.last_step for w in feed(sparse, range(10, 100, 10), 0.45, 0.28)] == [30, 60, 90]
 
 
@@ -168,7 +174,7 @@ def test_a_teacher_that_is_the_student_collapses_and_is_named(tiny_images, tmp_p
     run = run_tiny(health_overrides(tiny_images, tmp_path / "ckpt", "shared", **{"train.epochs": 14}),
                    shared_teacher=True)
     assert run.health.called in (COLLAPSE_UNIFORM, COLLAPSE_ONE_HOT), run.health.history
-    assert run.health.last.figures["information_ratio"] <= 0.05
+    assert run.health.last.figures["information_ratio"] <= 0.15
 
 
 @pytest.mark.slow
