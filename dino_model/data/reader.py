@@ -507,15 +507,15 @@ class TrainLoader:
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT. A launcher (Prefect, torchrun, a shell's
-    Ctrl-C) signals the whole process group; the trainer finishes its step and checkpoints, then shuts its
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, SIGINT and SIGHUP. A launcher (Prefect, torchrun, a
+    shell's Ctrl-C, a closed terminal) signals the whole process group; the trainer finishes its step and checkpoints, then shuts its
     workers down through the DataLoader. A worker killed by the signal instead would make the next batch fetch
     (or PyTorch's SIGCHLD handler, at any moment) raise in the trainer and lose that checkpoint. Workers still
     exit if the trainer dies (PyTorch's watchdog) and on SIGKILL."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loader(

@@ -45,7 +45,7 @@ Exit codes of ``python -m dino_model.train``:
 * 4   a fast path failed its check with ``train.fast_path_check=strict`` (the message gives the figures)
 * 5   ``train.health=stop`` and the training-health monitor called a collapse or a stall (:mod:`dino_model.health`):
   a checkpoint is written, the stop reason is ``collapsed:uniform``, ``collapsed:one-hot`` or ``stalled``
-* 143 stopped by SIGTERM or SIGINT: the current step is finished, a checkpoint is written (atomically; a
+* 143 stopped by SIGTERM, SIGINT or SIGHUP: the current step is finished, a checkpoint is written (atomically; a
   second SIGINT abandons it and nothing half-written remains, a repeated SIGTERM does not), then the process
   exits (logged as a warning: a stop on request is no error). Under torchrun, each worker exits 143 and torchrun
   itself reports the failure.

@@ -66,11 +66,14 @@ class Cadence:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT -> ``requested`` (the loop stops at the next step boundary). A SIGINT after the first signal
-    raises ``KeyboardInterrupt`` at once (abandon; atomic writes leave nothing half-written); a repeated SIGTERM
-    is the same request again — launchers and supervisors repeat it (torchrun forwards one, the parent-death signal
-    of :mod:`dino_model.parent_death` may add another), and the checkpoint must still be written. Main thread
-    only."""
+    """SIGTERM / SIGINT / SIGHUP -> ``requested`` (the loop stops at the next step boundary): a service manager's
+    stop, Ctrl-C and a closed terminal or SSH session are all an ordinary stop, and torchrun passes the signal it
+    got on to its workers. A SIGINT after the first signal raises ``KeyboardInterrupt`` at once (abandon; atomic
+    writes leave nothing half-written); a repeated SIGTERM or SIGHUP is the same request again — launchers and
+    supervisors repeat it (torchrun forwards one, the parent-death signal of :mod:`dino_model.parent_death` may add
+    another), and the checkpoint must still be written. Main thread only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.requested: int = 0
@@ -88,7 +91,7 @@ class StopSignals:
                     signal.Signals(signum).name)
 
     def __enter__(self) -> "StopSignals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

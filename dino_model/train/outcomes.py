@@ -33,7 +33,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TrainingTerminated(RuntimeError):
-    """SIGTERM/SIGINT received: training stopped at a step boundary after writing ``checkpoint``."""
+    """SIGTERM / SIGINT / SIGHUP received: training stopped at a step boundary after writing ``checkpoint``."""
 
     def __init__(self, signum: int, step: int, checkpoint: str | None):
         self.signum = signum
