@@ -192,8 +192,9 @@ def test_cancel_a_training_then_resume_it_in_the_same_mlflow_run(stack, tiny_ima
     model = f"dino-deployed-{secrets.token_hex(3)}"
     experiment = f"deployed-{model}"
     checkpoints = f"s3://dino/checkpoints/{model}"  # written by the flow run with the worker's credentials
+    # Partial groups: the deployment's launch group keeps its other fields (launcher, nproc_per_node, nnodes).
     params = {"data": tiny_image_shards, "checkpoint_uri": checkpoints, "overrides": LONG_TRAINING,
-              "registered_model": model, "experiment": experiment, "train_retries": 0}
+              "tracking": {"registered_model": model, "experiment": experiment}, "launch": {"retries": 0}}
     first = stack.deployment_run("dino-pretrain/default", params)
     client = stack.mlflow()
 
@@ -274,6 +275,8 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
                                                                                               tiny_image_shards):
     api = stack.api
     model = f"dino-zombie-{secrets.token_hex(3)}"
+    # The flat parameter names of deployments made before the groups: still accepted (with a deprecation warning),
+    # over the deployment's groups; the crash hook and the next run's open-mlflow-run find the experiment by them.
     params = {"data": tiny_image_shards, "checkpoint_uri": f"s3://dino/checkpoints/{model}",
               "overrides": LONG_TRAINING, "registered_model": model, "experiment": model, "train_retries": 0}
     client = stack.mlflow()
@@ -296,6 +299,9 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
         return runs and _steps(client, runs[0].info.run_id)
 
     _wait_for(lambda: len(zombie_steps()) >= 2, 300, "the zombie's first training steps", every=2)
+    # The flat names worked, and the run's log says how to spell them now.
+    _wait_for(lambda: any("'train_retries' is deprecated: use launch.retries" in e["message"]
+                          for e in _flow_run_logs(api, zombie, min_level=30)), 120, "the deprecation warning")
     os.kill(worker_pid, signal.SIGKILL)
     os.kill(flow_process.pid, signal.SIGKILL)
     killed = time.monotonic()
