@@ -15,8 +15,6 @@ import warnings
 from typing import Any, Callable, Mapping
 
 from prefect import Flow
-from pydantic import BaseModel
-
 from tasks.validation.settings_groups import Renamed, SettingsGroup, resolve_groups
 
 
@@ -71,18 +69,12 @@ def deployment_parameters(deployment_id: Any = None) -> dict[str, Any] | None:
         return None
 
 
-def resolve_flow_groups(
-    groups: Mapping[str, type[SettingsGroup]],
-    given: Mapping[str, BaseModel | Mapping[str, Any] | None],
-    deprecated: Mapping[str, Any],
-    renames: Mapping[str, Renamed],
-    deployment: Mapping[str, Any] | None = None,
-) -> dict[str, SettingsGroup]:
-    """:func:`tasks.validation.settings_groups.resolve_groups` inside a flow run: onto this run's deployment's
-    parameters (or ``deployment``), each deprecated flat name used logged as a warning in the run's log (and
-    raised as a :class:`DeprecationWarning`)."""
-    resolved, notes = resolve_groups(groups, given, deprecated, renames,
-                                     deployment if deployment is not None else deployment_parameters())
+def resolve_flow_groups(groups: Mapping[str, type[SettingsGroup]], given: Mapping[str, Any],
+                        deprecated: Mapping[str, Any], renames: Mapping[str, Renamed]) -> dict[str, SettingsGroup]:
+    """:func:`tasks.validation.settings_groups.resolve_groups` inside a flow run, onto the parameters of the
+    deployment that started it; each deprecated flat name used is logged as a warning in the run's log (and raised
+    as a :class:`DeprecationWarning`)."""
+    resolved, notes = resolve_groups(groups, given, deprecated, renames, deployment_parameters())
     for note in notes:
         warnings.warn(note, DeprecationWarning, stacklevel=3)
         _run_logger().warning("%s", note)

@@ -13,6 +13,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import (
     UsageError,
@@ -23,6 +24,9 @@ from .common import (
     use_embedded_mlflow,
 )
 from .prefect_session import flow_session
+
+if TYPE_CHECKING:
+    from tasks.validation.pipeline import PipelineRequest
 
 #: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) at a
 #: size a 2-core laptop trains in a few minutes: ViT-Tiny/16 on 64-px crops, K = 4096 prototypes.
@@ -137,7 +141,8 @@ def _evaluation_settings(**fields):
         raise UsageError(describe_validation_error(e)) from e
 
 
-def _run(request, debug: bool = False) -> dict:
+def _run(request: PipelineRequest, debug: bool = False) -> dict:
+    """Check ``request`` (before Prefect or MLflow start), then run ``dino-pipeline`` in-process on it."""
     from dino_model.storage import StorageError
     from tasks.validation import UserInputError
     from tasks.validation.pipeline import check_pipeline_request

@@ -18,8 +18,6 @@ from pydantic import Field
 
 from .settings_groups import Renamed, SettingsGroup
 
-LAUNCHERS = ("local", "kubernetes")
-
 
 class LaunchSettings(SettingsGroup):
     """How the trainer is started (the processes and nodes it runs on) and relaunched after a failure."""

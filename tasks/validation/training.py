@@ -49,12 +49,11 @@ class PretrainRequest:
 @dataclass(frozen=True)
 class ResolvedTraining:
     """A :class:`PretrainRequest` whose side-effect-free checks passed: the resolved config (``config``, the plain
-    dict logged to MLflow and saved in every checkpoint; ``cfg``, the same as :class:`DinoConfig`), the resume
-    policy, and what the data check learnt (``facts``: ``data_kind``, ``dataset_hash``, ``samples``, ``shards``)."""
+    dict logged to MLflow and saved in every checkpoint; ``cfg``, the same as :class:`DinoConfig`) and what the data
+    check learnt (``facts``: ``data_kind``, ``dataset_hash``, ``samples``, ``shards``)."""
 
     config: dict[str, Any]
     cfg: DinoConfig
-    resume: str = "auto"
     facts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,4 +194,4 @@ def check_pretrain_request(request: PretrainRequest, launch: LaunchSpec | None =
     problems = pretrain_problems(cfg, launch or LaunchSpec(), request.resume, facts)
     if problems:
         raise PreflightError(problems_message("pre-flight failed", problems))
-    return ResolvedTraining(cfg.to_dict(), cfg, request.resume, facts)
+    return ResolvedTraining(cfg.to_dict(), cfg, facts)
