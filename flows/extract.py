@@ -38,7 +38,7 @@ from tasks.validation.extraction_settings import (
 from tasks.validation.task_runners import check_extraction_runner
 
 
-@grouped_flow(name="dino-extract", log_prints=True)
+@grouped_flow(EXTRACT_RENAMES, name="dino-extract", log_prints=True)
 def dino_extract(
     model: str,
     data: str,

@@ -33,14 +33,19 @@ from tasks.pretrain.mlflow_run import (
 from tasks.pretrain.preflight import preflight, resolve_training_config
 from tasks.pretrain.results import log_loss_curve, pretrain_summary, register_backbone
 from tasks.pretrain.settings import pretrain_settings
-from tasks.validation.pretrain_settings import KubernetesSettings, LaunchSettings, TrackingSettings
+from tasks.validation.pretrain_settings import (
+    PRETRAIN_RENAMES,
+    KubernetesSettings,
+    LaunchSettings,
+    TrackingSettings,
+)
 from tasks.validation.training import PretrainRequest, ResolvedTraining
 
 
 # Cancelled or crashed, the flow run still ends its MLflow run (KILLED / FAILED, with a stop_reason tag); the
 # trainer has checkpointed by then, so a new flow run with the same checkpoint URI continues the same MLflow run.
-@grouped_flow(name="dino-pretrain", log_prints=True, on_cancellation=[end_mlflow_run_on_cancellation],
-              on_crashed=[end_mlflow_run_on_crash])
+@grouped_flow(PRETRAIN_RENAMES, name="dino-pretrain", log_prints=True,
+              on_cancellation=[end_mlflow_run_on_cancellation], on_crashed=[end_mlflow_run_on_crash])
 def dino_pretrain(
     data: str,
     checkpoint_uri: str,

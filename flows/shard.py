@@ -44,7 +44,7 @@ from tasks.validation.shard_settings import SHARD_GROUPS, SHARD_RENAMES, ShardRe
 SourceKind = Literal["auto", "imagefolder", "ilsvrc-train", "ilsvrc-val", "flat"]
 
 
-@grouped_flow(name="dino-shard", validate_parameters=True)
+@grouped_flow(SHARD_RENAMES, name="dino-shard", validate_parameters=True)
 def dino_shard(
     source: str,
     destination: str,

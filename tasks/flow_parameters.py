@@ -1,49 +1,53 @@
-"""The Prefect side of grouped flow parameters (:mod:`tasks.validation.settings_groups`): the deployment's own
-parameters, a flow whose deprecated flat parameter names still validate, and the groups resolved with their
+"""The Prefect side of grouped flow parameters (:mod:`tasks.validation.settings_groups`): a flow whose deprecated
+flat parameter names still reach it, the deployment's own parameters, and the groups resolved with their
 deprecation warnings in the flow run's log.
 
 A flow with groups declares ``**deprecated`` for the flat names it had before and is made with
-:func:`grouped_flow` instead of ``@flow``: a deployment run that passes ``--param nproc_per_node=2`` (or a deployment
-made before the groups, which stores such names) reaches the flow as ``deprecated={"nproc_per_node": 2}``, where
-plain Prefect would refuse a parameter that is not in the signature.
+:func:`grouped_flow` instead of ``@flow``. Prefect binds a flow run's stored parameters to the function's signature
+before it validates them (a deployment made before the groups stores ``nproc_per_node: 1``; so does a run created
+through the API with that name), and refuses a name the signature lacks. So the signature Prefect binds against
+(the function's ``__signature__``) lists the flat names as keyword-only parameters, ``None`` meaning not given; the
+signature the flow's parameter schema is built from (the run form, a new deployment's schema) leaves them out, so
+the form shows the groups only. (``prefect deployment run`` itself refuses names the deployment's stored schema
+lacks: on a deployment made from today's ``prefect.yaml`` only the groups pass it.)
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prefect import Flow
+
 from tasks.validation.settings_groups import Renamed, SettingsGroup, resolve_groups
 
 
 class GroupedParameterFlow(Flow):
-    """A Prefect flow that validates parameters missing from its signature as its ``**kwargs`` (the deprecated flat
-    names), so a deployment run may still pass them at the top level."""
+    """A Prefect flow that takes the deprecated flat names :func:`grouped_flow` added to its function's signature;
+    a name not given (``None``) is left out of the flow run's parameters."""
+
+    flat_names: frozenset[str] = frozenset()
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        signature = inspect.signature(self.fn).parameters
-        variadic = next(name for name, p in signature.items() if p.kind is p.VAR_KEYWORD)
-        return super().validate_parameters(collapse_flat_parameters(parameters, signature, variadic))
+        validated = super().validate_parameters(parameters)
+        return {k: v for k, v in validated.items() if not (k in self.flat_names and v is None)}
 
 
-def collapse_flat_parameters(parameters: Mapping[str, Any], signature: Mapping[str, Any],
-                             variadic: str) -> dict[str, Any]:
-    """``parameters`` with every name that is not in ``signature`` moved into the ``variadic`` dict (merged with
-    what it holds already)."""
-    known = {k: v for k, v in parameters.items() if k in signature}
-    flat = {k: v for k, v in parameters.items() if k not in signature}
-    if flat:
-        known[variadic] = {**(known.get(variadic) or {}), **flat}
-    return known
-
-
-def grouped_flow(**options: Any) -> Callable[[Callable], GroupedParameterFlow]:
-    """``@flow(**options)`` for a flow with settings groups and ``**deprecated`` flat names."""
+def grouped_flow(flat_names: Iterable[str], **options: Any) -> Callable[[Callable], GroupedParameterFlow]:
+    """``@flow(**options)`` for a function with settings groups and ``**deprecated``: ``flat_names`` are the
+    deprecated names it still takes (see the module docstring)."""
 
     def make(fn: Callable) -> GroupedParameterFlow:
-        return GroupedParameterFlow(fn=fn, **options)
+        declared = inspect.signature(fn)
+        public = declared.replace(parameters=[p for p in declared.parameters.values() if p.kind is not p.VAR_KEYWORD])
+        flat = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
+                for name in flat_names]
+        fn.__signature__ = public  # the flow's parameter schema (Prefect builds it when the flow is made)
+        flow = GroupedParameterFlow(fn=fn, **options)
+        flow.flat_names = frozenset(p.name for p in flat)
+        fn.__signature__ = public.replace(parameters=[*public.parameters.values(), *flat])  # what Prefect binds
+        return flow
 
     return make
 
@@ -69,12 +73,18 @@ def deployment_parameters(deployment_id: Any = None) -> dict[str, Any] | None:
         return None
 
 
+def given_flat_names(parameters: Mapping[str, Any], renames: Mapping[str, Renamed]) -> dict[str, Any]:
+    """The deprecated flat names among ``parameters`` that were given (``None``: not given)."""
+    return {k: v for k, v in parameters.items() if k in renames and v is not None}
+
+
 def resolve_flow_groups(groups: Mapping[str, type[SettingsGroup]], given: Mapping[str, Any],
                         deprecated: Mapping[str, Any], renames: Mapping[str, Renamed]) -> dict[str, SettingsGroup]:
     """:func:`tasks.validation.settings_groups.resolve_groups` inside a flow run, onto the parameters of the
-    deployment that started it; each deprecated flat name used is logged as a warning in the run's log (and raised
-    as a :class:`DeprecationWarning`)."""
-    resolved, notes = resolve_groups(groups, given, deprecated, renames, deployment_parameters())
+    deployment that started it; each deprecated flat name given is logged as a warning in the run's log (and
+    raised as a :class:`DeprecationWarning`)."""
+    resolved, notes = resolve_groups(groups, given, given_flat_names(deprecated, renames), renames,
+                                     deployment_parameters())
     for note in notes:
         warnings.warn(note, DeprecationWarning, stacklevel=3)
         _run_logger().warning("%s", note)

@@ -13,6 +13,9 @@ from flows.evaluate import dino_evaluate, dino_reevaluate
 from flows.pretrain import dino_pretrain
 from tasks.evaluation import EvaluationInputError
 from tasks.evaluation.settings import EvaluationSettings, merge_settings
+from prefect.exceptions import SignatureMismatchError
+
+from tasks.flow_parameters import given_flat_names
 from tasks.validation import UserInputError
 from tasks.validation.extraction_settings import EXTRACT_GROUPS, EXTRACT_RENAMES
 from tasks.validation.pretrain_settings import PRETRAIN_GROUPS, PRETRAIN_RENAMES, KubernetesSettings
@@ -83,7 +86,8 @@ def test_a_partial_group_changes_only_its_fields_of_the_deployments_group():
     # What Prefect does with `--param launch='{"nnodes": 2, "rdzv_endpoint": "h:29400"}'`: the run's group
     # replaces the deployment's at the top level, then the flow validates it against its signature.
     params = dino_pretrain.validate_parameters({**deployment, "launch": {"nnodes": 2, "rdzv_endpoint": "h:29400"}})
-    groups, notes = resolve_groups(PRETRAIN_GROUPS, params, params["deprecated"], PRETRAIN_RENAMES, deployment)
+    assert not set(params) & set(PRETRAIN_RENAMES)  # no flat name given: none in the run's parameters
+    groups, notes = resolve_groups(PRETRAIN_GROUPS, params, {}, PRETRAIN_RENAMES, deployment)
     assert (groups["launch"].nnodes, groups["launch"].rdzv_endpoint) == (2, "h:29400")
     assert groups["launch"].retries == deployment["launch"]["retries"] == 2
     assert groups["tracking"].registered_model == deployment["tracking"]["registered_model"]
@@ -92,12 +96,14 @@ def test_a_partial_group_changes_only_its_fields_of_the_deployments_group():
 
 def test_deprecated_flat_names_still_work_and_name_their_new_spelling():
     deployment = _deployment("flows/pretrain.py:dino_pretrain")
-    # A run of today's deployment with yesterday's parameter names: Prefect passes them at the top level.
+    # A run of today's deployment with yesterday's parameter names (through the API): Prefect validates them at the
+    # top level, next to the groups, and the flow gets them as **deprecated.
     params = dino_pretrain.validate_parameters({**deployment, "nproc_per_node": 4, "train_retries": 0,
                                                 "k8s_image": "registry.example/dino:0.2", "experiment": "old"})
-    assert params["deprecated"] == {"nproc_per_node": 4, "train_retries": 0,
-                                    "k8s_image": "registry.example/dino:0.2", "experiment": "old"}
-    groups, notes = resolve_groups(PRETRAIN_GROUPS, params, params["deprecated"], PRETRAIN_RENAMES, deployment)
+    flat = given_flat_names(params, PRETRAIN_RENAMES)
+    assert flat == {"nproc_per_node": 4, "train_retries": 0, "k8s_image": "registry.example/dino:0.2",
+                    "experiment": "old"}
+    groups, notes = resolve_groups(PRETRAIN_GROUPS, params, flat, PRETRAIN_RENAMES, deployment)
     assert (groups["launch"].nproc_per_node, groups["launch"].retries) == (4, 0)
     assert groups["launch"].nnodes == deployment["launch"]["nnodes"]  # the deployment's group stays under them
     assert (groups["kubernetes"].image, groups["tracking"].experiment) == ("registry.example/dino:0.2", "old")
@@ -115,19 +121,21 @@ def test_a_deployment_made_before_the_groups_keeps_working_and_a_new_style_run_o
     old = {"data": "s3://d/shards", "checkpoint_uri": "s3://d/ckpt", "nproc_per_node": 8, "nnodes": 2,
            "rdzv_endpoint": "h:1", "registered_model": "old-model"}
     params = dino_pretrain.validate_parameters({**old, "launch": {"nnodes": 4}})  # a run in the new spelling
-    groups, notes = resolve_groups(PRETRAIN_GROUPS, params, params["deprecated"], PRETRAIN_RENAMES, old)
+    groups, notes = resolve_groups(PRETRAIN_GROUPS, params, given_flat_names(params, PRETRAIN_RENAMES),
+                                   PRETRAIN_RENAMES, old)
     assert (groups["launch"].nproc_per_node, groups["launch"].nnodes) == (8, 4)  # the run's group wins
     assert groups["tracking"].registered_model == "old-model"
     assert len(notes) == 4 and all("is deprecated: use " in n for n in notes)
 
 
-def test_an_unknown_parameter_or_a_bad_group_field_is_a_user_error_naming_it():
-    params = dino_pretrain.validate_parameters({"data": "d", "checkpoint_uri": "c", "nproc_per_nod": 2})
+def test_an_unknown_parameter_or_a_bad_group_field_is_an_error_naming_it():
+    with pytest.raises(SignatureMismatchError, match="nproc_per_nod"):  # Prefect refuses a misspelt name, as before
+        dino_pretrain.validate_parameters({"data": "d", "checkpoint_uri": "c", "nproc_per_nod": 2})
     with pytest.raises(UserInputError, match="unknown parameter.*nproc_per_nod: the flow takes launch, kubernetes"):
-        resolve_groups(PRETRAIN_GROUPS, params, params["deprecated"], PRETRAIN_RENAMES)
+        resolve_groups(PRETRAIN_GROUPS, {}, {"nproc_per_nod": 2}, PRETRAIN_RENAMES)
     params = dino_pretrain.validate_parameters({"data": "d", "checkpoint_uri": "c", "launch": {"nnode": 2}})
     with pytest.raises(UserInputError, match="launch.nnode: Extra inputs are not permitted"):
-        resolve_groups(PRETRAIN_GROUPS, params, params["deprecated"], PRETRAIN_RENAMES)
+        resolve_groups(PRETRAIN_GROUPS, params, {}, PRETRAIN_RENAMES)
     with pytest.raises(UserInputError, match="runner.task_runner: task_runner must be one of threads"):
         resolve_groups(SHARD_GROUPS, {"runner": {"task_runner": "ray"}}, {}, SHARD_RENAMES)
     with pytest.raises(UserInputError, match="runner.parallelism: parallelism must be a positive integer"):
@@ -156,10 +164,25 @@ def test_the_hooks_read_the_experiment_in_either_spelling():
     def run(parameters):
         return SimpleNamespace(parameters=parameters, deployment_id=None)
 
-    assert tracking_of(dino_pretrain.fn, run({"tracking": {"experiment": "grouped"}})).experiment == "grouped"
-    assert tracking_of(dino_pretrain.fn, run({"experiment": "flat"})).experiment == "flat"
-    assert tracking_of(dino_pretrain.fn, run({"deprecated": {"experiment": "kw"}})).experiment == "kw"
-    assert tracking_of(dino_pretrain.fn, run({})).experiment == "dino-pretrain"
+    assert tracking_of(run({"tracking": {"experiment": "grouped"}})).experiment == "grouped"
+    assert tracking_of(run({"experiment": "flat", "run_name": None})).experiment == "flat"
+    assert tracking_of(run({})).experiment == "dino-pretrain"
+
+
+def test_the_run_form_shows_the_groups_and_not_the_flat_names():
+    """The schema a deployment stores (and the Prefect UI's run form is built from) lists the groups; the flat
+    names are accepted but not offered."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.extract import dino_extract
+    from flows.shard import dino_shard
+
+    for flow, renames in ((dino_pretrain, PRETRAIN_RENAMES), (dino_shard, SHARD_RENAMES),
+                          (dino_extract, EXTRACT_RENAMES)):
+        properties = parameter_schema(flow).model_dump()["properties"]
+        assert properties == flow.parameters.model_dump()["properties"]
+        assert not set(properties) & set(renames) and "deprecated" not in properties, flow.name
+    assert {"launch", "kubernetes", "tracking"} <= set(parameter_schema(dino_pretrain).model_dump()["properties"])
 
 
 def test_a_flow_run_with_flat_names_warns_and_shards_as_the_grouped_spelling(tmp_path):

@@ -213,7 +213,7 @@ def _end_mlflow_run_of(flow, flow_run, status: str, stop_reason: str) -> None:
 
     log = flow_run_logger(flow_run, flow)  # into the flow run's logs, wherever the hook runs
     try:
-        experiment = tracking_of(flow.fn, flow_run).experiment
+        experiment = tracking_of(flow_run).experiment
         client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

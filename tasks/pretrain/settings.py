@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from tasks.flow_parameters import collapse_flat_parameters, deployment_parameters, resolve_flow_groups
+from tasks.flow_parameters import deployment_parameters, given_flat_names, resolve_flow_groups
 from tasks.validation.pretrain_settings import (
     PRETRAIN_GROUPS,
     PRETRAIN_RENAMES,
@@ -23,15 +23,11 @@ def pretrain_settings(given: Mapping[str, Any], deprecated: Mapping[str, Any]) -
     return PretrainSettings(**resolve_flow_groups(PRETRAIN_GROUPS, given, deprecated, PRETRAIN_RENAMES))
 
 
-def tracking_of(flow_fn, flow_run) -> TrackingSettings:
-    """The ``tracking`` settings a flow run of ``flow_fn`` ran with, from its stored parameters and its
-    deployment's (what the flow's hooks read: they get the flow run, not the flow's values)."""
-    import inspect
-
-    signature = inspect.signature(flow_fn).parameters
-    variadic = next(name for name, p in signature.items() if p.kind is p.VAR_KEYWORD)
-    params = collapse_flat_parameters(flow_run.parameters or {}, signature, variadic)
-    groups, _ = resolve_groups(PRETRAIN_GROUPS, {name: params.get(name) for name in PRETRAIN_GROUPS},
-                               params.get(variadic) or {}, PRETRAIN_RENAMES,
+def tracking_of(flow_run) -> TrackingSettings:
+    """The ``tracking`` settings a flow run of ``dino-pretrain`` ran with, from its stored parameters (the groups,
+    or the deprecated flat names) and its deployment's: what the flow's hooks read (they get the flow run, not the
+    flow's values)."""
+    params = flow_run.parameters or {}
+    groups, _ = resolve_groups(PRETRAIN_GROUPS, params, given_flat_names(params, PRETRAIN_RENAMES), PRETRAIN_RENAMES,
                                deployment_parameters(flow_run.deployment_id))
     return groups["tracking"]
