@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from dino_model.eval.score_names import display, headline, is_fraction_metric, label, ordered, sort_key
 
 from .tracking import mlflow_ui_link
-from .training_progress import format_duration
+from .pretrain.training_progress import format_duration
 
 #: Run tag of an evaluation run naming its HTML report artifact (written by ``tasks.evaluation.report``).
 REPORT_TAG = "report.artifact"

@@ -19,7 +19,7 @@ from dino_model.checkpoint import latest_checkpoint, read_checkpoint
 from dino_model.config import CropsConfig, load_config
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop
 from dino_model.data.reader import LoaderSettings, build_loader
-from dino_model.eval.features import extract_features, read_features
+from dino_model.eval.features import FeatureRecipe, extract_features, read_features
 from dino_model.fast_path import FastPathError, Verdict
 from dino_model.fast_path.data_canary import AUGMENT_MEAN_LEVELS, compare_data_paths, device_multicrop
 from dino_model.fast_path.faults import FAULT_ENV, injected
@@ -152,8 +152,8 @@ def test_extraction_checks_bf16_and_falls_back_to_fp32(tmp_path, monkeypatch):
     batches, *_ = _batches(6, 3)
 
     def extract(name, **kw):
-        res = extract_features(backbone, batches, str(tmp_path / name), "val", {}, transform=CROP, progress=False,
-                               **kw)
+        res = extract_features(backbone, batches, str(tmp_path / name), "val", {}, recipe=FeatureRecipe(CROP, **kw),
+                               progress=False)
         return res.metadata, read_features(str(tmp_path / name), "val")[2]
 
     meta, bf16 = extract("bf16", precision="bf16")
@@ -298,18 +298,21 @@ def test_two_torchrun_extraction_ranks_take_rank_0s_verdict(tmp_path, monkeypatc
     """bf16 extraction on 2 processes with rank 0's bf16 path broken: both ranks extract in fp32, so the files
     equal a single-process fp32 extraction."""
     from dino_model.export import export_backbone
-    from tasks.evaluation import extract_split_features
+    from tasks.evaluation import ExtractionSpec, extract_split_features
+    from tasks.validation.extraction_settings import FeatureSettings
     from tests.datasets import write_colour_set
 
     data = write_colour_set(tmp_path / "img", tmp_path / "shards", range(3), 4, 3, "train")
     torch.manual_seed(0)
     export = tmp_path / "export"
     export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
-    common = dict(resize_size=None, crop_size=32, batch_size=3, device="cpu")
-    fp32 = extract_split_features.fn(str(export), data, str(tmp_path / "fp32"), "train", {}, **common)
+    common = dict(resize_size=None, crop_size=32, batch_size=3)
+    fp32 = extract_split_features.fn(ExtractionSpec(str(export), data, str(tmp_path / "fp32"), "train",
+                                                    FeatureSettings(**common), "cpu"))
     monkeypatch.setenv(FAULT_ENV, "extract@0")
-    two = extract_split_features.fn(str(export), data, str(tmp_path / "two"), "train", {}, precision="bf16",
-                                    nproc_per_node=2, **common)
+    two = extract_split_features.fn(ExtractionSpec(str(export), data, str(tmp_path / "two"), "train",
+                                                   FeatureSettings(precision="bf16", **common), "cpu"),
+                                    nproc_per_node=2)
     assert two["precision"] == "fp32" and two["fast_path"]["status"] == "fallback"
     assert fp32["fast_path"]["verdict"] == "reference"
     _, _, f1, _ = read_features(str(tmp_path / "fp32"), "train")

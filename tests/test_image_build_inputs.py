@@ -15,9 +15,9 @@ from infra.image.debian_base import DebianBase, host_release
 from infra.image.pip_config import MOUNT_POINT, effective_pip_config, for_build, host_pip_mounts
 from infra.image.pod import PodContainer
 from infra.image.podman import Podman
-from tasks.kubernetes.render import render_multinode_job
-from tasks.kubernetes_job import KubernetesSettings, multinode_job
-from tasks.trainer_process import LaunchSpec
+from tasks.pretrain.kubernetes.render import render_multinode_job
+from tasks.pretrain.kubernetes.job import KubernetesJobSpec, multinode_job
+from tasks.pretrain.trainer_process import LaunchSpec
 
 ROOT = f"{MOUNT_POINT}/root"
 
@@ -98,7 +98,7 @@ def test_the_debian_base_follows_this_machines_release_and_mirror(tmp_path):
 def test_a_rendered_pod_becomes_a_podman_run_with_its_command_env_and_volumes(tmp_path):
     config = load_config(None, preset="small", overrides=[
         'data.source="s3://b/shards"', 'checkpoint.uri="s3://b/ckpt"']).to_dict()
-    settings = KubernetesSettings(image="registry.example/dino:0.1", job_name="dino-pretrain-0123abcd",
+    settings = KubernetesJobSpec(image="registry.example/dino:0.1", job_name="dino-pretrain-0123abcd",
                                   gpus_per_node=0)
     manifests = render_multinode_job(multinode_job(config, "run0", "http://127.0.0.1:5000",
                                                    LaunchSpec(nproc_per_node=1, nnodes=1), settings))

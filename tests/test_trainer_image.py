@@ -43,9 +43,9 @@ from infra.image.build import REPOSITORY, ROOT, build_image, project_version
 from infra.image.pip_config import MOUNT_POINT, effective_pip_config, for_build
 from infra.image.pod import PodContainer
 from infra.image.podman import Podman
-from tasks.kubernetes.render import render_multinode_job
-from tasks.kubernetes_job import KubernetesSettings, job_name, multinode_job
-from tasks.trainer_process import LaunchSpec
+from tasks.pretrain.kubernetes.render import render_multinode_job
+from tasks.pretrain.kubernetes.job import KubernetesJobSpec, job_name, multinode_job
+from tasks.pretrain.trainer_process import LaunchSpec
 from tests.datasets import write_colour_set
 from tests.prerequisites import require_binaries, require_root
 from tests.test_pretrain_flow import TINY
@@ -222,7 +222,7 @@ def _pod(image: str, mlflow_url: str, checkpoints: str, shards: str, overrides: 
     run_id = client.create_run(client.create_experiment(experiment)).info.run_id
     config = load_config(None, preset="reference", overrides=TINY + overrides + [
         f'data.source="{shards}"', f'checkpoint.uri="{checkpoints}"']).to_dict()
-    settings = KubernetesSettings(image=IMAGE_TAG, job_name=job_name("dino-image", run_id), gpus_per_node=0)
+    settings = KubernetesJobSpec(image=IMAGE_TAG, job_name=job_name("dino-image", run_id), gpus_per_node=0)
     launch = LaunchSpec(nproc_per_node=1, nnodes=1)
     assert settings.problems(launch) == []
     manifests = render_multinode_job(multinode_job(config, run_id, mlflow_url, launch, settings))

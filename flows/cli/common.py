@@ -87,7 +87,7 @@ class trainer_progress_bar:
     """A tqdm bar over the trainer's steps, fed by its ``DINO_PROGRESS`` records while the flow runs."""
 
     def __enter__(self):
-        from tasks.pretrain import trainer_progress
+        from tasks.pretrain.progress_artifact import trainer_progress
 
         self.bar = None
         trainer_progress.add(self.update)
@@ -111,7 +111,7 @@ class trainer_progress_bar:
             self.bar.write(f"trainer error: {record.get('message') or record}")
 
     def __exit__(self, *exc):
-        from tasks.pretrain import trainer_progress
+        from tasks.pretrain.progress_artifact import trainer_progress
 
         trainer_progress.remove(self.update)
         if self.bar is not None:
@@ -128,7 +128,7 @@ def use_embedded_mlflow(folder: str) -> None:
         return
     os.makedirs(folder, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.abspath(folder)}/mlflow.db"
-    # Read by tasks.pretrain / tasks.evaluation when they create an experiment: keep artifacts beside the store.
+    # Read by tasks.tracking when the flows create an experiment: keep artifacts beside the store.
     os.environ.setdefault("DINO_MLFLOW_ARTIFACT_ROOT", os.path.join(os.path.abspath(folder), "artifacts"))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

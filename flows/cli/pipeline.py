@@ -13,6 +13,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import (
     UsageError,
@@ -23,6 +24,9 @@ from .common import (
     use_embedded_mlflow,
 )
 from .prefect_session import flow_session
+
+if TYPE_CHECKING:
+    from tasks.validation.pipeline import PipelineRequest
 
 #: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) at a
 #: size a 2-core laptop trains in a few minutes: ViT-Tiny/16 on 64-px crops, K = 4096 prototypes.
@@ -61,13 +65,15 @@ def _configure_pipeline(p: argparse.ArgumentParser) -> None:
 @command("pipeline", "shard, pretrain and evaluate in one run (the dino-pipeline flow)", _configure_pipeline)
 def run_pipeline(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
+    from tasks.validation.pipeline import PipelineRequest
+
     evaluation = _evaluation_settings(davis_root=args.davis, **_workspace_paths(args.workspace),
                                       evaluations=["knn", "linear_fast"] + (["attention", "davis"] if args.davis
                                                                             else []))
-    out = _run(args.train, args.val, args.workspace, args.preset, args.overrides, args.shard_size,
-               args.nproc_per_node, args.registered_model, evaluation, debug=args.debug,
-               runner={"task_runner": args.task_runner, "parallelism": args.parallelism})
-    _report(out)
+    request = PipelineRequest(args.train, args.val, args.workspace, args.preset, tuple(args.overrides),
+                              args.shard_size, args.nproc_per_node, registered_model=args.registered_model,
+                              evaluation=evaluation, task_runner=args.task_runner, parallelism=args.parallelism)
+    _report(_run(request, debug=args.debug))
     return 0
 
 
@@ -80,10 +86,12 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
          _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported: the bar is the display
-    from tasks.validation import resolve_training_config
+    from tasks.validation.pipeline import PipelineRequest
+    from tasks.validation.training import PretrainRequest, load_training_config
 
-    overrides = DEMO_OVERRIDES + [f"train.epochs={args.epochs}"]
-    resolve_training_config("data", "checkpoints", "reference", None, overrides)  # e.g. --epochs 0, before any work
+    overrides = tuple(DEMO_OVERRIDES + [f"train.epochs={args.epochs}"])
+    # e.g. --epochs 0, before any work
+    load_training_config(PretrainRequest("data", "checkpoints", overrides=overrides))
     work = Path(args.workdir).resolve()
     if work.exists() and not work.is_dir():
         raise UsageError(f"--workdir {args.workdir} is a file: give a folder (created if missing)")
@@ -105,19 +113,20 @@ def run_demo(args: argparse.Namespace) -> int:
         davis_root=str(data / "davis"), davis_short_side=96, attention_size=96, attention_frame_step=1,
         experiment="dino-demo-evaluate",
     )
-    out = _run(str(data / "train"), str(data / "val"), str(work / "run"), "reference", overrides, 30, 1,
-               "dino-demo", evaluation, experiment="dino-demo", debug=args.debug)
-    _report(out)
+    request = PipelineRequest(str(data / "train"), str(data / "val"), str(work / "run"), "reference", overrides, 30, 1,
+                              "dino-demo", "dino-demo", evaluation)
+    _report(_run(request, debug=args.debug))
     print(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
 
 
 def _workspace_paths(workspace: str) -> dict[str, str]:
-    """Where ``dino-pipeline`` puts the shard sets and features under ``workspace`` (see flows/pipeline.py)."""
-    root = workspace.rstrip("/")
-    if "://" not in root:
-        root = os.path.abspath(root)
-    return {"train_data": f"{root}/shards/train", "val_data": f"{root}/shards/val", "features_root": f"{root}/features"}
+    """Where ``dino-pipeline`` puts the shard sets and features under ``workspace``
+    (:func:`tasks.validation.pipeline.workspace_layout`), a local workspace as an absolute path."""
+    from tasks.validation.pipeline import workspace_layout
+
+    layout = workspace_layout(workspace if "://" in workspace else os.path.abspath(workspace))
+    return {"train_data": layout.train_shards, "val_data": layout.val_shards, "features_root": layout.features}
 
 
 def _evaluation_settings(**fields):
@@ -132,16 +141,15 @@ def _evaluation_settings(**fields):
         raise UsageError(describe_validation_error(e)) from e
 
 
-def _run(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation,
-         experiment="dino-pretrain", debug=False, runner: dict | None = None) -> dict:
+def _run(request: PipelineRequest, debug: bool = False) -> dict:
+    """Check ``request`` (before Prefect or MLflow start), then run ``dino-pipeline`` in-process on it."""
     from dino_model.storage import StorageError
     from tasks.validation import UserInputError
     from tasks.validation.pipeline import check_pipeline_request
 
     # The flow's first task (check-pipeline-request), here before Prefect or MLflow start.
-    runner = runner or {}
-    check_pipeline_request(train, val, workspace, preset, overrides, shard_size, nproc, registered_model, evaluation,
-                           **runner)
+    check_pipeline_request(request)
+    workspace = request.workspace
     use_embedded_mlflow(os.path.join(os.path.abspath(workspace) if "://" not in workspace else os.getcwd(),
                                      "mlflow"))
     from flows.pipeline import dino_pipeline
@@ -149,10 +157,7 @@ def _run(train, val, workspace, preset, overrides, shard_size, nproc, registered
     print("2/4 sharding, 3/4 pretraining (progress below), 4/4 evaluating — this takes a few minutes")
     with flow_session(reported=(UserInputError, StorageError, ValueError), debug=debug), trainer_progress_bar():
         try:
-            return dino_pipeline(train_source=train, val_source=val, workspace=workspace, preset=preset,
-                                 overrides=overrides, shard_size=shard_size, nproc_per_node=nproc,
-                                 experiment=experiment, registered_model=registered_model, evaluation=evaluation,
-                                 **runner)
+            return dino_pipeline(**request.flow_parameters())
         except (StorageError, ValueError) as e:
             raise UsageError(str(e)) from e
 

@@ -1,4 +1,4 @@
-"""One pod of a rendered Kubernetes Job (``tasks/kubernetes/multinode-job.yaml``) as a local ``podman run``: the
+"""One pod of a rendered Kubernetes Job (``tasks/pretrain/kubernetes/multinode-job.yaml``) as a local ``podman run``: the
 same image, ``command:``, environment and mounts the kubelet would give its container, without a cluster.
 
     manifests = render_multinode_job(job)                      # Service, ConfigMap, Job
