@@ -268,3 +268,111 @@ def test_a_trainer_killed_on_one_node_fails_the_job_and_the_retry_resumes(slurm_
     assert run.info.run_id == out["run_id"] and run.info.status == "FINISHED"
     assert _steps(client, run.info.run_id) == list(range(1, TOTAL_STEPS + 1))
     _assert_same_weights(ckpt, reference_weights)
+
+
+# -- a deployment run cancelled -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_worker(slurm_cluster, mlflow_server, tmp_path_factory):  # noqa: F811
+    """A Prefect server, the ``dino-pretrain/slurm`` deployment of prefect.yaml deployed as the operator guide says,
+    and a process worker on its ``slurm`` queue whose environment reaches Slurm and MLflow (as a login node's)."""
+    from infra.services import ensure_work_pool, run_prefect, start_prefect_server, start_prefect_worker
+
+    home = tmp_path_factory.mktemp("prefect")
+    server = start_prefect_server(home / "server", ui=False)
+    worker = None
+    try:
+        ensure_work_pool("dino-process", server.url, home / "client")
+        run_prefect(["deploy", "--name", "dino-pretrain/slurm"], server.url, home / "client", cwd=ROOT, timeout=400)
+        worker = start_prefect_worker("dino-process", server.url, home / "worker", home / "worker.log",
+                                      env={**slurm_cluster.env(), "MLFLOW_TRACKING_URI": mlflow_server.url},
+                                      work_queues=("slurm",))
+        yield server.url, home / "client", home / "worker.log"
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+
+
+def _api(url: str, body: dict | None = None):
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_cancelling_the_flow_run_checkpoints_and_leaves_no_process(prefect_worker, slurm_cluster, tracking, shards,
+                                                                  tmp_path):  # noqa: F811
+    from infra.services import run_prefect
+
+    api, client_home, worker_log = prefect_worker
+    work, ckpt = tmp_path / "jobs", tmp_path / "ckpt"
+    params = {"data": shards, "checkpoint_uri": str(ckpt), "overrides": TINY + ["train.epochs=1000",
+                                                                              "checkpoint.keep_last=1"],
+              "launch": {"nnodes": 2, "nproc_per_node": 1, "retries": 0}, "slurm": _slurm(work),
+              "tracking": {"experiment": "slurm-cancel", "registered_model": "dino-slurm-cancel"}}
+    out = run_prefect(["deployment", "run", "dino-pretrain/slurm", "--params", json.dumps(params)], api,
+                      client_home).stdout
+    flow_run = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    client = tracking
+
+    def training():
+        exp = client.get_experiment_by_name("slurm-cancel")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return runs[0] if runs and len(_steps(client, runs[0].info.run_id)) >= 3 else None
+
+    def explain() -> str:
+        logs = _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run]}}, "limit": 200})
+        return "\n".join(e["message"] for e in logs)[-5000:] + "\n--- worker ---\n" + \
+            worker_log.read_text(errors="replace")[-3000:]
+
+    try:
+        run = _wait(training, 480, "three logged training steps", every=2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{explain()}") from None
+    (job_id,) = _job_ids(work)
+    run_prefect(["flow-run", "cancel", flow_run], api, client_home)
+    state = _wait(lambda: (s := _api(f"{api}/flow_runs/{flow_run}")["state"]["type"]) in (
+        "CANCELLED", "FAILED", "CRASHED", "COMPLETED") and s, 300, "the flow run to end", every=2)
+    assert state == "CANCELLED", explain()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "cancelled", explain()
+    stopped_at = int(run.data.tags["steps_done"])
+    assert (ckpt / f"checkpoint-{stopped_at:09d}.pt").exists(), explain()  # the trainers checkpointed on SIGTERM
+    assert run.data.tags["checkpoint"].endswith(f"checkpoint-{stopped_at:09d}.pt")
+    record = slurm_cluster.run("scontrol", "show", "job", job_id)
+    assert re.search(r"JobState=(FAILED|CANCELLED)", record), record
+    assert job_id not in slurm_cluster.jobs()
+    assert _job_processes(str(work)) == [], "a process of the job outlived it"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if f"[{job_id}." in " ".join(p.info["cmdline"] or [])]
+    assert "training cancelled at step" in explain()
+
+
+# -- the data stages on Slurm ---------------------------------------------------------------------------------------
+
+
+def test_dino_shard_on_slurm_writes_the_shard_set_threads_writes(slurm_cluster, shared_data, tmp_path):  # noqa: F811
+    """``dino shard --task-runner slurm``: 2 Dask workers as Slurm jobs (dask-jobqueue, started and stopped by the
+    flow), the same shards (sample lists, sha256) and manifest as the thread runner."""
+    from flows.shard import dino_shard
+    from tests.test_shard_flow import copy_subset
+    from tests.test_task_runners import _shard_set
+
+    subset = copy_subset(shared_data / "imagenette-128" / "train", tmp_path / "subset", classes=4, per_class=5)
+    shards = {"shard_size": 5, "seed": 3, "name": "sub"}
+    dino_shard(str(subset), str(tmp_path / "threads"), shards=shards, runner={"task_runner": "threads",
+                                                                              "parallelism": 2})
+    env = {**os.environ, **slurm_cluster.env(), "DASK_JOBQUEUE__SLURM__LOG_DIRECTORY": str(tmp_path / "dask-logs"),
+           "DASK_JOBQUEUE__SLURM__MEMORY": "1GiB"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "shard", str(subset), str(tmp_path / "slurm"),
+                           "--task-runner", "slurm", "--parallelism", "2", "--shard-size", "5", "--seed", "3",
+                           "--name", "sub", "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _shard_set(str(tmp_path / "slurm")) == _shard_set(str(tmp_path / "threads"))
+    # the workers were Slurm jobs of this cluster (their logs), all gone with the flow
+    assert list((tmp_path / "dask-logs").glob("*.err")) or list((tmp_path / "dask-logs").glob("*.out"))
+    _wait(lambda: not slurm_cluster.jobs(), 120, "the Dask worker jobs to end")
