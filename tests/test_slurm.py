@@ -257,7 +257,8 @@ def test_a_trainer_killed_on_one_node_fails_the_job_and_the_retry_resumes(slurm_
 
     watcher = _after_first_checkpoint(str(ckpt), kill_the_trainer_on_the_second_node)
     out = dino_pretrain(data=shards, checkpoint_uri=str(ckpt), overrides=OVERRIDES, launch=_launch(retries=1),
-                        slurm=_slurm(work), tracking={"experiment": "slurm-kill", "registered_model": "dino-slurm-kill"})
+                        slurm=_slurm(work),
+                        tracking={"experiment": "slurm-kill", "registered_model": "dino-slurm-kill"})
     watcher.join(5)
     assert watcher.error is None and watcher.result is not None, f"no trainer killed: {watcher.error}"
     first, second = _job_ids(work)

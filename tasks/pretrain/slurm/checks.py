@@ -6,7 +6,6 @@ Slurm commands, the shared job folder, addresses the nodes can use, and Slurm's 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from pathlib import Path
 from urllib.parse import urlparse
