@@ -165,7 +165,11 @@ def _config(folder: Path, munge_socket: Path, nodes: tuple[str, ...], cpus: int,
     for node in nodes:
         lines.append(f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} RealMemory={memory_mb} "
                      "State=UNKNOWN")
-    lines.append(f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP")
+    # A job in "urgent" preempts the jobs of "debug" it needs the room of; Slurm requeues them (no accounting needed,
+    # unlike QoS preemption).
+    lines += ["PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
+              f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
+              f"PartitionName=urgent Nodes={','.join(nodes)} MaxTime=INFINITE State=UP PriorityTier=2"]
     return "\n".join(lines) + "\n"
 
 
@@ -184,8 +188,8 @@ def _wait_idle(cluster: SlurmCluster, timeout: float) -> None:
             states = cluster.run("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10)
         except subprocess.TimeoutExpired:
             states = ""
-        if states and all(line.split()[1] == "idle" for line in states.strip().splitlines()) \
-                and len(states.strip().splitlines()) == len(cluster.nodes):
+        seen = dict(line.split()[:2] for line in states.strip().splitlines() if len(line.split()) >= 2)
+        if sorted(seen) == sorted(cluster.nodes) and set(seen.values()) == {"idle"}:  # a line per partition
             return
         time.sleep(0.5)
     raise RuntimeError(f"the Slurm test cluster did not come up within {timeout:.0f} s (sinfo: {states!r}); "

@@ -4,8 +4,9 @@ MLflow server; trainings of a tiny model on CPU (gloo), 2 nodes x 1 process:
 
 * a training on 2 Slurm nodes ends with the weights of 2 local torchrun processes, bit for bit; its credentials
   reach the job through the environment, never the script or Slurm's job record;
-* the pre-limit signal (delivered here with ``scancel --batch --signal=USR1``, as ``--signal=B:USR1@LEAD`` would):
-  the trainers checkpoint, the job is requeued and finishes in the same MLflow run, with the same weights;
+* the pre-limit signal (delivered here with ``scancel --batch --signal=USR1``, as ``--signal=B:USR1@LEAD`` would),
+  then a preemption by a job of a higher-tier partition: each time the trainers checkpoint, the job is requeued
+  (by its batch script, then by Slurm) and it finishes in the same MLflow run, with the same weights;
 * a trainer SIGKILLed on one node fails the job and the task's retry (a new job) resumes and finishes, the same
   weights again;
 * cancelling a flow run of the ``dino-pretrain/slurm`` deployment (a Prefect server and worker): a checkpoint, no
@@ -42,9 +43,9 @@ from tests.test_pretrain_flow import TINY
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-#: 16 images, 2 ranks x batch 4: 2 steps per epoch, 6 steps; a checkpoint every 2, only the latest kept (disk).
-OVERRIDES = TINY + ["train.epochs=3", "checkpoint.keep_last=1"]
-TOTAL_STEPS = 6
+#: 16 images, 2 ranks x batch 4: 2 steps per epoch, 10 steps; a checkpoint every 2, only the latest kept (disk).
+OVERRIDES = TINY + ["train.epochs=5", "checkpoint.keep_last=1"]
+TOTAL_STEPS = 10
 
 
 @pytest.fixture
@@ -205,19 +206,28 @@ def test_two_slurm_nodes_train_bit_identically_to_two_local_processes(slurm_env,
         assert secret not in text
 
 
-def test_pre_limit_signal_checkpoints_requeues_and_finishes_in_one_mlflow_run(slurm_env, tracking, shards,
-                                                                              reference_weights, tmp_path):
+def test_time_limit_and_preemption_requeue_the_job_and_it_finishes_in_one_mlflow_run(slurm_env, tracking, shards,
+                                                                                    reference_weights, tmp_path):
+    """The pre-limit signal (the batch script requeues), then a preemption by a job of a higher-tier partition
+    (Slurm requeues): each time the trainers checkpoint and the job goes on from there."""
     from flows.pretrain import dino_pretrain
 
     work, ckpt = tmp_path / "jobs", tmp_path / "ckpt"
 
-    def pre_limit_signal():
+    def signal_then_preempt():
         (job_id,) = _job_ids(work)
         # What `#SBATCH --signal=B:USR1@LEAD` makes Slurm do LEAD seconds before the time limit.
         slurm_env.run("scancel", "--batch", "--signal=USR1", job_id)
+        first_stop = _wait(lambda: re.search(r"Restarts=1 .*", slurm_env.run("scontrol", "show", "job", "-o", job_id))
+                           and max(s for s, _ in list_checkpoints(str(ckpt))), 300, "the requeue")
+        # back at work, one checkpoint further: a job of the "urgent" partition takes both nodes
+        _wait(lambda: max([s for s, _ in list_checkpoints(str(ckpt))] or [0]) > first_stop, 300,
+              "a checkpoint after the requeue", every=0.2)
+        slurm_env.run("sbatch", "--partition=urgent", "--nodes=2", "--exclusive", f"--output={tmp_path}/urgent.out",
+                      "--wrap=sleep 1")
         return job_id
 
-    watcher = _after_first_checkpoint(str(ckpt), pre_limit_signal)
+    watcher = _after_first_checkpoint(str(ckpt), signal_then_preempt)
     out = dino_pretrain(data=shards, checkpoint_uri=str(ckpt), overrides=OVERRIDES, launch=_launch(),
                         slurm=_slurm(work, time_limit="30"),
                         tracking={"experiment": "slurm-requeue", "registered_model": "dino-slurm-requeue"})
@@ -227,15 +237,17 @@ def test_pre_limit_signal_checkpoints_requeues_and_finishes_in_one_mlflow_run(sl
     client = tracking
     run = _only_run(client, "slurm-requeue")
     assert run.info.run_id == out["run_id"] and run.info.status == "FINISHED"
-    # one run, every step once: the requeued job resumed where the checkpoint on the signal left off
+    # one run, every step once: each time the job resumed where the checkpoint on the stop left off
     assert _steps(client, run.info.run_id) == list(range(1, TOTAL_STEPS + 1))
     history = run.data.tags["stop_history"]
-    stopped_at = int(re.fullmatch(rf"time_limit@step (\d+) \(job {job_id}\)", history).group(1))
-    assert 2 <= stopped_at < TOTAL_STEPS and run.data.tags["stop_reason"] == "completed"
+    m = re.fullmatch(rf"time_limit@step (\d+) \(job {job_id}\); preempted@step (\d+) \(job {job_id}\)", history)
+    assert m, history
+    assert 2 <= int(m.group(1)) < int(m.group(2)) < TOTAL_STEPS and run.data.tags["stop_reason"] == "completed"
     record = slurm_env.run("scontrol", "show", "job", job_id)
-    assert "Restarts=1" in record and "JobState=COMPLETED" in record
+    assert "Restarts=2" in record and "JobState=COMPLETED" in record
     log = (work / next(work.iterdir()).name / f"slurm-{job_id}.out").read_text()
     assert "stop: time_limit (SIGUSR1)" in log and "requeue: time_limit (the trainers ended: terminated)" in log
+    assert "DUE TO PREEMPTION" in log
     _assert_same_weights(ckpt, reference_weights)
 
 

@@ -187,8 +187,18 @@ def test_the_log_is_read_as_it_grows_and_after_a_requeue(tmp_path):
     log.poll()
     assert "half a line" in shown and (log.stop_reason, log.requeued) == ("time_limit", True)
     assert log.end_record["status"] == "terminated" and [r["event"] for r in records] == ["start", "end"]
+    assert log.requeue_reason() == "time_limit"
     log.new_run()
     assert (log.stop_reason, log.requeued, log.end_record) == (None, False, None)
+    # a preemption: Slurm ends the run (slurmstepd's notice in the batch log) and requeues it; the trap's own stop
+    # ("stopped", on SIGTERM) is not why
+    with open(batch, "a") as f:
+        f.write("slurmstepd-n1: error: *** JOB 5 ON n1 CANCELLED AT 2026-12-07T05:59:55 DUE TO PREEMPTION ***\n"
+                "dino-slurm: stop: stopped (SIGTERM) at 2026-12-07T05:59:55Z: the trainers checkpoint and stop\n")
+    log.poll()
+    assert (log.stop_reason, log.slurm_reason, log.requeue_reason()) == ("stopped", "preempted", "preempted")
+    log.new_run()
+    assert log.requeue_reason() == "requeued"  # nothing says why: an administrator's scontrol requeue
 
 
 def test_dino_pretrain_checks_the_slurm_options_before_starting_anything(tmp_path):

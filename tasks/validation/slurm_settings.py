@@ -89,9 +89,9 @@ class SlurmSettings(SettingsGroup):
     python: str = Field("", description="Python on the nodes that has this project installed; empty: this "
                                         "worker's interpreter (right when the nodes share its filesystem).")
     signal_lead_s: int = Field(300, ge=10, le=MAX_SIGNAL_LEAD_S, description="Seconds before the time limit the "
-                               "job is told to checkpoint and requeue: a checkpoint write plus the ranks agreeing "
-                               "to stop (train.check_every steps), with margin (Slurm may signal up to a minute "
-                               "earlier still).")
+                               "job is told to checkpoint and requeue: the ranks agreeing to stop (up to "
+                               "train.nonfinite_check_every steps; on GPU logging.log_every by default) plus a "
+                               "checkpoint write, with margin (Slurm may signal up to a minute earlier still).")
     work_dir: str = Field("", description="Folder on a filesystem this worker and the nodes share, for each job's "
                                           "batch script, config and log; empty: ~/.cache/dino/slurm.")
     rdzv_port: int = Field(0, ge=0, le=65535, description="TCP port of the c10d rendezvous on the first node; 0: "

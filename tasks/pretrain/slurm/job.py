@@ -6,7 +6,8 @@
 2. Every ``poll_s`` seconds: ``scontrol show job -o`` (state, reason, restarts) and the job's log
    (:class:`.job_log.JobLog`: rank 0's lines to ``on_line``, progress records to ``on_progress``). A pending job's
    reason is reported when it changes; a job that started again (``Restarts`` grew: requeued at its time limit by
-   the batch script, or by Slurm after a preemption) is reported to ``on_requeue(reason, step, job_id)``.
+   the batch script, or by Slurm after a preemption, read from slurmstepd's notice in the log) is reported to
+   ``on_requeue(reason, step, job_id)`` once the run it ended is over.
 3. At the end the final state becomes the outcome (:func:`.outcome.job_outcome`); a job preempted without a
    requeue is submitted again (a new job id, same MLflow run, resuming).
 
@@ -129,9 +130,11 @@ def _follow(job_id: str, log: JobLog, on_line, on_requeue, poll_s: float) -> tup
         log.poll()
         state = base_state(fields.get("JobState", ""))
         count = int(fields.get("Restarts", restarts) or 0)
-        if count > restarts:
-            why = log.stop_reason if log.requeued else (
-                "preempted" if fields.get("PreemptTime", "None") not in ("None", "") else "requeued")
+        # Slurm counts a requeue (its own, after a preemption) as soon as it decides it, while the run it ends is
+        # still COMPLETING: its trainers still checkpointing on SIGTERM. Reported once that run is over, with its
+        # last lines read (the step it stopped at, slurmstepd's notice of why).
+        if count > restarts and state not in ("COMPLETING", "REQUEUED"):
+            why = log.requeue_reason()
             on_requeue(why, (log.end_record or {}).get("step"), job_id)
             on_line(f"Slurm job {job_id} requeued ({why}, restart {count}): it resumes from its checkpoint")
             restarts = count

@@ -21,6 +21,11 @@ from ..trainer_process import last_error
 from .batch_script import MARK
 
 _TASK_FILE = re.compile(r"-task-(\d+)\.out$")
+#: slurmstepd's notice in the batch log of why it ended the job: ``*** JOB 7 ON n1 CANCELLED AT ... DUE TO
+#: PREEMPTION ***``.
+_SLURM_ENDED = re.compile(r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ DUE TO ([A-Z ]+?) \*\*\*")
+#: That notice's reason as a stop reason.
+SLURM_REASONS = {"PREEMPTION": "preempted", "NODE FAILURE": "node_fail", "TIME LIMIT": "time_limit"}
 #: torchrun's summary of a failed worker: ``exitcode  : 5 (pid: 123)``.
 _WORKER_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 BATCH = "batch"
@@ -41,6 +46,8 @@ class JobLog:
         self.error_record: dict | None = None
         self.stop_reason: str | None = None
         """The batch script's ``stop: <reason>`` of the current run of the job (``time_limit``, ``stopped``)."""
+        self.slurm_reason: str | None = None
+        """Why Slurm ended the current run (slurmstepd's notice): ``preempted``, ``node_fail``, ``time_limit``."""
         self.requeued = False
 
     def open(self, path: Path) -> None:
@@ -50,7 +57,7 @@ class JobLog:
 
     def new_run(self) -> None:
         """The job started again (requeued): what describes one run of it starts afresh."""
-        self.end_record = self.error_record = self.stop_reason = None
+        self.end_record = self.error_record = self.stop_reason = self.slurm_reason = None
         self.requeued = False
         self.tails = {}
 
@@ -102,6 +109,9 @@ class JobLog:
         self.tails.setdefault(task or BATCH, collections.deque(maxlen=self.tail_lines)).append(text)
         if task is None and text.startswith(MARK):
             self._mark(text[len(MARK):].strip())
+        ended = _SLURM_ENDED.search(text) if task is None else None
+        if ended:
+            self.slurm_reason = SLURM_REASONS.get(ended.group(1), self.slurm_reason)
         if task is None or task == self.rank0_task:
             self.on_line(text)
         elif self.rank0_task is None:
@@ -114,6 +124,13 @@ class JobLog:
             self.requeued = True
 
     # -- what the log says about the run that just ended ---------------------------------------------------------------
+
+    def requeue_reason(self) -> str:
+        """Why the job was requeued: the batch script's own requeue (its stop reason: ``time_limit``), else Slurm's
+        notice (``preempted``, ``node_fail``), else ``requeued`` (by an administrator, ``scontrol requeue``)."""
+        if self.requeued:
+            return self.stop_reason or "requeued"
+        return self.slurm_reason or "requeued"
 
     def trainer_error(self) -> str:
         """The trainer's own error (its ``error`` record, else the last traceback line of rank 0 then of any

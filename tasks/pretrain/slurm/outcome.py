@@ -100,7 +100,7 @@ _NEXT = {
     "OUT_OF_MEMORY": "Raise slurm.mem (or lower data.batch_size_per_gpu / data.num_workers). " + _RETRY,
     "NODE_FAIL": _RETRY + " If it recurs on the same node, leave it out: slurm.extra_sbatch ['--exclude=NODE'].",
     "TIMEOUT": ("Raise slurm.signal_lead_s: it must cover a checkpoint write plus the ranks agreeing to stop "
-                "(train.check_every steps). " + _RETRY),
+                "(up to train.nonfinite_check_every steps: docs/operator-guide.md, \"A Slurm cluster\"). " + _RETRY),
     "CANCELLED": ("Not retried: whoever cancelled it meant it to stop. A new flow run with the same checkpoint_uri "
                   "resumes it in the same MLflow run."),
 }
