@@ -96,9 +96,11 @@ def open_task_runner(task_runner: str, workers: int) -> Iterator[TaskRunner]:
 
 
 def worker_slots(runner: TaskRunner, workers: int) -> int:
-    """How many tasks ``runner`` runs at once: the threads of a connected Dask cluster's workers (at least one),
-    else ``workers``."""
+    """How many tasks ``runner`` runs at once: the threads of a connected Dask cluster's workers, or the workers an
+    adaptive cluster was asked for when more (``slurm``: the worker jobs may still be pending), at least one; else
+    ``workers``."""
     client = getattr(runner, "client", None)
     if client is None:
         return workers
-    return max(1, sum(client.nthreads().values()))
+    expected = int((getattr(runner, "adapt_kwargs", None) or {}).get("minimum", 0) or 0)
+    return max(1, sum(client.nthreads().values()), expected)

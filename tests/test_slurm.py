@@ -11,7 +11,8 @@ MLflow server; trainings of a tiny model on CPU (gloo), 2 nodes x 1 process:
   weights again;
 * cancelling a flow run of the ``dino-pretrain/slurm`` deployment (a Prefect server and worker): a checkpoint, no
   process left, the MLflow run KILLED;
-* ``dino shard --task-runner slurm`` writes the shard set ``threads`` writes.
+* ``dino shard --task-runner slurm`` writes the shard set ``threads`` writes, and ``dino-extract`` on it the
+  features of one process.
 
 Every wait is on a state with a generous bound; the signals are delivered by the tests, never left to the clock.
 """
@@ -389,3 +390,42 @@ def test_dino_shard_on_slurm_writes_the_shard_set_threads_writes(slurm_cluster, 
     # the workers were Slurm jobs of this cluster (their logs), all gone with the flow
     assert list((tmp_path / "dask-logs").glob("*.err")) or list((tmp_path / "dask-logs").glob("*.out"))
     _wait(lambda: not slurm_cluster.jobs(), 120, "the Dask worker jobs to end")
+
+
+def test_extraction_on_slurm_writes_the_features_of_one_process(slurm_env, tmp_path):
+    """``dino-extract`` with ``task_runner=slurm``: one task per sample range on 2 Dask workers that are Slurm jobs;
+    the same rows and features as one process."""
+    import dask
+    import torch
+
+    from dino_model.eval.features import list_feature_files, read_features
+    from dino_model.export import export_backbone
+    from dino_model.models import build_backbone
+    from flows.extract import dino_extract
+    from tasks.evaluation import ExtractionSpec, extract_split_features
+    from tasks.validation.extraction_settings import FeatureSettings
+    from tests.datasets import write_colour_set
+
+    data = write_colour_set(tmp_path / "img", tmp_path / "train", range(3), 7, 3, "train")  # shards of 8, 8, 5
+    torch.manual_seed(0)
+    export = tmp_path / "export"
+    export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
+    features = {"resize_size": None, "crop_size": 32, "batch_size": 3}
+    single, ranged = str(tmp_path / "single"), str(tmp_path / "ranged")
+    one = extract_split_features.fn(ExtractionSpec(str(export), data, single, "train", FeatureSettings(**features),
+                                                   "cpu", {"classes_from": data}))
+    with dask.config.set({"jobqueue.slurm.log-directory": str(tmp_path / "dask-logs"),
+                          "jobqueue.slurm.memory": "3GiB"}):
+        two = dino_extract(str(export), data, ranged, "train", features=features,
+                           runner={"device": "cpu", "task_runner": "slurm", "parallelism": 2})
+    assert two["num_rows"] == one["num_rows"] == 21
+    names = [key.split("/")[1] for _, key in list_feature_files(ranged, "train")]
+    assert names == ["part-r0000-00000.parquet", "part-r0001-00000.parquet"]  # one range per worker job
+    k1, l1, f1, m1 = read_features(single, "train")
+    k2, l2, f2, m2 = read_features(ranged, "train")
+    assert k2 == k1 and len(set(k2)) == 21
+    np.testing.assert_array_equal(l2, l1)
+    np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
+    assert m2 == m1
+    assert list((tmp_path / "dask-logs").glob("*.err")) or list((tmp_path / "dask-logs").glob("*.out"))
+    _wait(lambda: not slurm_env.jobs(), 120, "the Dask worker jobs to end")
