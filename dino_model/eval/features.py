@@ -15,7 +15,9 @@ the inference precision, the dimension and the split. Re-extracting a split repl
 previous, longer extraction are deleted once the new ones are written). A multi-process extraction
 (``torchrun -m dino_model.eval.extract``) writes one series of parts per rank (``rank=`` of
 :func:`extract_features`), each rank over a contiguous range of the samples; :func:`read_features` reads the
-parts in (rank, part) order, so the rows come back in the same order whatever the number of processes.
+parts in (rank, part) order, so the rows come back in the same order whatever the number of processes. It reads
+the parts' footers first and copies each part into one array allocated for all of them, so its peak memory is the
+result plus one part (float32 by default, or as stored with ``dtype=None``).
 
 Features are the [CLS] token after the final norm (``backbone(x)``, the k-NN protocol) by default, or the
 linear-probe features: the [CLS] tokens of the last ``n_last_blocks`` blocks (each through the final norm)
@@ -59,6 +61,8 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: ``part-NNNNN.parquet`` (one process) or ``part-rRRRR-NNNNN.parquet`` (rank RRRR of a multi-process extraction).
 _PART_RE = re.compile(r"^part-(?:r(\d{4,})-)?(\d{5,})\.parquet$")
 PRECISIONS = ("fp32", "bf16")
+#: Parquet value types of the ``features`` column and the numpy types they are read as.
+_STORED_TYPES = {pa.float32(): np.dtype(np.float32), pa.float16(): np.dtype(np.float16)}
 
 
 def feature_kind(n_last_blocks: int = 1, avgpool: bool = False) -> str:
@@ -383,13 +387,42 @@ def list_feature_files(uri: str, split: str | None = None) -> list[tuple[str, st
     return sorted(out, key=lambda item: (item[0], _part_order(item[1].split("/")[1])))
 
 
-def read_features(
-    uri: str, split: str | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read a dataset written by :func:`extract_features`: ``(keys, labels int64 [N], features float32 [N, D],
-    metadata)``. ``split=None`` reads every split (in split-name order; ``metadata["splits"]`` lists them).
-    Raises :class:`FileNotFoundError` when nothing is there and :class:`ValueError` when files disagree on the
-    dimension or feature kind."""
+def _stored_type(schema: pa.Schema, where: str) -> tuple[int, np.dtype]:
+    """(dimension, numpy dtype) of the ``features`` column of a part's schema."""
+    vec = schema.field("features").type
+    if not pa.types.is_fixed_size_list(vec) or vec.value_type not in _STORED_TYPES:
+        raise ValueError(f"{where}: features must be fixed_size_list<float32|float16>, got {vec}")
+    return vec.list_size, _STORED_TYPES[vec.value_type]
+
+
+def _footer(store: ObjectStore, key: str) -> pq.FileMetaData:
+    """A part's Parquet footer, without reading its data: the file itself for a local store, ranged GETs of its
+    tail for S3, the whole object otherwise."""
+    if hasattr(store, "local_path"):
+        return pq.read_metadata(store.local_path(key))
+    if hasattr(store, "open_ranged"):
+        with store.open_ranged(key) as f:
+            return pq.read_metadata(f)
+    return pq.read_metadata(pa.BufferReader(store.get_bytes(key)))
+
+
+@dataclass
+class FeaturePart:
+    """One part file of a feature dataset, as its footer describes it."""
+
+    split: str
+    key: str
+    rows: int
+    dim: int
+    #: numpy type of the stored features (float32, or float16 for a half-precision store).
+    stored: np.dtype
+    meta: dict[str, Any]
+
+
+def list_feature_parts(uri: str, split: str | None = None) -> list[FeaturePart]:
+    """The parts of a dataset written by :func:`extract_features`, in reading order, from their footers only
+    (row counts, dimension, stored type, metadata). Raises :class:`FileNotFoundError` when there is none and
+    :class:`ValueError` when they disagree on the dimension or feature kind."""
     if split is not None and not _SPLIT_RE.match(split):
         raise ValueError(f"split must match {_SPLIT_RE.pattern}, got {split!r}")
     store = open_store(uri)
@@ -397,34 +430,75 @@ def read_features(
     if not files:
         where = f"{store.uri}/{split}" if split else store.uri
         raise FileNotFoundError(f"no feature files (part-*.parquet) under {where}")
-    keys: list[str] = []
-    labels: list[np.ndarray] = []
-    feats: list[np.ndarray] = []
-    meta: dict[str, Any] | None = None
-    splits: list[str] = []
+    parts: list[FeaturePart] = []
     for split_name, key in files:
-        table = pq.read_table(pa.BufferReader(store.get_bytes(key)))
-        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        footer = _footer(store, key)
+        schema = footer.schema.to_arrow_schema()
+        raw = (schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
             raise ValueError(f"{store.url(key)} has no {METADATA_KEY.decode()} metadata: not a feature file")
         m = json.loads(raw)
-        if meta is None:
-            meta = m
-        elif (m.get("dim"), m.get("feature_kind")) != (meta.get("dim"), meta.get("feature_kind")):
+        dim, stored = _stored_type(schema, store.url(key))
+        first = parts[0].meta if parts else m
+        if (m.get("dim"), m.get("feature_kind")) != (first.get("dim"), first.get("feature_kind")) or (
+                parts and dim != parts[0].dim):
             raise ValueError(
                 f"{store.url(key)} holds {m.get('feature_kind')} features of dim {m.get('dim')}, "
-                f"other files {meta.get('feature_kind')} of dim {meta.get('dim')}"
+                f"other files {first.get('feature_kind')} of dim {first.get('dim')}"
             )
-        if split_name not in splits:
-            splits.append(split_name)
-        vec = table.column("features").combine_chunks()
-        dim = vec.type.list_size
-        keys.extend(table.column("key").to_pylist())
-        labels.append(table.column("label").to_numpy())
-        feats.append(vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim))
-    assert meta is not None
-    meta = dict(meta)
+        parts.append(FeaturePart(split_name, key, footer.num_rows, dim, stored, m))
+    return parts
+
+
+def _read_part_into(store: ObjectStore, part: FeaturePart, keys: list[str], labels: np.ndarray,
+                    feats: np.ndarray) -> None:
+    """Read one part and copy its rows into ``labels`` and ``feats`` (slices of the caller's arrays, cast to their
+    type); its keys are appended to ``keys``. One part's table is all this holds besides them."""
+    source = store.local_path(part.key) if hasattr(store, "local_path") else pa.BufferReader(store.get_bytes(part.key))
+    table = pq.read_table(source, columns=["key", "label", "features"])
+    if table.num_rows != part.rows:
+        raise ValueError(f"{store.url(part.key)} changed while it was read ({part.rows} then {table.num_rows} rows)")
+    keys.extend(table.column("key").to_pylist())
+    labels[:] = table.column("label").to_numpy()
+    row = 0
+    for chunk in table.column("features").chunks:
+        values = chunk.flatten().to_numpy(zero_copy_only=False)  # a view when there are no nulls
+        feats[row : row + len(chunk)] = values.reshape(len(chunk), part.dim)
+        row += len(chunk)
+
+
+def read_features(
+    uri: str, split: str | None = None, dtype: Any = np.float32, progress: bool = False
+) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read a dataset written by :func:`extract_features`: ``(keys, labels int64 [N], features [N, D],
+    metadata)``. ``split=None`` reads every split (in split-name order; ``metadata["splits"]`` lists them).
+
+    The features come back as ``dtype`` (float32 by default, whatever the store holds), or as stored with
+    ``dtype=None`` (float16 for a half-precision store: half the memory). The part footers are read first, so the
+    result is allocated once and each part is copied into it as it is read: the peak is the result plus one part.
+    ``progress`` shows a bar over the rows. Raises :class:`FileNotFoundError` when nothing is there and
+    :class:`ValueError` when files disagree on the dimension or feature kind."""
+    parts = list_feature_parts(uri, split)
+    if dtype is None:
+        dtype = np.float16 if all(p.stored == np.float16 for p in parts) else np.float32
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating-point type or None, got {dtype}")
+    store = open_store(uri)
+    total = sum(p.rows for p in parts)
+    keys: list[str] = []
+    labels = np.empty(total, dtype=np.int64)
+    feats = np.empty((total, parts[0].dim), dtype=dtype)
+    start = 0
+    with tqdm(total=total, disable=not progress, unit="row", desc=f"read[{split or 'all'}]") as bar:
+        for part in parts:
+            end = start + part.rows
+            _read_part_into(store, part, keys, labels[start:end], feats[start:end])
+            start = end
+            bar.update(part.rows)
+    splits = list(dict.fromkeys(p.split for p in parts))
+    meta = dict(parts[0].meta)
     meta["splits"] = splits
     if split is None and len(splits) > 1:
         meta.pop("split", None)
-    return keys, np.concatenate(labels).astype(np.int64), np.concatenate(feats), meta
+    return keys, labels, feats, meta
