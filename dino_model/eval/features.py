@@ -9,7 +9,7 @@ Layout under ``out_uri`` (a local folder, ``file://`` or ``s3://bucket/prefix``,
     <out_uri>/<split>/part-r0001-00000.parquet  ...   (rank 1; see dino_model.eval.extract)
 
 Schema: ``key`` string, ``label`` int64 (-1 = unlabelled), ``split`` string, ``features``
-``fixed_size_list<float32>[D]``. Every file carries the same key-value metadata under ``dino_model.features``
+``fixed_size_list<float32>[D]`` (``<float16>`` for a half-precision store: ``feature_dtype="float16"``). Every file carries the same key-value metadata under ``dino_model.features``
 (JSON): the caller's ``metadata`` (model name/version/URI...), the preprocessing description, the feature kind,
 the inference precision, the dimension and the split. Re-extracting a split replaces its files (stale parts of a
 previous, longer extraction are deleted once the new ones are written). A multi-process extraction
@@ -61,6 +61,8 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: ``part-NNNNN.parquet`` (one process) or ``part-rRRRR-NNNNN.parquet`` (rank RRRR of a multi-process extraction).
 _PART_RE = re.compile(r"^part-(?:r(\d{4,})-)?(\d{5,})\.parquet$")
 PRECISIONS = ("fp32", "bf16")
+#: Types the features can be stored as (``extract_features(feature_dtype=...)``).
+FEATURE_DTYPES = ("float32", "float16")
 #: Parquet value types of the ``features`` column and the numpy types they are read as.
 _STORED_TYPES = {pa.float32(): np.dtype(np.float32), pa.float16(): np.dtype(np.float16)}
 
@@ -143,15 +145,31 @@ class FeatureWriteResult:
     names: list[str] = field(default_factory=list)
 
 
+def stored_features(feats: np.ndarray, feature_dtype: str) -> np.ndarray:
+    """``feats`` (float32) as the store keeps them: unchanged for ``float32``, rounded to ``float16`` (half the
+    bytes; a :class:`ValueError` if a value is beyond float16's range, +-65504)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    if feature_dtype == "float32":
+        return feats
+    with np.errstate(over="ignore"):
+        half = feats.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise ValueError(f"features out of float16's range (largest |value| {np.nanmax(np.abs(feats)):.6g}, "
+                         "float16 holds up to 65504, and no NaN): store them as float32")
+    return half
+
+
 def _table(keys: list[str], labels: np.ndarray, split: str, feats: np.ndarray, meta: bytes) -> pa.Table:
     dim = feats.shape[1]
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=pa.float32()), dim)
+    value_type = pa.float16() if feats.dtype == np.float16 else pa.float32()
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=value_type), dim)
     schema = pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("label", pa.int64(), nullable=False),
             pa.field("split", pa.string(), nullable=False),
-            pa.field("features", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("features", pa.list_(value_type, dim), nullable=False),
         ],
         metadata={METADATA_KEY: meta},
     )
@@ -263,6 +281,7 @@ def extract_features(
     rank: int | None = None,
     fast_path_check: str = "fallback",
     decide: Callable[[Callable[[], Verdict]], Verdict] | None = None,
+    feature_dtype: str = "float32",
 ) -> FeatureWriteResult:
     """Run ``backbone`` (put in eval mode) over ``batches`` and write ``<out_uri>/<split>/part-*.parquet``.
 
@@ -274,7 +293,8 @@ def extract_features(
     ``rank`` (multi-process extraction): name the parts ``part-r<rank>-*.parquet`` and leave every other file
     alone (the stale parts are then deleted by rank 0 with :func:`delete_stale_parts` once all ranks are done).
     ``fast_path_check`` / ``decide``: the bf16 check on the first batch (:func:`check_precision`); the metadata's
-    ``precision`` is what ran, ``fast_path`` the verdict.
+    ``precision`` is what ran, ``fast_path`` the verdict. ``feature_dtype="float16"`` stores the features in half
+    precision (:func:`stored_features`; half the bytes on disk and, read with ``dtype=None``, in memory).
     Raises :class:`ValueError` for a bad split name, mismatched key/image/label counts, duplicate keys, or an
     empty input (nothing is written then).
     """
@@ -283,6 +303,7 @@ def extract_features(
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
     kind = feature_kind(n_last_blocks, avgpool)
+    stored_features(np.zeros((0, 1), np.float32), feature_dtype)  # validates feature_dtype before any work
     user_meta = dict(metadata or {})
     try:
         json.dumps(user_meta)
@@ -301,6 +322,7 @@ def extract_features(
         "feature_kind": kind,
         "preprocessing": transform.describe() if transform is not None else "normalize=imagenet (no resize/crop)",
         "precision": precision,
+        "feature_dtype": feature_dtype,
     }
     seen: set[str] = set()
     checked = False
@@ -319,7 +341,8 @@ def extract_features(
             take = min(rows_per_file, len(pending_keys))
             meta_bytes = json.dumps({**meta, "dim": dim}, sort_keys=True).encode()
             name = part_name(len(written), rank)
-            _write_part(split_store, name, _table(pending_keys[:take], labels[:take], split, feats[:take], meta_bytes))
+            _write_part(split_store, name, _table(pending_keys[:take], labels[:take], split,
+                                                     stored_features(feats[:take], feature_dtype), meta_bytes))
             written.append(name)
             pending_keys = pending_keys[take:]
             pending_labels = [labels[take:]]
