@@ -83,7 +83,8 @@ class RunningTopK:
     * every new column has a higher index than those already kept, so it can enter a row's top-k only with a
       similarity strictly above the row's current k-th one (on a tie the earlier column wins);
     * it must also be in the block's own top-k, so at least the k-th largest of the block's group maxima (groups of
-      ``_GROUP`` columns: k groups hold k distinct columns at least that similar);
+      ``_GROUP`` columns: k groups hold k distinct columns at least that similar): the bound used while the kept
+      top-k still has free places (the first block, whose k-th similarity is -inf);
     * one max-reduction over the block finds the groups that can hold such a column; only those are looked at, and
       the columns that pass both bounds (about k x ln(N / k) per row over N columns, not N) are merged with the
       kept ones by a stable sort.
@@ -140,7 +141,7 @@ class RunningTopK:
             groups = sims[:, :full].view(rows, full // _GROUP, _GROUP)
             gmax = groups.amax(dim=2)
             sel = gmax > kth
-            if gmax.shape[1] >= self.k:
+            if gmax.shape[1] >= self.k and bool(torch.isinf(kth).any()):  # only while a row has free places
                 bound = torch.topk(gmax, self.k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
                 sel &= gmax >= bound
             gr, gg = sel.nonzero(as_tuple=True)
@@ -235,11 +236,13 @@ def validate_features(train_feats, train_labels, test_feats, test_labels):
 
 def _normalized_rows(feats: torch.Tensor, start: int, end: int, device: torch.device, name: str) -> torch.Tensor:
     """Rows ``start .. end`` of ``feats`` as L2-normalised float32 on ``device`` (a new tensor: ``feats`` itself is
-    never normalised in place, nor copied whole)."""
-    block = F.normalize(feats[start:end].to(device, torch.float32), dim=1)
-    if not bool(torch.isfinite(block).all()):
+    never normalised in place, nor copied whole). The same arithmetic as ``F.normalize(x, dim=1)``; a NaN or an
+    infinity makes its row's norm non-finite, which is checked on the norms rather than on every value."""
+    block = feats[start:end].to(device, torch.float32)
+    norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
         raise ValueError(f"{name} has non-finite values (NaN or inf) in rows {start}..{min(end, feats.shape[0]) - 1}")
-    return block
+    return block / norms.clamp_min(1e-12)
 
 
 def _all_neighbors(tr_f: torch.Tensor, te_f: torch.Tensor, k: int, chunk_size: int, train_chunk_size: int,
