@@ -84,7 +84,8 @@ def parse_bytes(text: str) -> int:
 
 
 class trainer_progress_bar:
-    """A tqdm bar over the trainer's steps, fed by its ``DINO_PROGRESS`` records while the flow runs."""
+    """A tqdm bar over the trainer's steps, fed by its ``DINO_PROGRESS`` records while the flow runs; the learning
+    curve's points and each change of the training-health verdict are printed above it."""
 
     def __enter__(self):
         from tasks.pretrain.progress_artifact import trainer_progress
@@ -109,6 +110,12 @@ class trainer_progress_bar:
             self.bar.refresh()
         elif self.bar is not None and event == "error":
             self.bar.write(f"trainer error: {record.get('message') or record}")
+        elif self.bar is not None and event == "knn":
+            points = ", ".join(f"{k.removeprefix('monitor.')} {v:.1f} %" for k, v in record.items()
+                               if k.startswith("monitor.knn"))
+            self.bar.write(f"learning curve at step {record.get('step')}: {points}")
+        elif self.bar is not None and event == "health" and record.get("changed"):
+            self.bar.write(f"training health: {record.get('text') or record.get('called')}")
 
     def __exit__(self, *exc):
         from tasks.pretrain.progress_artifact import trainer_progress
