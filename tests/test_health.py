@@ -128,7 +128,8 @@ def health_overrides(images, ckpt, name: str, **extra) -> list[str]:
     register_logger("health-records", HealthRecords)
     return tiny_overrides(images, ckpt, **{
         "logging.loggers": [f"health-records:{name}"], "logging.progress": False, "export.enabled": False,
-        "checkpoint.every_n_steps": 0, "health.window_steps": 12, "health.patience": 2, **extra})
+        "checkpoint.every_n_steps": 0, "checkpoint.keep_last": 1, "health.window_steps": 12, "health.patience": 2,
+        **extra})
 
 
 def run_tiny(overrides: list[str], shared_teacher: bool = False):
@@ -210,7 +211,7 @@ def test_the_learning_curve_starts_at_the_random_backbone_and_follows_the_epochs
     overrides = tiny_overrides(train, tmp_path / "ckpt", **{
         "data.source": train, "train.epochs": 3, "monitor.val_source": val, "monitor.train_samples": 40,
         "monitor.every_epochs": 2, "monitor.crop_size": 32, "logging.loggers": [f"jsonl:{tmp_path}/m.jsonl"],
-        "export.enabled": False})
+        "export.enabled": False, "checkpoint.keep_last": 1})
     assert main(overrides) == 0
     events = [e for e in map(parse_progress_line, capsys.readouterr().out.splitlines()) if e and e["event"] == "knn"]
     # before the first step, after epoch 2 (every_epochs) and after the last epoch
@@ -237,7 +238,7 @@ def test_the_small_data_recipe_trains_without_tripping_the_monitor(tmp_path):
                  "model.arch=vit_tiny", "data.batch_size_per_gpu=8", "data.num_workers=0", "train.device=cpu",
                  "train.epochs=6", "optim.warmup_epochs=1", "health.window_steps=8", "logging.log_every=1",
                  "logging.loggers=[health-records:small-data]", "logging.progress=false", "export.enabled=false",
-                 "checkpoint.every_n_steps=0"]
+                 "checkpoint.every_n_steps=0", "checkpoint.keep_last=1"]
     cfg = load_config(overrides=overrides, preset="small-data", dataset_size=lambda: 48)
     assert (cfg.model.out_dim, cfg.loss.teacher_temp, cfg.crops.global_size, cfg.crops.n_local) == (1024, 0.02, 128, 6)
     run = setup_run(cfg)
@@ -267,7 +268,7 @@ def labelled_shards(tmp_path):
 FLOW_TINY = ["model.arch=vit_tiny", "model.out_dim=64", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
              "crops.global_size=32", "crops.local_size=16", "crops.n_local=2", "data.batch_size_per_gpu=8",
              "data.num_workers=0", "optim.warmup_epochs=1", "train.device=cpu", "logging.log_every=1",
-             "checkpoint.every_n_steps=0", "health.window_steps=12", "monitor.crop_size=32"]
+             "checkpoint.every_n_steps=0", "checkpoint.keep_last=1", "health.window_steps=12", "monitor.crop_size=32"]
 
 
 @pytest.mark.slow
