@@ -91,6 +91,7 @@ class trainer_progress_bar:
         from tasks.pretrain.progress_artifact import trainer_progress
 
         self.bar = None
+        self.checkpoint = None  # the trainer's last checkpoint, said when a stop ends the command
         trainer_progress.add(self.update)
         return self
 
@@ -98,6 +99,8 @@ class trainer_progress_bar:
         from tqdm import tqdm
 
         event = record.get("event")
+        if event in ("checkpoint", "end") and (record.get("uri") or record.get("checkpoint")):
+            self.checkpoint = record.get("uri") or record.get("checkpoint")
         if event == "start":
             if self.bar is None:
                 self.bar = tqdm(total=record.get("total_steps"), unit="step", desc="dino pretrain", dynamic_ncols=True)
@@ -117,12 +120,14 @@ class trainer_progress_bar:
         elif self.bar is not None and event == "health" and record.get("changed"):
             self.bar.write(f"training health: {record.get('text') or record.get('called')}")
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         from tasks.pretrain.progress_artifact import trainer_progress
 
         trainer_progress.remove(self.update)
         if self.bar is not None:
             self.bar.close()
+        if exc is not None and not isinstance(exc, Exception) and self.checkpoint:  # a stop: where training resumes
+            print(f"the trainer's last checkpoint: {self.checkpoint} (training resumes from it)")
 
 
 def use_embedded_mlflow(folder: str) -> None:
