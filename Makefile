@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean stack-up stack-down stack-status gpu-kit
+.PHONY: setup demo test test-fast bench clean stack-up stack-down stack-status gpu-kit image
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ stack-down:
 
 stack-status:
 	$(BIN)/python -m infra.stack status
+
+# The trainer image (infra/docker/Dockerfile) with Podman on a Debian base made here, no registry needed
+# (docs/operator-guide.md, "Building the image"): localhost/dino-pipeline:<version>.
+image: $(STAMP)
+	$(BIN)/python -m infra.image.build --base debian
 
 # What a lent GPU machine needs for benchmarks/gpu_session.sh (issue 7): the wheels its image lacks and the sample
 # JPEGs, in git-ignored folders that the device tool carries (carry: [".whl", ".gpu-data"]).

@@ -44,6 +44,7 @@ def _checkpoint_state(preset: str) -> dict:
     from dino_model.checkpoint import make_checkpoint
     from dino_model.config import load_config
     from dino_model.meta_arch import DINO
+    from dino_model.step import TrainingState
 
     cfg = load_config(preset=preset)
     model = DINO.from_config(cfg)
@@ -52,8 +53,8 @@ def _checkpoint_state(preset: str) -> dict:
     for p in model.student.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    return make_checkpoint(model, optimizer, None, step=100, cursor=(0, 100), rng=[], config=cfg.to_dict(),
-                           metrics={}, world_size=1)
+    return make_checkpoint(TrainingState(model, optimizer, None).parts(), step=100, cursor=(0, 100), rng=[],
+                           config=cfg.to_dict(), metrics={}, world_size=1)
 
 
 def main() -> None:

@@ -49,9 +49,10 @@ def synthetic_rows(start: int, n: int, dim: int, classes: int, seed: int, split:
     return labels, feats
 
 
-def write_split(out: str, split: str, rows: int, dim: int, classes: int, seed: int, **writer_options) -> None:
+def write_split(out: str, split: str, rows: int, dim: int, classes: int, seed: int,
+                feature_dtype: str = "float32") -> None:
     """Write ``rows`` synthetic rows of ``split`` under ``out`` in 100k-row parts (progress bar on stderr)."""
-    from dino_model.eval.features import extract_features
+    from dino_model.eval.features import FeatureRecipe, extract_features
 
     replay = _Replay()
 
@@ -63,8 +64,9 @@ def write_split(out: str, split: str, rows: int, dim: int, classes: int, seed: i
             keys = [f"{split}-{i:08d}" for i in range(start, start + n)]
             yield keys, torch.zeros((n, 3, 1, 1), dtype=torch.uint8), labels
 
-    extract_features(replay, batches(), out, split, {"synthetic": True, "seed": seed}, transform=None,
-                     rows_per_file=100_000, total=rows, **writer_options)
+    extract_features(replay, batches(), out, split, {"synthetic": True, "seed": seed},
+                     recipe=FeatureRecipe(transform=None, feature_dtype=feature_dtype), rows_per_file=100_000,
+                     total=rows)
 
 
 def ensure_dataset(out: Path, train: int, val: int, dim: int, classes: int = 1000, seed: int = 0,

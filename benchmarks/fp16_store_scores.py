@@ -1,4 +1,4 @@
-"""What the float16 feature store (``extract_features(feature_dtype="float16")``) does to the scores (issue 27):
+"""What the float16 feature store (``FeatureRecipe(feature_dtype="float16")``) does to the scores (issue 27):
 features of an ImageFolder's ``train/`` and ``val/`` extracted by a backbone the project trained, once stored as
 float32 and once as float16, then the weighted k-NN (ks 10, 20, 100, 200, [CLS] features) and the fast linear
 probe (``cls_last4`` features, the paper's ViT-S protocol) on each.
@@ -41,14 +41,15 @@ def _store_bytes(uri: str) -> int:
 
 def extract_both(backbone, data: Path, out: Path, transform, n_last_blocks: int) -> dict[str, dict]:
     """float32 and float16 stores of train and val; ``{dtype: {split: (labels, feats), "bytes": n}}``."""
-    from dino_model.eval.features import extract_features, read_features
+    from dino_model.eval.features import FeatureRecipe, extract_features, read_features
 
     stores: dict[str, dict] = {}
     for dtype in ("float32", "float16"):
         uri = str(out / f"{dtype}-last{n_last_blocks}")
         for split in ("train", "val"):
-            extract_features(backbone, image_folder_batches(data / split), uri, split, {}, transform=transform,
-                             n_last_blocks=n_last_blocks, progress=False, feature_dtype=dtype)
+            recipe = FeatureRecipe(transform=transform, n_last_blocks=n_last_blocks, feature_dtype=dtype)
+            extract_features(backbone, image_folder_batches(data / split), uri, split, {}, recipe=recipe,
+                             progress=False)
         stores[dtype] = {s: read_features(uri, s, dtype=None)[1:3] for s in ("train", "val")}
         stores[dtype]["bytes"] = _store_bytes(uri)
     return stores

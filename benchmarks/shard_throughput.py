@@ -107,7 +107,8 @@ def main() -> None:
 
         tiny = work / "tiny"
         shutil.copytree(source / sorted(os.listdir(source))[0], tiny / "c", dirs_exist_ok=True)
-        dino_shard(str(tiny), str(work / "tiny-out"), name="warm", shard_size=1000)  # start the ephemeral server
+        # start the ephemeral server
+        dino_shard(str(tiny), str(work / "tiny-out"), shards={"name": "warm", "shard_size": 1000})
 
         for runner in [r.strip() for r in args.runners.split(",") if r.strip()]:
             cluster = None
@@ -121,8 +122,8 @@ def main() -> None:
             def flow_local():
                 dest = work / "flow"
                 shutil.rmtree(dest, ignore_errors=True)
-                dino_shard(str(source), str(dest), name="bench", shard_size=args.shard_size,
-                           parallelism=args.workers, task_runner=task_runner)
+                dino_shard(str(source), str(dest), shards={"name": "bench", "shard_size": args.shard_size},
+                           runner={"parallelism": args.workers, "task_runner": task_runner})
 
             try:
                 rows.append((f"flow -> local ({label})", best_of(args.repeat, flow_local), n))

@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 from dino_model.config import CropsConfig, load_config  # noqa: E402
 from dino_model.data.device_prefetch import DevicePrefetcher  # noqa: E402
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop, plan_buckets  # noqa: E402
-from dino_model.data.reader import build_loader  # noqa: E402
+from dino_model.data.reader import LoaderSettings, build_loader  # noqa: E402
 from dino_model.data.rng import sample_generator  # noqa: E402
 from dino_model.meta_arch import DINO  # noqa: E402
 from dino_model.optim import build_optimizer, param_groups  # noqa: E402
@@ -270,12 +270,12 @@ def measure(s: Setting, args, device: torch.device, jpeg_sets: dict[str, list[by
     row["loss_finite"] = bool(torch.isfinite(loss0).item())
 
     # end to end: real loader (workers read bytes + draw params) -> decode + augment + step here
-    loader = build_loader(str(folder), batch_size=s.batch, transform=None, decode=False, param_sampler=sampler,
-                          seed=0, epoch=0, num_workers=args.workers, pin_memory=device.type == "cuda",
-                          shuffle_buffer=0)
+    loader = build_loader(str(folder), LoaderSettings(batch_size=s.batch, seed=0, num_workers=args.workers,
+                                                      pin_memory=device.type == "cuda", shuffle_buffer=0),
+                          transform=None, decode=False, param_sampler=sampler, epoch=0)
     n_batches = min(len(loader), args.e2e_batches + 1)
     done = 0
-    # as in train.py: decode + augment run --prefetch batches ahead on a thread and a side CUDA stream
+    # as in dino_model/train: decode + augment run --prefetch batches ahead on a thread and a side CUDA stream
     with DevicePrefetcher(loader, lambda b: aug(b["encoded"], b["params"]), device, depth=args.prefetch) as batches:
         it = iter(batches)
         step(next(it))  # first batch: worker start-up, not counted
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [Setting.parse(x) for x in (args.setting or (CPU_QUICK if q else GPU_DEFAULTS))]
 
     if device.type == "cuda":
-        # TF32 stays at PyTorch's defaults, as in train.py (the data path's fp32 resampling matmuls need fp32)
+        # TF32 stays at PyTorch's defaults, as in dino_model/train (the data path's fp32 resampling matmuls need fp32)
         name_of_device = torch.cuda.get_device_name(device)
     else:
         name_of_device = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"

@@ -9,10 +9,16 @@ What a kill during a write can leave behind (a local ``.tmp-checkpoint-*.pt.*`` 
 upload of a ``checkpoint-*.pt`` key) is not a checkpoint; :func:`remove_stale_writes` removes it, and the trainer
 calls it at start.
 
-    state = make_checkpoint(model, optimizer, grad_scaler, step=120, cursor=(1, 20), rng=gather_rng_states(dev),
-                            config=cfg.to_dict(), metrics={"loss": 9.1}, world_size=1)
+    state = make_checkpoint(TrainingState(model, optimizer, grad_scaler).parts(), step=120, cursor=(1, 20),
+                            rng=gather_rng_states(dev), config=cfg.to_dict(), metrics={"loss": 9.1}, world_size=1)
     uri = save_checkpoint("s3://bucket/runs/r1", state, keep_last=3)
-    restore_checkpoint(read_checkpoint(uri), model, optimizer, grad_scaler, cfg, ctx)
+    restore_checkpoint(read_checkpoint(uri), parts, rank=ctx.rank, device=ctx.device)
+
+This module owns the format, the atomic writes, retention and the RNG states; it knows nothing of DINO. What a
+training saves are its *parts*: objects with ``state_dict()`` / ``load_state_dict()`` (as torchtitan's
+checkpointer takes "stateful" objects), each stored under its name; a new piece of training state is saved by
+adding it to the parts, without a change here. A part that is ``None`` (a grad scaler not in use) is stored as
+``{}`` and not restored.
 
 Each file is a ``torch.save`` of one dict that ``torch.load(weights_only=True)`` reads::
 
@@ -20,11 +26,12 @@ Each file is a ``torch.save`` of one dict that ``torch.load(weights_only=True)``
     step         int    optimiser updates done (the next update uses schedule index ``step``)
     epoch        int    the epoch of the data cursor
     cursor       {"epoch": int, "batch": int}   next batch to read: the loader resumes with start_batch=batch
-    student      state_dict of the student MultiCropWrapper (no DDP "module." prefix)
-    teacher      state_dict of the teacher MultiCropWrapper
-    dino_loss    state_dict of the loss (its ``center`` buffer)
-    optimizer    optimizer.state_dict()
-    grad_scaler  GradScaler.state_dict() ({} when no scaler is used)
+    <part>       the part's state_dict(); a training run's parts (dino_model.step.TrainingState.parts):
+                 student      the student MultiCropWrapper (no DDP "module." prefix)
+                 teacher      the teacher MultiCropWrapper
+                 dino_loss    the loss (its ``center`` buffer)
+                 optimizer    optimizer.state_dict()
+                 grad_scaler  GradScaler.state_dict() ({} when no scaler is used)
     rng          list, one entry per rank: {"torch": uint8 tensor, "cuda": uint8 tensor | None,
                  "numpy": {"key": uint32 tensor, "pos": int, "has_gauss": int, "cached_gaussian": float},
                  "python": {"version": int, "state": list[int], "gauss_next": float | None}}
@@ -33,29 +40,26 @@ Each file is a ``torch.save`` of one dict that ``torch.load(weights_only=True)``
     metrics      {name: float} of the last logged step
     torch_version str
 
-Reference-implementation checkpoints (facebookresearch/dino ``checkpoint.pth``: ``student``/``teacher``/
-``dino_loss``/``args`` with ``module.backbone.*``/``backbone.*`` prefixes and weight-normed heads) load for
-evaluation with :func:`load_reference_checkpoint`; only ``argparse.Namespace`` is allowed beyond plain types.
+Reference-implementation checkpoints (facebookresearch/dino ``checkpoint.pth``) load for evaluation with
+:func:`dino_model.reference_checkpoint.load_reference_checkpoint`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import logging
 import os
 import random
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Mapping, Protocol
 
 import numpy as np
 import torch
 
 from dino_model import distributed as dist_utils
 from dino_model.checkpoint_names import CHECKPOINT_NAME, checkpoint_name, latest_checkpoint, list_checkpoints
-from dino_model.config import DinoConfig
-from dino_model.meta_arch import DINO, unwrap
+from dino_model.config import is_checkpoint_file
 from dino_model.storage import LocalStore, ObjectNotFound, S3Store, open_object, open_store
 from dino_model.storage.local import TEMP_PREFIX
 
@@ -67,6 +71,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "read_checkpoint_config",
+    "config_source",
     "make_checkpoint",
     "resume_cursor",
     "restore_checkpoint",
@@ -75,13 +80,23 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "check_plain",
-    "load_reference_checkpoint",
-    "strip_prefix",
+    "HEADER_KEYS",
+    "Stateful",
 ]
 
 _log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dino_model.checkpoint/v1"
+#: The keys of a checkpoint that are not parts.
+HEADER_KEYS = ("format", "step", "epoch", "cursor", "rng", "world_size", "config", "metrics", "torch_version")
+
+
+class Stateful(Protocol):
+    """A part of the training state: what ``nn.Module``, optimisers and ``GradScaler`` provide."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
 #: The temporary file :class:`dino_model.storage.LocalStore` writes a checkpoint into before renaming it.
 _LOCAL_TEMP = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"checkpoint-\d{9}\.pt\..+$")
 
@@ -136,6 +151,15 @@ def read_checkpoint_config(uri: str | os.PathLike) -> dict[str, Any]:
         return config
 
 
+def config_source(path: str | os.PathLike | None) -> str | os.PathLike | dict[str, Any] | None:
+    """What :func:`dino_model.config.load_config` takes for a ``--config`` argument: the path of a YAML / JSON file
+    as it is, or, for a training checkpoint, the resolved config saved in it (:func:`read_checkpoint_config`: its
+    tensors are not read)."""
+    if path is not None and is_checkpoint_file(path):
+        return read_checkpoint_config(path)
+    return path
+
+
 def _config_without_tensor_bytes(f) -> dict[str, Any]:
     return dict(torch.load(f, map_location="meta", weights_only=True).get("config") or {})
 
@@ -167,9 +191,7 @@ def remove_stale_writes(uri: str) -> list[str]:
 
 
 def make_checkpoint(
-    model: DINO,
-    optimizer: torch.optim.Optimizer,
-    grad_scaler: torch.amp.GradScaler | None,
+    parts: Mapping[str, Stateful | None],
     *,
     step: int,
     cursor: tuple[int, int],
@@ -178,18 +200,18 @@ def make_checkpoint(
     metrics: Mapping[str, float],
     world_size: int,
 ) -> dict[str, Any]:
-    """The checkpoint dict of the layout in the module docstring; ``cursor`` = (epoch, batch) of the next batch."""
+    """The checkpoint dict of the layout in the module docstring: the header, and each part's ``state_dict()``
+    under its name (``{}`` for a part that is None); ``cursor`` = (epoch, batch) of the next batch."""
+    clash = sorted(set(parts) & set(HEADER_KEYS))
+    if clash:
+        raise ValueError(f"checkpoint part names {clash} are reserved for the checkpoint's header")
     epoch, batch = cursor
     return {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "epoch": epoch,
         "cursor": {"epoch": epoch, "batch": batch},
-        "student": model.student_module().state_dict(),
-        "teacher": unwrap(model.teacher).state_dict(),
-        "dino_loss": model.dino_loss.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else {},
+        **{name: part.state_dict() if part is not None else {} for name, part in parts.items()},
         "rng": rng,
         "world_size": world_size,
         "config": config,
@@ -209,29 +231,27 @@ def resume_cursor(state: Mapping[str, Any] | None) -> tuple[int, int, int]:
 
 def restore_checkpoint(
     state: Mapping[str, Any],
-    model: DINO,
-    optimizer: torch.optim.Optimizer,
-    grad_scaler: torch.amp.GradScaler | None,
-    cfg: DinoConfig,
-    ctx: dist_utils.DistContext,
+    parts: Mapping[str, Stateful | None],
+    *,
+    rank: int,
+    device: torch.device,
+    optional: Collection[str] = (),
 ) -> None:
-    """Load a checkpoint dict into the live objects of this rank (its own RNG state included)."""
+    """Load a checkpoint dict into the live parts of this rank, and this rank's RNG state. A part the checkpoint
+    does not hold is an error unless it is ``optional`` (state added after the checkpoint was written: it keeps
+    its fresh value); a part that is None, or saved as ``{}``, is skipped."""
     resume_cursor(state)  # checks the format
-    saved_batch = state["config"]["data"]["batch_size_per_gpu"]
-    if state["world_size"] != ctx.world_size or saved_batch != cfg.data.batch_size_per_gpu:
-        # The cursor counts batches of one global size and the schedules span steps of it: exact resume needs it.
-        raise ValueError(
-            f"checkpoint was written by {state['world_size']} ranks x {saved_batch} images; this run has "
-            f"{ctx.world_size} ranks x {cfg.data.batch_size_per_gpu}: resume needs the same global batch layout "
-            "(or set checkpoint.resume=false / a new checkpoint.uri)"
-        )
-    model.student_module().load_state_dict(state["student"])
-    unwrap(model.teacher).load_state_dict(state["teacher"])
-    model.dino_loss.load_state_dict(state["dino_loss"])
-    optimizer.load_state_dict(state["optimizer"])
-    if grad_scaler is not None and state.get("grad_scaler"):
-        grad_scaler.load_state_dict(state["grad_scaler"])
-    restore_rng_state(state["rng"][ctx.rank], ctx.device)
+    missing = sorted(name for name in parts if name not in state and name not in optional)
+    if missing:
+        raise ValueError(f"checkpoint holds no {', '.join(missing)} (it has {sorted(set(state) - set(HEADER_KEYS))})")
+    for name, part in parts.items():
+        saved = state.get(name)
+        if part is None or not saved:
+            if saved is None and part is not None:
+                _log.info("checkpoint has no %s (written before it was saved): it starts fresh", name)
+            continue
+        part.load_state_dict(saved)
+    restore_rng_state(state["rng"][rank], device)
 
 
 def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
@@ -304,81 +324,3 @@ def check_plain(obj: Any, path: str = "checkpoint") -> None:
             check_plain(v, f"{path}[{i}]")
     elif type(obj) not in _PLAIN_EXACT and not isinstance(obj, torch.Tensor):
         raise TypeError(f"{path}: {type(obj).__module__}.{type(obj).__name__} is not a tensor or plain type")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# reference-implementation checkpoints (evaluation only)
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Remove the first matching prefix from each key (keys without any of them are kept as they are)."""
-    prefixes = list(prefixes)
-    out = {}
-    for k, v in sd.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p) :]
-                break
-        out[k] = v
-    return out
-
-
-def _split_wrapper(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A reference MultiCropWrapper state_dict (``module.``/no prefix) -> (backbone, head) state dicts, ours."""
-    from dino_model.models.head import convert_reference_head_state_dict
-
-    sd = strip_prefix(sd, ["module."])
-    backbone = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
-    head = {k[len("head.") :]: v for k, v in sd.items() if k.startswith("head.")}
-    # A bare backbone state_dict (the released "*_pretrain.pth" files) has neither prefix.
-    if not backbone and not head:
-        backbone = dict(sd)
-    # The reference ViT/ResNet keep an unused classifier (Identity) - nothing to drop for ViT; ResNet "fc.*" if any.
-    backbone = {k: v for k, v in backbone.items() if not k.startswith(("fc.", "head."))}
-    return backbone, convert_reference_head_state_dict(head) if head else head
-
-
-def load_reference_checkpoint(uri: str | os.PathLike) -> dict[str, Any]:
-    """A facebookresearch/dino checkpoint converted to this project's key names, for evaluation.
-
-    Accepts the training checkpoint (``student``, ``teacher``, ``dino_loss``, ``args``, ...), the released
-    ``*_pretrain_full_checkpoint.pth`` (same keys) and a bare backbone state_dict (``*_pretrain.pth``). Loading
-    uses ``weights_only=True`` with only ``argparse.Namespace`` allowed beyond plain types.
-
-    Returns ``{"teacher_backbone", "teacher_head", "student_backbone", "student_head", "center", "args"}`` —
-    missing parts are ``{}`` / ``None``; ``args`` is a plain dict.
-    """
-    store, key = open_object(os.fspath(uri))
-    if isinstance(store, LocalStore):
-        src: Any = store.local_path(key)
-        if not src.is_file():
-            raise ObjectNotFound(f"checkpoint {uri} does not exist")
-    else:
-        src = io.BytesIO(store.get_bytes(key))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        raw = torch.load(src, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{uri}: expected a dict checkpoint, got {type(raw).__name__}")
-    out: dict[str, Any] = {
-        "teacher_backbone": {},
-        "teacher_head": {},
-        "student_backbone": {},
-        "student_head": {},
-        "center": None,
-        "args": {},
-    }
-    if "teacher" in raw or "student" in raw:
-        if "teacher" in raw:
-            out["teacher_backbone"], out["teacher_head"] = _split_wrapper(raw["teacher"])
-        if "student" in raw:
-            out["student_backbone"], out["student_head"] = _split_wrapper(raw["student"])
-        loss_sd = raw.get("dino_loss") or {}
-        out["center"] = loss_sd.get("center")
-        args = raw.get("args")
-        if isinstance(args, argparse.Namespace):
-            args = vars(args)
-        out["args"] = dict(args) if isinstance(args, dict) else {}
-    else:
-        out["teacher_backbone"], out["teacher_head"] = _split_wrapper(raw)
-    return out

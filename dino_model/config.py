@@ -40,9 +40,15 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "ExportConfig",
+    "HealthConfig",
+    "MonitorConfig",
     "DinoConfig",
     "PRESETS",
+    "SMALL_DATA_BUCKETS",
+    "small_data_preset",
     "load_config",
+    "is_checkpoint_file",
+    "read_config_file",
     "apply_overrides",
     "parse_override",
 ]
@@ -345,11 +351,96 @@ class TrainConfig(Section):
     reference path (workers augment; the step runs eager, in bf16 autocast if that alone passes, else fp32), with a
     WARNING and the reason in the run's records; ``strict``: the run stops with exit code 4 instead (benchmarks);
     ``off``: no check. Every verdict is recorded (MLflow tags ``fast_path.data`` / ``fast_path.step``)."""
+    health: Literal["warn", "stop", "off"] = "warn"
+    """What the run does when the training-health monitor (:mod:`dino_model.health`, thresholds in ``health.*``)
+    calls a window of steps after the warm-ups ``collapse:uniform``, ``collapse:one-hot`` or ``stalled``: ``warn``
+    (default: one WARNING with the figures, the MLflow tag ``health`` and metric ``health.bad``, a line in the
+    pretrain flow's progress artifact and a row in the model card; training goes on, because the thresholds are
+    heuristics and a wrongly stopped run loses its GPU time too), ``stop`` (write a checkpoint, exit with code 5 and
+    ``stop_reason=collapsed:<mode>``; the flow fails without retrying, since a retry would collapse again) or
+    ``off`` (the verdicts are still logged)."""
     nonfinite_check_every: NonNegInt = 0
     """Check the loss for NaN/inf (and, across ranks, for a stop signal) every this many steps; 0 = every step on
     CPU and every ``logging.log_every`` steps on GPU, where each check is a host-device sync. Steps between checks
     are still watched on the device, so the failure names the first bad step; a check always precedes a
     checkpoint, so no checkpoint ever holds non-finite weights."""
+
+
+class HealthConfig(Section):
+    """Thresholds of the training-health monitor (:mod:`dino_model.health`; what it does: ``train.health``). The
+    figures behind the defaults were measured on the tests' tiny runs (ViT-Tiny, K = 64, batches of 8 images, so
+    16 targets per step whose information is at most ln 16): healthy runs keep target entropy 0.43-0.55·ln K,
+    batch-target entropy >= 0.71·ln K (~20 prototypes), information 0.29-0.50 of its most, KL(teacher‖student)
+    >= 0.17·ln K and feature spread >= 0.6; a uniform collapse (teacher temperature 1) reaches entropy 0.997·ln K
+    and information 0.003 of its most; no centring (one-hot) falls below 2 prototypes with information 0.01-0.06;
+    a teacher that is the student object gives information <= 0.08 and a feature spread of 0.13-0.3; a ViT-Tiny
+    on 600 synthetic textures (K = 1,024, teacher 0.02, batch 64) whose k-NN fell from 56 % to 29 % sat at ~2-2.5
+    prototypes and information 0.10-0.14."""
+
+    section: ClassVar[str] = "health"
+    window_steps: PositiveInt = 200
+    """Steps per judged window; a window is judged on the means of its logged steps (``logging.log_every``)."""
+    min_points: PositiveInt = 3
+    """Logged steps a window needs at least before it is judged (it grows beyond ``window_steps`` until then)."""
+    patience: PositiveInt = 2
+    """Consecutive bad windows before a verdict is called (and ``train.health`` acts): one window can be a
+    transient."""
+    start_step: NonNegInt | None = None
+    """First step judged; ``null`` = when the learning-rate and teacher-temperature warm-ups end (targets and
+    updates change by design before)."""
+    one_hot_prototypes: Annotated[Number, Field(ge=1)] = 3.0
+    """``collapse:one-hot`` when the batch's mean target has an entropy <= ln(this): its targets fall on about
+    this many prototypes or fewer (healthy tiny runs: ~20; ImageNet batches: hundreds)."""
+    uniform_entropy: Annotated[Number, _between(0.5, 1.0)] = 0.95
+    """``collapse:uniform`` when the mean target entropy is >= this · ln K (healthy: about 0.4-0.6 on the tests'
+    runs; uniform collapse: 0.99+)."""
+    min_information: Annotated[Number, _between(0.0, 1.0)] = 0.15
+    """A collapse when the information the targets carry about the image (mutual information, the
+    ``teacher_kl_to_center`` metric) is <= this fraction of the most they can carry, ln(min(K, 2 × batch per
+    rank)): every image gets nearly the same target (healthy tiny runs: >= 0.29; every collapse measured:
+    <= 0.14)."""
+    min_feature_spread: NonNegNumber = 0.05
+    """A collapse when the teacher's backbone features' spread (the ``teacher_feature_spread`` metric, ~1 when
+    spread out) is <= this: every image gets nearly the same feature."""
+    stalled_kl: NonNegNumber = 0.01
+    """``stalled`` when KL(teacher‖student) is <= this · ln K (nothing left to learn) ..."""
+    stalled_loss_change: NonNegNumber = 0.001
+    """... and the mean loss changed by <= this fraction since the previous window."""
+
+
+class MonitorConfig(Section):
+    """The learning curve during training (:mod:`dino_model.train.knn_monitor`): on rank 0, every
+    ``every_epochs`` epochs (and before the first step), the teacher backbone's weighted k-NN top-1 (the paper's
+    protocol: k = 20, T = 0.07, cosine similarity) of a bounded labelled subset, logged as the metric
+    ``monitor.knn<k>_top1`` (percent). The subsets' centre crops are decoded once and kept in memory as uint8
+    (``(train_samples + val_samples) · 3 · crop_size²`` bytes: 0.9 GB for the defaults at 224 px)."""
+
+    section: ClassVar[str] = "monitor"
+    val_source: str = ""
+    """A labelled shard set (``manifest.json``) to measure on, e.g. the validation split written by ``dino shard``;
+    empty = no learning curve."""
+    train_source: str = ""
+    """The labelled shard set whose features are the k-NN's memory; empty = ``data.source`` (which must then be a
+    labelled shard set)."""
+    every_epochs: PositiveInt | None = None
+    """Measure after every this many epochs (and after the last one); ``null`` = often enough for a curve and
+    rarely enough to cost about 2 % of the training time: every ``ceil((train_samples + val_samples) /
+    (0.2 · images per epoch))`` epochs (a monitored image costs about 1/9 of a trained one: 2x224 + 8x96 crops
+    with a backward pass against one 224 px forward pass, ``benchmarks/knn_monitor_cost.py``). ImageNet: every
+    epoch (0.05 %); a 6,000-image set: every 5 epochs."""
+    train_samples: PositiveInt = 5000
+    """Samples of the memory (the first ones in manifest order: ``dino shard`` mixes classes across shards)."""
+    val_samples: PositiveInt = 1000
+    """Samples measured (the first ones in manifest order)."""
+    k: PositiveInt = 20
+    """Neighbours voting (the paper's 20)."""
+    temperature: PositiveNumber = 0.07
+    """Temperature of the vote weights exp(similarity / T) (the paper's 0.07)."""
+    crop_size: PositiveInt | None = None
+    """Side of the centre crop the images are resized to (short side · 256 / 224, then cropped); ``null`` =
+    ``crops.global_size``."""
+    batch_size: PositiveInt = 128
+    """Images per forward pass."""
 
 
 class CheckpointConfig(Section):
@@ -419,6 +510,10 @@ class DinoConfig(Section):
     """Metrics loggers and progress lines."""
     export: ExportConfig = Field(default_factory=ExportConfig)
     """Final teacher export."""
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    """Thresholds of the training-health monitor."""
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    """The learning curve (k-NN of the teacher during training)."""
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "DinoConfig":
@@ -483,6 +578,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "crops": {"global_size": 128, "local_size": 64},
     },
+    # Small data sets (about 5k-200k images of 64-128 px; docs/small-data.md gives each value's source). The
+    # prototypes K, the teacher temperature and the teacher's EMA momentum follow LightlyTrain's size rule for DINO
+    # (K: 1,024 below 20k images, 2,048 below 50k, 4,096 below 100k, 16,384 below 200k; temperature 0.02 at 20k
+    # rising linearly to 0.07 at ImageNet's size; momentum 0.99 -> 0.996 likewise): a large K and a soft teacher
+    # collapse to uniform on small sets (facebookresearch/dino #279, #43). Crops: 2 x 128 px + 6 x 64 px, lightly's
+    # Imagenette benchmark. `--preset small-data` picks the bucket from the data set's size.
+    **{name: {"model": {"out_dim": out_dim},
+              "loss": {"teacher_temp": temp, "warmup_teacher_temp": temp, "warmup_teacher_temp_epochs": 0},
+              "optim": {"momentum_teacher": momentum},
+              "crops": {"global_size": 128, "local_size": 64, "n_local": 6}}
+       for name, out_dim, temp, momentum in (("small-data-20k", 1024, 0.02, 0.99), ("small-data-50k", 2048, 0.02, 0.99),
+                                             ("small-data-100k", 4096, 0.02, 0.99),
+                                             ("small-data-200k", 16384, 0.03, 0.991))},
     # The reference's ResNet-50 recipe: SGD, constant weight decay 1e-4, tighter crops, SyncBatchNorm.
     "resnet50": {
         "model": {"arch": "resnet50", "sync_bn": True},
@@ -492,14 +600,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names(preset: str | Sequence[str] | None) -> list[str]:
-    """``"boost,small"`` / ``["boost", "small"]`` / ``None`` -> a list of known preset names."""
+#: ``small-data`` resolves to the first bucket whose size bound the data set stays below (``--preset small-data``).
+SMALL_DATA_BUCKETS = ((20_000, "small-data-20k"), (50_000, "small-data-50k"), (100_000, "small-data-100k"),
+                      (200_000, "small-data-200k"))
+SMALL_DATA = "small-data"
+
+
+def small_data_preset(dataset_size: int) -> str:
+    """The ``small-data-*`` preset for a data set of ``dataset_size`` images; from 200,000 images on, the paper's
+    own recipe (``reference``) is the one to use."""
+    for bound, name in SMALL_DATA_BUCKETS:
+        if dataset_size < bound:
+            return name
+    return "reference"
+
+
+def preset_names(preset: str | Sequence[str] | None,
+                 dataset_size: int | Callable[[], int] | None = None) -> list[str]:
+    """``"boost,small"`` / ``["boost", "small"]`` / ``None`` -> a list of known preset names. ``small-data`` is
+    resolved by ``dataset_size`` (images in the training data, or a function that counts them)."""
     if preset is None or preset == "":
         return []
     names = [n.strip() for n in preset.split(",")] if isinstance(preset, str) else list(preset)
-    for n in names:
-        if n not in PRESETS:
-            raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {n!r}")
+    for i, n in enumerate(names):
+        if n == SMALL_DATA:
+            if dataset_size is None:
+                raise ConfigError(f"preset {SMALL_DATA} is chosen by the data set's size, which is not known here: "
+                                  f"name a bucket instead ({', '.join(b for _, b in SMALL_DATA_BUCKETS)})")
+            names[i] = small_data_preset(dataset_size() if callable(dataset_size) else dataset_size)
+        elif n not in PRESETS:
+            raise ConfigError(f"preset must be one of {sorted([*PRESETS, SMALL_DATA])}, got {n!r}")
     return names
 
 
@@ -509,16 +639,22 @@ def preset_names(preset: str | Sequence[str] | None) -> list[str]:
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    source: str | os.PathLike | dict[str, Any] | None = None,
     overrides: Iterable[str] = (),
     preset: str | Sequence[str] | None = None,
+    dataset_size: int | Callable[[], int] | None = None,
 ) -> DinoConfig:
     """Reference defaults, then the presets (from ``preset`` and the file's ``preset:`` key), then the file, then
-    the ``key.sub=value`` overrides; validated."""
+    the ``key.sub=value`` overrides; validated. ``source``: a YAML or JSON file, or a config dict already read
+    (for a training checkpoint: ``dino_model.checkpoint.read_checkpoint_config(path)``, see
+    :func:`is_checkpoint_file`). ``dataset_size``: what resolves the ``small-data`` preset (an int, or a function
+    called only then)."""
     file_dict: dict[str, Any] = {}
-    if path is not None:
-        file_dict = read_config_file(path)
-    names = preset_names(file_dict.pop("preset", None)) + preset_names(preset)
+    if isinstance(source, dict):
+        file_dict = json.loads(json.dumps(source))  # a copy: the preset key is popped below
+    elif source is not None:
+        file_dict = read_config_file(source)
+    names = preset_names(file_dict.pop("preset", None), dataset_size) + preset_names(preset, dataset_size)
     merged: dict[str, Any] = DinoConfig().to_dict()
     for n in names:
         merged = _deep_merge(merged, PRESETS[n], "")
@@ -527,15 +663,25 @@ def load_config(
     return DinoConfig.from_dict(merged)
 
 
+#: Extensions of training checkpoints (``torch.save`` archives), whose saved config can serve as a config file.
+CHECKPOINT_EXTENSIONS = (".pt", ".pth")
+
+
+def is_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a training checkpoint rather than a YAML / JSON file: its config is read with
+    ``dino_model.checkpoint.read_checkpoint_config`` (torch; this module imports none) and passed to
+    :func:`load_config` as a dict."""
+    return os.path.splitext(os.fspath(path))[1].lower() in CHECKPOINT_EXTENSIONS
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or JSON (``.json``) config file as a dict; the config dict stored in a training
-    checkpoint is accepted too (``.pt``/``.pth``)."""
+    """A YAML (``.yaml``/``.yml``) or JSON (``.json``) config file as a dict. A training checkpoint is refused
+    here: its config is read by ``dino_model.checkpoint.read_checkpoint_config`` (:func:`is_checkpoint_file`)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth"):
-        from .checkpoint import read_checkpoint  # a checkpoint's resolved config
-
-        return read_checkpoint(path)["config"]
+    if is_checkpoint_file(path):
+        raise ConfigError(f"config file {path!r} is a training checkpoint: read its config with "
+                          "dino_model.checkpoint.read_checkpoint_config and pass the dict to load_config")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -34,14 +34,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from dino_model.checkpoint import (
-    CHECKPOINT_FORMAT,
-    latest_checkpoint,
-    load_reference_checkpoint,
-    read_checkpoint,
-    strip_prefix,
-)
+from dino_model.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, read_checkpoint
 from dino_model.models import VIT_CONFIGS, build_backbone
+from dino_model.reference_checkpoint import load_reference_checkpoint, strip_prefix
 from dino_model.storage import ObjectNotFound, open_store
 
 __all__ = [

@@ -31,9 +31,11 @@ into the optimiser groups, and DDP's bucketed all-reduce runs between graph segm
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dino_model.config import DinoConfig
@@ -47,6 +49,16 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel (or any `.module` wrapper), else the module itself."""
     return getattr(module, "module", module)
+
+
+@torch.no_grad()
+def feature_spread(features: torch.Tensor) -> torch.Tensor:
+    """How spread out a batch of features is, 0-dim fp32: the per-dimension standard deviation of the
+    L2-normalised rows, averaged over dimensions and scaled by sqrt(D). Unit vectors spread evenly over D
+    dimensions have a per-dimension std of about 1/sqrt(D), so this is about 1 for well-spread features and 0
+    when every image gets the same feature (representation collapse), whatever D is."""
+    f = F.normalize(features.detach().float(), dim=-1)
+    return f.std(dim=0, unbiased=False).mean() * math.sqrt(f.shape[-1])
 
 
 def has_batchnorms(module: nn.Module) -> bool:
@@ -101,6 +113,11 @@ class DINO(nn.Module):
     def teacher_backbone(self) -> nn.Module:
         return unwrap(self.teacher).backbone
 
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        """What a training checkpoint saves of the model, by name (:mod:`dino_model.checkpoint` asks each for its
+        ``state_dict``): the student and the teacher without their wrappers, and the loss (its centre)."""
+        return {"student": self.student_module(), "teacher": unwrap(self.teacher), "dino_loss": self.dino_loss}
+
     def convert_sync_batchnorm(self) -> None:
         """Replace BatchNorm by SyncBatchNorm in student and teacher (ResNet-50 / BN heads, multi-GPU), before
         wrapping the student in DDP — as the reference does when the model has batch norms."""
@@ -142,7 +159,8 @@ class DINO(nn.Module):
         Returns detached 0-dim fp32 tensors: `loss`, `teacher_entropy`, `teacher_kl_to_uniform`,
         `teacher_kl_to_center` (see `DINOLoss.teacher_stats`, computed with the centre used by the loss) and
         `kl_teacher_student` = loss - teacher_entropy (the paper's decomposition H(Pt, Ps) = h(Pt) + KL(Pt|Ps),
-        averaged over the pairs), plus `teacher_temp` (on the CPU). A non-finite loss is returned as it is: the
+        averaged over the pairs), `teacher_feature_spread` (:func:`feature_spread` of the teacher's backbone
+        features of the global crops), plus `teacher_temp` (on the CPU). A non-finite loss is returned as it is: the
         caller checks it where a host sync is affordable.
         """
         if len(crops) != self.dino_loss.ncrops:
@@ -155,7 +173,7 @@ class DINO(nn.Module):
             ctx = torch.autocast(device_type=crops[0].device.type, dtype=autocast_dtype)
         with ctx:
             with torch.no_grad():
-                teacher_output = self.teacher(crops[:2])
+                teacher_output, teacher_features = self.teacher(crops[:2], with_features=True)
             student_output = self.student(crops)
         # A 0-dim CPU tensor: usable with tensors on any device, and a new value never recompiles a compiled loss.
         temp = torch.tensor(teacher_temp, dtype=torch.float32)
@@ -169,6 +187,7 @@ class DINO(nn.Module):
             "teacher_kl_to_uniform": stats["kl_to_uniform"],
             "teacher_kl_to_center": stats["kl_to_center"],
             "kl_teacher_student": loss - stats["entropy"],
+            "teacher_feature_spread": feature_spread(teacher_features),
             "teacher_temp": temp,
         }
 

@@ -13,6 +13,8 @@ pretrain flow's MLflow logger) plugs in without the trainer knowing about it::
     logger.on_run_end(10, "max_steps")                                  # and tags what the run did;
     logger.on_fast_path({"data": {...}, "step": {...}})                 # the fast-path verdicts: MLflow tags
                                                                         # and params, a console line)
+    logger.on_health({"called": "healthy", "window": {...}, ...})       # a window's health verdict (MLflow
+                                                                        # tags; a console line when it changes)
     logger.close()
 
 Built in: ``mlflow:RUN_ID`` (:mod:`dino_model.mlflow_logger`: step and system metrics, where the checkpoints are,
@@ -27,8 +29,8 @@ lets a launcher add a logger to a ``torchrun`` child without editing this file.
 
     DINO_PROGRESS {"event": "step", "step": 120, "total_steps": 9000, "epoch": 1, ...}
 
-The JSON object always has ``event`` (``start``, ``fast_path``, ``step``, ``checkpoint``, ``epoch``, ``end``,
-``error``) and ``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None``
+The JSON object always has ``event`` (``start``, ``fast_path``, ``step``, ``health``, ``knn``, ``checkpoint``,
+``epoch``, ``end``, ``error``) and ``time`` (Unix seconds); :func:`parse_progress_line` turns such a line back into a dict (``None``
 for other lines).
 """
 
@@ -94,6 +96,12 @@ class ConsoleLogger:
 
     def on_run_start(self, total_steps: int, epochs: int) -> None:
         self.total_steps, self.epochs = total_steps, epochs
+
+    def on_health(self, record: Mapping[str, Any]) -> None:
+        """``health · healthy · steps 200-399 · ...`` when the verdict in force changes (every window's verdict is
+        in the metrics)."""
+        if record.get("changed"):
+            print(f"health · {record['text']}", file=self.stream or sys.stdout, flush=True)
 
     def on_fast_path(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         """One line per checked part: ``fast path · step · verified · compiled (default), bf16 autocast, ...``."""
@@ -196,6 +204,11 @@ class MultiLogger:
         fast-path verdicts (:meth:`dino_model.fast_path.Verdict.as_record` per part), at start and whenever a
         verdict changes."""
         self._call("on_fast_path", records)
+
+    def on_health(self, record: Mapping[str, Any]) -> None:
+        """Tell the loggers that care (``on_health``: MLflow's, the console's) the training-health monitor's verdict
+        on a window of steps (:mod:`dino_model.health`): ``{"called", "window": WindowVerdict record, "text"}``."""
+        self._call("on_health", record)
 
     def close(self) -> None:
         errors = []

@@ -105,6 +105,19 @@ class MlflowLogger:
         for i in range(0, max(len(params), len(tags)), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=params[i:i + 100], tags=tags[i:i + 100], synchronous=True)
 
+    def on_health(self, record: Mapping) -> None:
+        """The training-health verdict in force as the run's tag ``health`` (``healthy``, ``collapse:uniform``,
+        ``collapse:one-hot``, ``stalled``) with ``health.detail`` (the latest window's rule and figures) and
+        ``health.step``; every window as the metric ``health.bad`` (1 for a bad window, else 0) at its last step."""
+        from mlflow.entities import Metric
+
+        window = record["window"]
+        self._set_tags({"health": record["called"], "health.detail": record["text"][:5000],
+                        "health.step": str(window["last_step"])})
+        bad = Metric(key="health.bad", value=0.0 if window["verdict"] == "healthy" else 1.0,
+                     timestamp=int(time.time() * 1000), step=int(window["last_step"]))
+        self.client.log_batch(self.run_id, metrics=[bad], synchronous=True)
+
     def on_checkpoint(self, uri: str, step: int) -> None:
         """Record the checkpoint at ``uri`` (local path or ``s3://``) as the run's latest, and the steps done."""
         self._set_tags({"checkpoint": uri, **self._progress_tags(step)})

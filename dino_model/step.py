@@ -12,14 +12,51 @@ and the fused AdamW kernel. Returns 0-dim device tensors: no host sync.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dino_model.config import DinoConfig
 from dino_model.meta_arch import DINO
-from dino_model.optim import cancel_last_layer_gradients, clip_gradients_global, clip_gradients_per_param
+from dino_model.optim import (
+    cancel_last_layer_gradients,
+    clip_gradients_global,
+    clip_gradients_per_param,
+    load_optimizer_state,
+    optimizer_state,
+)
 
-__all__ = ["StepSettings", "train_step", "resolve_precision", "resolve_compile"]
+__all__ = ["StepSettings", "TrainingState", "train_step", "resolve_precision", "resolve_compile"]
+
+
+@dataclass
+class TrainingState:
+    """The live objects a step changes: the model (student, teacher, loss centre), the optimiser and the fp16
+    grad scaler (None otherwise). The training run owns them; the fast-path checks copy them and snapshot them,
+    a checkpoint saves :meth:`parts`."""
+
+    model: DINO
+    optimizer: torch.optim.Optimizer
+    grad_scaler: torch.amp.GradScaler | None
+
+    def parts(self) -> dict[str, Any]:
+        """Each stateful piece by its checkpoint name (``state_dict`` / ``load_state_dict``; None = not in use)."""
+        return {**self.model.checkpoint_parts(), "optimizer": self.optimizer, "grad_scaler": self.grad_scaler}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Copies (on the device) of everything one step changes, for :meth:`restore`."""
+        modules = {name: {k: v.detach().clone() for k, v in part.state_dict().items()}
+                   for name, part in self.model.checkpoint_parts().items()}
+        return {**modules, "optimizer": optimizer_state(self.optimizer),
+                "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Back to a :meth:`snapshot` (the same objects, their values replaced)."""
+        for name, part in self.model.checkpoint_parts().items():
+            part.load_state_dict(snapshot[name])
+        load_optimizer_state(self.optimizer, snapshot["optimizer"])
+        if self.grad_scaler is not None and snapshot["grad_scaler"] is not None:
+            self.grad_scaler.load_state_dict(snapshot["grad_scaler"])
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from dino_model.eval.score_names import TOP5_MIN_CLASSES
 from flows.extract import extract_split
 from tasks.evaluation import (
     EvaluationSettings,
+    ExtractionSpec,
     attention_scores,
     build_evaluation_report,
     check_evaluation_inputs,
@@ -68,6 +69,7 @@ from tasks.evaluation import (
     with_deployment_defaults,
 )
 from tasks.model_card import update_model_card
+from tasks.validation.extraction_settings import ExtractionRunnerSettings, FeatureSettings
 
 
 @flow(name="dino-evaluate", log_prints=True)
@@ -99,21 +101,9 @@ def dino_evaluate(model: str, settings: EvaluationSettings | dict[str, Any] | No
     try:
         if any(e in chosen for e in ("knn", "linear_fast")):
             expected = {"train": facts["train_samples"], "val": facts["val_samples"]}
-            common = dict(resize_size=settings.resize_size, crop_size=settings.crop_size,
-                          batch_size=settings.batch_size, precision=settings.precision, device=settings.device,
-                          nproc_per_node=settings.nproc_per_node, fast_path_check=settings.fast_path_check,
-                          task_runner=settings.task_runner, parallelism=settings.parallelism)
-            meta = {"model_name": info["name"], "model_version": info["version"],
-                    "evaluation_set": hashes["classification"], "classes_from": settings.train_data}
             plan = plan_feature_sets(settings, info["name"], info["version"], hashes["classification"])
-            extracted: dict[str, dict[str, Any]] = {}
-            for fs in plan["sets"]:
-                kind_options = dict(n_last_blocks=fs["n_last_blocks"], avgpool=fs["avgpool"], **common)
-                for split, data, label_map in (("train", settings.train_data, None),
-                                               ("val", settings.val_data, facts["label_map"])):
-                    extracted[f"{fs['kind']}/{split}"] = extract_split(info["uri"], data, fs["uri"], split, meta,
-                                                                       label_map=label_map, **kind_options)
-                features[fs["kind"]] = fs["uri"]
+            extracted = _extract_feature_sets(plan, info, settings, facts, hashes["classification"])
+            features = {fs["kind"]: fs["uri"] for fs in plan["sets"]}
             record_fast_path(run_id, "extract", {label: r["fast_path"] for label, r in extracted.items()})
             if "knn" in chosen:
                 metrics |= knn_scores(features[plan["knn"]], settings.knn_ks, settings.knn_temperature,
@@ -156,6 +146,27 @@ def dino_evaluate(model: str, settings: EvaluationSettings | dict[str, Any] | No
     return {"model_uri": info["uri"], "name": info["name"], "version": info["version"], "run_id": run_id,
             "model_id": info["model_id"], "metrics": metrics, "evaluation_sets": hashes,
             "evaluation_set_names": names, "features": features, "champion": decision, "report": report}
+
+
+def _extract_feature_sets(plan: dict[str, Any], info: dict[str, Any], settings: EvaluationSettings,
+                          facts: dict[str, Any], set_hash: str) -> dict[str, dict[str, Any]]:
+    """Both splits of every feature set of ``plan`` (:func:`tasks.evaluation.plan_feature_sets`), extracted with
+    :func:`flows.extract.extract_split` on the settings' device and runner; the results by ``<kind>/<split>``."""
+    runner = ExtractionRunnerSettings(device=settings.device, nproc_per_node=settings.nproc_per_node,
+                                      task_runner=settings.task_runner, parallelism=settings.parallelism)
+    meta = {"model_name": info["name"], "model_version": info["version"], "evaluation_set": set_hash,
+            "classes_from": settings.train_data}
+    extracted: dict[str, dict[str, Any]] = {}
+    for fs in plan["sets"]:
+        features = FeatureSettings(resize_size=settings.resize_size, crop_size=settings.crop_size,
+                                   batch_size=settings.batch_size, n_last_blocks=fs["n_last_blocks"],
+                                   avgpool=fs["avgpool"], precision=settings.precision,
+                                   fast_path_check=settings.fast_path_check)
+        for split, data, label_map in (("train", settings.train_data, None),
+                                       ("val", settings.val_data, facts["label_map"])):
+            spec = ExtractionSpec(info["uri"], data, fs["uri"], split, features, settings.device, meta, label_map)
+            extracted[f"{fs['kind']}/{split}"] = extract_split(spec, runner)
+    return extracted
 
 
 @flow(name="dino-reevaluate", log_prints=True)

@@ -15,9 +15,12 @@ from prefect import flow
 
 from flows.evaluate import dino_evaluate
 from flows.pretrain import dino_pretrain
-from flows.shard import dino_shard
+from flows.shard import shard_stage
 from tasks.evaluation import EvaluationSettings
 from tasks.pipeline import check_pipeline
+from tasks.validation.pipeline import PipelineRequest
+from tasks.validation.pretrain_settings import LaunchSettings, TrackingSettings
+from tasks.validation.settings_groups import RunnerSettings
 
 
 @flow(name="dino-pipeline", log_prints=True)
@@ -59,32 +62,40 @@ def dino_pipeline(
             (other than ``threads``) keeps it.
         parallelism: shard tasks at once, and the workers of ``processes`` / ``dask``.
     """
-    # First task: the whole request checked (the checks `dino pipeline` runs before Prefect starts).
-    check_pipeline(train_source, val_source, workspace, preset, overrides, shard_size, nproc_per_node,
-                   registered_model, evaluation, resume, task_runner, parallelism)
-    root = workspace.rstrip("/")
-    train_shards, val_shards = f"{root}/shards/train", f"{root}/shards/val"
-    runner = {"task_runner": task_runner, "parallelism": parallelism}
-    dino_shard(source=train_source, destination=train_shards, name="train", shard_size=shard_size, **runner)
-    # val gets train's class indices (the evaluation aligns them by class id anyway; this keeps them equal)
-    dino_shard(source=val_source, destination=val_shards, name="val", shard_size=shard_size, classes_from=train_shards,
-               **runner)
+    request = PipelineRequest(train_source, val_source, workspace, preset, tuple(overrides or ()), shard_size,
+                              nproc_per_node, experiment, registered_model, evaluation, resume, task_runner,
+                              parallelism)
+    # First task: the whole request checked (the checks `dino pipeline` runs before Prefect starts), each shard
+    # stage's source included: the stages do not check it again.
+    check_pipeline(request)
+    layout, stages = request.layout, request.shard_requests()
+    runner = RunnerSettings(task_runner=task_runner, parallelism=parallelism)
+    shard_stage(stages["train"], runner)
+    shard_stage(stages["val"], runner)
     trained = dino_pretrain(
-        data=train_shards,
-        checkpoint_uri=f"{root}/checkpoints",
+        data=layout.train_shards,
+        checkpoint_uri=layout.checkpoints,
         preset=preset,
         overrides=overrides,
-        nproc_per_node=nproc_per_node,
-        experiment=experiment,
-        registered_model=registered_model,
         resume=resume,
+        val_data=layout.val_shards,  # the learning curve during training: the teacher's k-NN on the val shards
+        launch=LaunchSettings(nproc_per_node=nproc_per_node),
+        tracking=TrackingSettings(experiment=experiment, registered_model=registered_model),
     )
-    settings = (evaluation or EvaluationSettings()).model_copy()
-    settings.train_data = settings.train_data or train_shards
-    settings.val_data = settings.val_data or val_shards
+    evaluated = dino_evaluate(model=f"models:/{registered_model}/{trained['version']}",
+                              settings=_evaluation_settings(request))
+    return {"train_shards": layout.train_shards, "val_shards": layout.val_shards, "pretrain": trained,
+            "evaluation": evaluated}
+
+
+def _evaluation_settings(request: PipelineRequest) -> EvaluationSettings:
+    """The request's evaluation settings with the workspace's shard sets and features where they leave them
+    unset, and the pipeline's task runner when theirs is the default."""
+    settings = (request.evaluation or EvaluationSettings()).model_copy()
+    settings.train_data = settings.train_data or request.layout.train_shards
+    settings.val_data = settings.val_data or request.layout.val_shards
     if settings.features_root == EvaluationSettings.model_fields["features_root"].default:
-        settings.features_root = f"{root}/features"
+        settings.features_root = request.layout.features
     if settings.task_runner == "threads" and settings.nproc_per_node == 1:
-        settings.task_runner, settings.parallelism = task_runner, parallelism
-    evaluated = dino_evaluate(model=f"models:/{registered_model}/{trained['version']}", settings=settings)
-    return {"train_shards": train_shards, "val_shards": val_shards, "pretrain": trained, "evaluation": evaluated}
+        settings.task_runner, settings.parallelism = request.task_runner, request.parallelism
+    return settings

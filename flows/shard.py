@@ -16,14 +16,14 @@ there; write the manifest; publish a markdown summary. A progress artifact follo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import flow
+from prefect import Flow
 from prefect.utilities.annotations import quote
 
-from dino_model.data.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
-from dino_model.data.shard_writer import ShardOptions, ShardSummary, default_name, validate_request
+from dino_model.data.shard_writer import ShardSummary
 from dino_model.data.sources import SourceSpec
+from tasks.flow_parameters import grouped_flow, resolve_flow_groups
 from tasks.shard import (
     assemble_manifest,
     check_destination,
@@ -32,35 +32,30 @@ from tasks.shard import (
     make_summary,
     plan_shards_task,
     publish_summary,
-    report_progress,
     scan_source_task,
     start_progress,
     write_manifest_task,
     write_shard_task,
 )
 from tasks.task_runners import open_task_runner
-from tasks.validation.task_runners import check_parallelism, check_task_runner
+from tasks.validation.settings_groups import RunnerSettings
+from tasks.validation.shard_settings import SHARD_GROUPS, SHARD_RENAMES, ShardRequest, ShardSettings
 
 SourceKind = Literal["auto", "imagefolder", "ilsvrc-train", "ilsvrc-val", "flat"]
 
 
-@flow(name="dino-shard", validate_parameters=True)
+@grouped_flow(SHARD_RENAMES, name="dino-shard", validate_parameters=True)
 def dino_shard(
     source: str,
     destination: str,
-    name: str | None = None,
     kind: SourceKind = "auto",
     labels: str | None = None,
     meta: str | None = None,
     classes: str | None = None,
     classes_from: str | None = None,
-    shard_size: int | None = 1000,
-    shard_bytes: int | None = None,
-    seed: int = 0,
-    quality: int = DEFAULT_QUALITY,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    parallelism: int = 4,
-    task_runner: str = "threads",
+    shards: ShardSettings | dict[str, Any] | None = None,
+    runner: RunnerSettings | dict[str, Any] | None = None,
+    **deprecated: Any,
 ) -> ShardSummary:
     """Shard an image dataset for DINO pretraining.
 
@@ -69,7 +64,6 @@ def dino_shard(
             images (folder or tar, with ``labels``), or a flat folder of unlabelled images.
         destination: where shards and ``manifest.json`` go: a local path, ``file:///abs/path`` or
             ``s3://bucket/prefix`` (endpoint and credentials from the standard AWS environment variables).
-        name: shard name prefix (``<name>-000000.tar``); default: the source folder's name.
         kind: the input layout; ``auto`` detects it (see :mod:`dino_model.data.sources`).
         labels: ILSVRC val label file: ``LOC_val_solution.csv`` or the devkit's ground-truth ``.txt``.
         meta: the devkit's ``meta.mat`` (needed with the devkit ground truth).
@@ -77,49 +71,52 @@ def dino_shard(
         classes_from: optional shard set (path or URI, usually the train set's) whose manifest's classes give the
             class indices; one of ``classes`` / ``classes_from`` at most. Without either, an ILSVRC val set whose
             labels cover fewer than 1000 classes is indexed by its own classes, with a warning.
-        shard_size: at most this many samples per shard (None: only ``shard_bytes`` limits).
-        shard_bytes: close a shard once its input bytes reach this (None: only ``shard_size`` limits).
-        seed: seed of the global shuffle that mixes classes across shards.
-        quality: JPEG quality for images that must be re-encoded (CMYK JPEG, PNG, WebP, ...).
-        max_pixels: images with more pixels are rejected as decompression bombs.
-        parallelism: how many shard tasks run at once: the threads, processes or local Dask workers of the task
-            runner (a ``tcp://`` scheduler's own workers decide there).
-        task_runner: where the shard tasks run: ``threads`` (of the flow's process), ``processes`` (of its
-            machine), ``dask`` (a local Dask cluster of ``parallelism`` worker processes) or ``tcp://HOST:PORT``
-            (a running Dask scheduler; its workers need this project installed and the destination's
-            credentials in their environment).
+        shards: how the shards are cut and encoded (:class:`tasks.validation.shard_settings.ShardSettings`):
+            ``name`` (default: the source folder's name), ``shard_size``, ``shard_bytes``, the shuffle ``seed``,
+            the re-encoding ``quality``, ``max_pixels``. A partial dict changes only its own fields of the
+            deployment's.
+        runner: where the shard tasks run (:class:`tasks.validation.settings_groups.RunnerSettings`):
+            ``task_runner`` ``threads`` (of the flow's process), ``processes`` (of its machine), ``dask`` (a local
+            Dask cluster of ``parallelism`` workers) or ``tcp://HOST:PORT`` (a running Dask scheduler; its
+            workers need this project installed and the destination's credentials), with ``parallelism`` tasks at
+            once.
+        deprecated: the flat names these groups replaced (``shard_size=``, ``task_runner=`` ...): still accepted,
+            with a warning naming the new spelling.
 
     Returns:
         A :class:`~dino_model.data.shard_writer.ShardSummary` (counts, shards written vs already present).
     """
     # -- 1. the input as a whole: every check here runs before anything is written ---------------------------
-    check_parallelism(parallelism)
-    check_task_runner(task_runner)
-    options = ShardOptions(
-        name=name or default_name(source), shard_size=shard_size, shard_bytes=shard_bytes, seed=seed,
-        quality=quality, max_pixels=max_pixels,
-    )
-    spec = SourceSpec(source, kind, labels, meta, classes, classes_from)
-    validate_request(spec, destination, options)  # bad URI, missing root or label file
-    scan = scan_source_task(spec)  # fails when there is no image at all
+    groups = resolve_flow_groups(SHARD_GROUPS, {"shards": shards, "runner": runner}, deprecated, SHARD_RENAMES)
+    request = ShardRequest(SourceSpec(source, kind, labels, meta, classes, classes_from), destination,
+                           groups["shards"].options(source))
+    request.validate()  # bad URI, missing root or label file
+    return write_shard_set(request, groups["runner"])
+
+
+def write_shard_set(request: ShardRequest, runner: RunnerSettings) -> ShardSummary:
+    """Scan, plan and write the shards of a checked ``request`` in the calling flow run, then its manifest and
+    summary: ``dino-shard`` after its checks, and each shard stage of ``dino-pipeline`` (:data:`shard_stage`)."""
+    scan = scan_source_task(request.spec)  # fails when there is no image at all
     # Last check: the probe write creates the destination folder, so it runs only once everything else passed.
-    destination = check_destination(destination)
+    destination = check_destination(request.destination)
+    options = request.options
 
     # -- 2. plan, then write shard ranges in parallel --------------------------------------------------------
     # quote(): the scan and plans can hold millions of items; Prefect need not walk them looking for futures.
     plans, previous, old_manifest = plan_shards_task(destination, quote(scan), options)
     emit_progress("total", sum(len(p.items) for p in plans))
     progress_id = start_progress(options.name, len(plans))
-    with open_task_runner(task_runner, parallelism) as runner:
+    with open_task_runner(runner.task_runner, runner.parallelism) as pool:
         # Plain values, no quote(): a Dask scheduler would unpack the annotation (a tuple) into the arguments.
         futures = [
-            runner.submit(write_shard_task, {
+            pool.submit(write_shard_task, {
                 "destination": destination, "plan": plan, "options": options, "classes": scan.classes,
                 "class_names": scan.class_names, "previous": previous.get(plan.index),
             })
             for plan in plans
         ]
-        ordered = collect_shard_outcomes(futures, plans, progress_id, options.name, task_runner)
+        ordered = collect_shard_outcomes(futures, plans, progress_id, options.name, runner.task_runner)
 
     # -- 3. manifest and summary -----------------------------------------------------------------------------
     manifest = assemble_manifest(scan, plans, ordered, options)
@@ -127,3 +124,8 @@ def dino_shard(
     summary = make_summary(destination, manifest, ordered, wrote)
     publish_summary(quote(manifest), summary)
     return summary
+
+
+#: A shard stage of ``dino-pipeline``: a ``dino-shard`` flow run without the request check, which the pipeline's
+#: first task made for both of its sources already.
+shard_stage = Flow(write_shard_set, name="dino-shard", validate_parameters=False)

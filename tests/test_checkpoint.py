@@ -20,7 +20,6 @@ from dino_model.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
-    load_reference_checkpoint,
     read_checkpoint,
     read_checkpoint_config,
     remove_stale_writes,
@@ -29,6 +28,7 @@ from dino_model.checkpoint import (
 )
 from dino_model.config import DinoConfig, load_config
 from dino_model.meta_arch import DINO
+from dino_model.reference_checkpoint import load_reference_checkpoint
 from dino_model.storage import ObjectNotFound, S3Store, open_store
 
 
@@ -294,3 +294,91 @@ def test_reference_checkpoint_refuses_other_globals(tmp_path):
         load_reference_checkpoint(str(path))
     with pytest.raises(pickle.UnpicklingError):
         read_checkpoint(str(path))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training state as parts: the format does not know DINO; checkpoints of earlier versions load
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _legacy_v1_checkpoint(model: DINO, optimizer, step: int) -> dict:
+    """A checkpoint exactly as ``make_checkpoint`` wrote it before the training state became parts (main at
+    95fd77b: the same keys and values, each named by hand)."""
+    from dino_model.checkpoint import CHECKPOINT_FORMAT, gather_rng_states
+
+    return {"format": CHECKPOINT_FORMAT, "step": step, "epoch": 0, "cursor": {"epoch": 0, "batch": step},
+            "student": model.student_module().state_dict(), "teacher": model.teacher.state_dict(),
+            "dino_loss": model.dino_loss.state_dict(), "optimizer": optimizer.state_dict(), "grad_scaler": {},
+            "rng": gather_rng_states(torch.device("cpu")), "world_size": 1, "config": DinoConfig().to_dict(),
+            "metrics": {"loss": 1.5}, "torch_version": str(torch.__version__)}
+
+
+def _stepped(model: DINO) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
+    crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
+    model.forward_backward(crops, teacher_temp=0.04)
+    opt.step()
+    model.dino_loss.center.add_(0.5)
+    return opt
+
+
+def test_parts_round_trip_and_a_new_part_needs_no_change_of_the_format(tmp_path):
+    from dino_model.checkpoint import make_checkpoint, restore_checkpoint
+    from dino_model.step import TrainingState
+
+    class Counter:  # a piece of training state added later (e.g. a health monitor)
+        def __init__(self, n=0):
+            self.n = n
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    model = tiny_dino()
+    written = TrainingState(model, _stepped(model), None)
+    state = make_checkpoint({**written.parts(), "counter": Counter(7)}, step=3, cursor=(0, 3),
+                            rng=[capture_rng_state()], config=DinoConfig().to_dict(), metrics={"loss": 2.0},
+                            world_size=1)
+    assert state["grad_scaler"] == {} and state["counter"] == {"n": 7}
+    read = read_checkpoint(save_checkpoint(str(tmp_path), state))
+    other = tiny_dino()
+    other_opt = torch.optim.AdamW(other.student.parameters(), lr=1e-3)
+    counter = Counter()
+    restore_checkpoint(read, {**TrainingState(other, other_opt, None).parts(), "counter": counter}, rank=0,
+                       device=torch.device("cpu"))
+    assert counter.n == 7
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="reserved"):
+        make_checkpoint({"step": Counter()}, step=1, cursor=(0, 1), rng=[], config={}, metrics={}, world_size=1)
+    with pytest.raises(ValueError, match="holds no missing"):
+        restore_checkpoint(read, {"missing": Counter()}, rank=0, device=torch.device("cpu"))
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_into_the_parts(tmp_path):
+    from dino_model.checkpoint import restore_checkpoint
+    from dino_model.step import TrainingState
+
+    model = tiny_dino()
+    opt = _stepped(model)
+    uri = save_checkpoint(str(tmp_path), _legacy_v1_checkpoint(model, opt, 5))
+    other = tiny_dino()
+    other_opt = torch.optim.AdamW(other.student.parameters(), lr=1e-3)
+    torch.manual_seed(5)
+    for p in other.parameters():
+        p.data.normal_()
+
+    class Later:  # state saved only by later versions: optional, so it starts fresh
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            raise AssertionError("not in the checkpoint: must not be loaded")
+
+    parts = {**TrainingState(other, other_opt, None).parts(), "later": Later()}
+    restore_checkpoint(read_checkpoint(uri), parts, rank=0, device=torch.device("cpu"), optional=("later",))
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    assert other_opt.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])

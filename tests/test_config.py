@@ -39,9 +39,32 @@ def test_presets():
     chained = load_config(preset="boost,small")
     assert chained.train.epochs == 300 and chained.crops.global_size == 128
     assert load_config(preset="reference") == DinoConfig()
-    assert set(PRESETS) == {"reference", "boost", "multicrop10", "small", "resnet50"}
+    assert set(PRESETS) == {"reference", "boost", "multicrop10", "small", "resnet50", "small-data-20k",
+                            "small-data-50k", "small-data-100k", "small-data-200k"}
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="huge")
+
+
+def test_the_small_data_recipe_is_chosen_by_the_data_sets_size(tmp_path):
+    from dino_model.data.counting import count_images
+    from tests.datasets import write_colour_set
+
+    # the buckets (docs/small-data.md): K, teacher temperature and EMA momentum by size; 2x128 + 6x64 crops
+    for size, (out_dim, temp, momentum) in {6000: (1024, 0.02, 0.99), 19_999: (1024, 0.02, 0.99),
+                                            20_000: (2048, 0.02, 0.99), 75_000: (4096, 0.02, 0.99),
+                                            150_000: (16384, 0.03, 0.991)}.items():
+        c = load_config(preset="small-data", dataset_size=size)
+        assert (c.model.out_dim, c.loss.teacher_temp, c.loss.warmup_teacher_temp, c.optim.momentum_teacher) == \
+            (out_dim, temp, temp, momentum), size
+        assert (c.crops.global_size, c.crops.local_size, c.crops.n_local, c.model.patch_size) == (128, 64, 6, 16)
+        assert c.optim.lr == DinoConfig().optim.lr and c.model.norm_last_layer  # the rest is the paper's
+    assert load_config(preset="small-data", dataset_size=1_281_167) == DinoConfig()
+    with pytest.raises(ConfigError, match="small-data-20k"):
+        load_config(preset="small-data")  # no size known: name a bucket
+    # the size is counted only when the preset asks for it
+    assert load_config(preset="boost", dataset_size=lambda: 1 / 0).train.epochs == 300
+    shards = write_colour_set(tmp_path / "images", tmp_path / "shards", range(3), 4, seed=0, name="train")
+    assert count_images(shards) == 12 and count_images(str(tmp_path / "images")) == 12
 
 
 def test_file_then_overrides(tmp_path):
@@ -153,3 +176,31 @@ def test_from_dict_validates():
     d["data"]["batch_size_per_gpu"] = 0
     with pytest.raises(ConfigError, match="data.batch_size_per_gpu"):
         DinoConfig.from_dict(d)
+
+
+def test_the_config_module_imports_neither_torch_nor_the_checkpoint_code():
+    """config.py is read by commands before anything heavy starts; a checkpoint's config reaches it as a dict."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, dino_model.config\nprint(sorted(m for m in ('torch', 'dino_model.checkpoint') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_serves_as_a_config_file_through_its_saved_config(tmp_path):
+    from dino_model.checkpoint import config_source, save_checkpoint
+    from tasks.validation.training import resolve_training_config
+
+    saved = load_config(overrides=["optim.lr=0.0123", "train.epochs=17"]).to_dict()
+    written = save_checkpoint(str(tmp_path / "ckpt"), {"step": 3, "config": saved, "big": torch.zeros(1000)})
+    assert config_source(written) == saved and config_source("run.yaml") == "run.yaml"
+    cfg = load_config(config_source(written), overrides=["train.epochs=19"])
+    assert (cfg.optim.lr, cfg.train.epochs) == (0.0123, 19)
+    resolved = resolve_training_config("/data/train", "/ckpt", None, written, ["optim.min_lr=0"])
+    assert (resolved["optim"]["lr"], resolved["optim"]["min_lr"], resolved["data"]["source"]) == (0.0123, 0, "/data/train")
+    with pytest.raises(ConfigError, match="is a training checkpoint"):
+        load_config(written)

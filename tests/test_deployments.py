@@ -17,6 +17,8 @@ import os
 import re
 import secrets
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +31,7 @@ import pytest
 from PIL import Image
 
 from dino_model.mlflow_logger import epochs_text
-from infra.services import free_port, run_prefect
+from infra.services import free_port, prefect_env, run_prefect
 from infra.stack import StackConfig, down, load_or_create_credentials, load_state, up
 from tests.test_pretrain_flow import TINY
 
@@ -50,6 +52,16 @@ class Stack:
         out = run_prefect(["deployment", "run", name, "--params", json.dumps(params)], self.api,
                           self.client_home).stdout
         return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    def deployment_run_api(self, name: str, params: dict) -> str:
+        """A flow run of deployment ``name`` created through Prefect's Python API (``run_deployment``), which,
+        unlike ``prefect deployment run``, sends parameter names the deployment's schema does not list (the flat
+        names the groups replaced) on to the server."""
+        code = ("import json, sys\nfrom prefect.deployments import run_deployment\n"
+                "run = run_deployment(sys.argv[1], parameters=json.loads(sys.argv[2]), timeout=0)\nprint(run.id)")
+        out = subprocess.run([sys.executable, "-c", code, name, json.dumps(params)], env=prefect_env(
+            self.api, self.client_home), capture_output=True, text=True, timeout=300, check=True).stdout
+        return out.strip().splitlines()[-1]
 
     def worker_log(self) -> str:
         return (self.cfg.dir / "worker" / "worker.log").read_text(errors="replace")
@@ -192,8 +204,9 @@ def test_cancel_a_training_then_resume_it_in_the_same_mlflow_run(stack, tiny_ima
     model = f"dino-deployed-{secrets.token_hex(3)}"
     experiment = f"deployed-{model}"
     checkpoints = f"s3://dino/checkpoints/{model}"  # written by the flow run with the worker's credentials
+    # Partial groups: the deployment's launch group keeps its other fields (launcher, nproc_per_node, nnodes).
     params = {"data": tiny_image_shards, "checkpoint_uri": checkpoints, "overrides": LONG_TRAINING,
-              "registered_model": model, "experiment": experiment, "train_retries": 0}
+              "tracking": {"registered_model": model, "experiment": experiment}, "launch": {"retries": 0}}
     first = stack.deployment_run("dino-pretrain/default", params)
     client = stack.mlflow()
 
@@ -274,6 +287,10 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
                                                                                               tiny_image_shards):
     api = stack.api
     model = f"dino-zombie-{secrets.token_hex(3)}"
+    # The flat parameter names the groups replaced: still accepted (with a deprecation warning), over the
+    # deployment's groups; the crash hook and the next run's open-mlflow-run find the experiment by them. (`prefect
+    # deployment run` itself refuses names the deployment's schema lacks; a deployment made before the groups lists
+    # them, this one does not: the API sends them as an old deployment's stored parameters would reach the flow.)
     params = {"data": tiny_image_shards, "checkpoint_uri": f"s3://dino/checkpoints/{model}",
               "overrides": LONG_TRAINING, "registered_model": model, "experiment": model, "train_retries": 0}
     client = stack.mlflow()
@@ -283,7 +300,7 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
         return [o["Key"] for o in listing if o["Key"].endswith(".pt")]
 
     # -- kill -9 the worker and a training flow-run process: the trainer stops by itself, with a checkpoint -------
-    zombie = stack.deployment_run("dino-pretrain/default", params)
+    zombie = stack.deployment_run_api("dino-pretrain/default", params)
     worker_pid = load_state(stack.cfg)["services"]["worker"]["pid"]
     trainers = _wait_for(lambda: len(_training_processes(zombie)) >= 2 and _training_processes(zombie), 480,
                          "the zombie's torchrun and trainer", every=2)
@@ -296,6 +313,9 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
         return runs and _steps(client, runs[0].info.run_id)
 
     _wait_for(lambda: len(zombie_steps()) >= 2, 300, "the zombie's first training steps", every=2)
+    # The flat names worked, and the run's log says how to spell them now.
+    _wait_for(lambda: any("'train_retries' is deprecated: use launch.retries" in e["message"]
+                          for e in _flow_run_logs(api, zombie, min_level=30)), 120, "the deprecation warning")
     os.kill(worker_pid, signal.SIGKILL)
     os.kill(flow_process.pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -306,8 +326,8 @@ def test_a_zombie_training_is_reaped_after_a_restart_and_stack_down_stops_a_trai
     # -- a new worker; the next training waits for the zombie's slot; restart the whole stack (the server forgets
     #    the zombie's concurrency lease; the run still says Running) -----------------------------------------------
     up(stack.cfg)
-    following = stack.deployment_run("dino-pretrain/default",
-                                      {**params, "checkpoint_uri": f"s3://dino/checkpoints/{model}-next"})
+    following = stack.deployment_run_api("dino-pretrain/default",
+                                          {**params, "checkpoint_uri": f"s3://dino/checkpoints/{model}-next"})
     assert down(stack.cfg) == ["worker", "prefect", "mlflow", "seaweedfs"]
     assert down(stack.cfg) == []  # down when down is fine
     up(stack.cfg)

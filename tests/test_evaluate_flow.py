@@ -294,7 +294,7 @@ def test_bad_inputs_fail_before_heavy_work(toy, tracking, shared_data, tmp_path)
 def test_feature_count_mismatch_is_refused(toy, tmp_path):
     """Features whose row count differs from the shard set's samples (stale or partial extraction) are refused
     before any k-NN runs."""
-    from dino_model.eval.features import extract_features
+    from dino_model.eval.features import FeatureRecipe, extract_features
     from dino_model.eval.shard_source import EvalShardSet
     from dino_model.eval.transforms import EvalTransform
     from dino_model.models import build_backbone
@@ -304,8 +304,8 @@ def test_feature_count_mismatch_is_refused(toy, tmp_path):
     out = str(tmp_path / "feats")
     train, val = EvalShardSet(toy["train"]), EvalShardSet(toy["val"])
     for split, shards, lmap in (("train", train, None), ("val", val, val.label_map_to(train.classes))):
-        extract_features(backbone, shards.batches(16, lmap), out, split, transform=EvalTransform(None, 32),
-                         progress=False)
+        extract_features(backbone, shards.batches(16, lmap), out, split,
+                         recipe=FeatureRecipe(EvalTransform(None, 32)), progress=False)
     assert knn_scores.fn(out, [1], expected={"train": 32, "val": 9})["knn1_top1"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="holds 9 feature rows but the val shard set has 12 samples"):
         knn_scores.fn(out, [1], expected={"train": 32, "val": 12})

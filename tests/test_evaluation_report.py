@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dino_model.eval import report as rp
-from dino_model.eval.features import extract_features, read_features
+from dino_model.eval.features import FeatureRecipe, extract_features, read_features
 from dino_model.eval.knn import knn_classify, knn_predict
 from dino_model.eval.shard_source import EvalShardSet
 from dino_model.eval.transforms import EvalTransform
@@ -31,8 +31,8 @@ def inputs(tmp_path_factory):
     backbone = build_backbone("vit_tiny", patch_size=16).eval()
     out = str(base / "feats")
     for split, shards, lmap in (("train", train, None), ("val", val, val.label_map_to(train.classes))):
-        extract_features(backbone, shards.batches(8, lmap), out, split, transform=EvalTransform(None, 32),
-                         progress=False)
+        extract_features(backbone, shards.batches(8, lmap), out, split,
+                         recipe=FeatureRecipe(EvalTransform(None, 32)), progress=False)
     splits = {}
     for split in ("train", "val"):
         keys, labels, feats, _ = read_features(out, split)

@@ -46,21 +46,25 @@ def test_torchrun_extraction_equals_single_process(uneven, tmp_path):
     give identical datasets; the 2-process run also replaces the parts of an earlier single-process extraction."""
     from dino_model.export import export_backbone
     from dino_model.models import build_backbone
-    from tasks.evaluation import extract_split_features
+    from tasks.evaluation import ExtractionSpec, extract_split_features
+    from tasks.validation.extraction_settings import FeatureSettings
 
     torch.manual_seed(0)
     export = tmp_path / "export"
     export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
     # a label map (this set's class index -> another index space) exercises the --label-map hand-over
     label_map = [2, 0, 1]
-    common = dict(resize_size=None, crop_size=32, batch_size=3, device="cpu", label_map=label_map)
+    features = FeatureSettings(resize_size=None, crop_size=32, batch_size=3)
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     meta = {"model_version": 1}
     data = uneven["train"]
 
-    one = extract_split_features.fn(str(export), data, single, "train", meta, **common)
-    extract_split_features.fn(str(export), data, multi, "train", meta, **common)  # part-00000, replaced below
-    two = extract_split_features.fn(str(export), data, multi, "train", meta, nproc_per_node=2, **common)
+    def spec(output: str) -> ExtractionSpec:
+        return ExtractionSpec(str(export), data, output, "train", features, "cpu", meta, label_map)
+
+    one = extract_split_features.fn(spec(single))
+    extract_split_features.fn(spec(multi))  # part-00000, replaced below
+    two = extract_split_features.fn(spec(multi), nproc_per_node=2)
     assert two["num_rows"] == one["num_rows"] == 21
     assert (two["dim"], two["feature_kind"]) == (one["dim"], one["feature_kind"]) == (192, "cls")
     names = [key.split("/")[1] for _, key in list_feature_files(multi, "train")]

@@ -18,8 +18,8 @@ import torch
 from dino_model.checkpoint import latest_checkpoint, read_checkpoint
 from dino_model.config import CropsConfig, load_config
 from dino_model.data.gpu_augment import CropParamSampler, DeviceMultiCrop
-from dino_model.data.reader import build_loader
-from dino_model.eval.features import extract_features, read_features
+from dino_model.data.reader import LoaderSettings, build_loader
+from dino_model.eval.features import FeatureRecipe, extract_features, read_features
 from dino_model.fast_path import FastPathError, Verdict
 from dino_model.fast_path.data_canary import AUGMENT_MEAN_LEVELS, compare_data_paths, device_multicrop
 from dino_model.fast_path.faults import FAULT_ENV, injected
@@ -61,8 +61,8 @@ def run_records(out: str) -> dict:
 @pytest.fixture(scope="module")
 def first_batch(shared_data):
     """The first batch of a decode=False loader over real ImageNet JPEGs (~500x375), the paper's crops."""
-    loader = build_loader(str(shared_data / "imagenet-sample"), batch_size=8, transform=None, decode=False,
-                          param_sampler=CropParamSampler(CropsConfig()), seed=0, epoch=0)
+    loader = build_loader(str(shared_data / "imagenet-sample"), LoaderSettings(batch_size=8, seed=0),
+                          transform=None, decode=False, param_sampler=CropParamSampler(CropsConfig()), epoch=0)
     return next(iter(loader))
 
 
@@ -152,8 +152,8 @@ def test_extraction_checks_bf16_and_falls_back_to_fp32(tmp_path, monkeypatch):
     batches, *_ = _batches(6, 3)
 
     def extract(name, **kw):
-        res = extract_features(backbone, batches, str(tmp_path / name), "val", {}, transform=CROP, progress=False,
-                               **kw)
+        res = extract_features(backbone, batches, str(tmp_path / name), "val", {}, recipe=FeatureRecipe(CROP, **kw),
+                               progress=False)
         return res.metadata, read_features(str(tmp_path / name), "val")[2]
 
     meta, bf16 = extract("bf16", precision="bf16")
@@ -298,18 +298,21 @@ def test_two_torchrun_extraction_ranks_take_rank_0s_verdict(tmp_path, monkeypatc
     """bf16 extraction on 2 processes with rank 0's bf16 path broken: both ranks extract in fp32, so the files
     equal a single-process fp32 extraction."""
     from dino_model.export import export_backbone
-    from tasks.evaluation import extract_split_features
+    from tasks.evaluation import ExtractionSpec, extract_split_features
+    from tasks.validation.extraction_settings import FeatureSettings
     from tests.datasets import write_colour_set
 
     data = write_colour_set(tmp_path / "img", tmp_path / "shards", range(3), 4, 3, "train")
     torch.manual_seed(0)
     export = tmp_path / "export"
     export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
-    common = dict(resize_size=None, crop_size=32, batch_size=3, device="cpu")
-    fp32 = extract_split_features.fn(str(export), data, str(tmp_path / "fp32"), "train", {}, **common)
+    common = dict(resize_size=None, crop_size=32, batch_size=3)
+    fp32 = extract_split_features.fn(ExtractionSpec(str(export), data, str(tmp_path / "fp32"), "train",
+                                                    FeatureSettings(**common), "cpu"))
     monkeypatch.setenv(FAULT_ENV, "extract@0")
-    two = extract_split_features.fn(str(export), data, str(tmp_path / "two"), "train", {}, precision="bf16",
-                                    nproc_per_node=2, **common)
+    two = extract_split_features.fn(ExtractionSpec(str(export), data, str(tmp_path / "two"), "train",
+                                                   FeatureSettings(precision="bf16", **common), "cpu"),
+                                    nproc_per_node=2)
     assert two["precision"] == "fp32" and two["fast_path"]["status"] == "fallback"
     assert fp32["fast_path"]["verdict"] == "reference"
     _, _, f1, _ = read_features(str(tmp_path / "fp32"), "train")
@@ -367,7 +370,7 @@ def test_the_check_command_measures_every_part_and_exits_4_on_a_fallback(tiny_im
     """``python -m dino_model.fast_path`` (what gpu_session.sh runs first): every part measured and printed."""
     import json
 
-    from dino_model.fast_path.__main__ import main as check_main
+    from dino_model.train.check_fast_path import main as check_main
 
     monkeypatch.setenv(FAULT_ENV, "extract")
     overrides = [o for o in tiny_overrides(tiny_images, tiny_images / "unused") if not o.startswith("checkpoint.")]
@@ -379,6 +382,25 @@ def test_the_check_command_measures_every_part_and_exits_4_on_a_fallback(tiny_im
     assert records["extract"]["status"] == "fallback" and "min cosine similarity" in records["extract"]["reason"]
     assert "fast path · extract · fallback: bf16 features differ from fp32" in out
     assert not (tiny_images / "unused").exists()  # checkpoints went to a temporary folder
+
+
+def test_the_check_command_keeps_its_name_and_the_fast_path_package_never_imports_the_loop():
+    """``python -m dino_model.fast_path`` runs the training package's check as a new program (no import upward)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "dino_model.fast_path", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m dino_model.fast_path") and "--steps STEPS" in out.stdout
+    for path in (root / "dino_model" / "fast_path").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n == "dino_model.train" or n.startswith("dino_model.train.") for n in names), path
 
 
 def test_settings_validate():

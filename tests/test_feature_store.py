@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dino_model.eval.features import extract_features, list_feature_files, list_feature_parts, read_features
+from dino_model.eval.features import FeatureRecipe, extract_features, list_feature_files, list_feature_parts, read_features
 from dino_model.eval.knn import knn_classify, knn_predict
 from dino_model.eval.linear_probe import linear_probe_on_features
 from dino_model.eval.transforms import EvalTransform
@@ -53,9 +53,10 @@ def _concatenated_parts(uri: str, split: str | None):
     return keys, np.concatenate(labels), np.concatenate(feats)
 
 
-def _write(uri: str, split: str, n: int, seed: int, rank: int | None = None, **options):
+def _write(uri: str, split: str, n: int, seed: int, rank: int | None = None, feature_dtype: str = "float32"):
     return extract_features(_Scaled(), _pixel_batches(n, 3, seed, f"{split}{rank}-"), uri, split, {"m": 1},
-                            transform=None, rows_per_file=4, progress=False, rank=rank, **options)
+                            recipe=FeatureRecipe(transform=None, feature_dtype=feature_dtype), rows_per_file=4,
+                            progress=False, rank=rank)
 
 
 def test_read_into_one_array_equals_concatenated_parts(tmp_path):
@@ -113,10 +114,11 @@ def test_float16_store_on_s3(s3_bucket, tmp_path):
 
 def test_float16_store_refuses_values_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="out of float16's range .* store them as float32"):
-        extract_features(_Scaled(1e5), _pixel_batches(4, 4, 0), str(tmp_path), "x", transform=None,
-                         progress=False, feature_dtype="float16")
+        extract_features(_Scaled(1e5), _pixel_batches(4, 4, 0), str(tmp_path), "x",
+                         recipe=FeatureRecipe(transform=None, feature_dtype="float16"), progress=False)
     with pytest.raises(ValueError, match="feature_dtype must be one of"):
-        extract_features(_Scaled(), [], str(tmp_path), "x", progress=False, feature_dtype="bfloat16")
+        extract_features(_Scaled(), [], str(tmp_path), "x", recipe=FeatureRecipe(feature_dtype="bfloat16"),
+                         progress=False)
 
 
 def _colour_batches(n_per_class: int, seed: int, prefix: str):
@@ -140,8 +142,8 @@ def vit_stores(tmp_path_factory):
     for dtype in ("float32", "float16"):
         uris[dtype] = str(root / dtype)
         for split, n, seed in (("train", 30, 0), ("val", 15, 1)):
-            extract_features(backbone, _colour_batches(n, seed, split), uris[dtype], split, {}, transform=CROP,
-                             progress=False, feature_dtype=dtype)
+            extract_features(backbone, _colour_batches(n, seed, split), uris[dtype], split, {},
+                             recipe=FeatureRecipe(transform=CROP, feature_dtype=dtype), progress=False)
     return {d: {s: read_features(u, s, dtype=None) for s in ("train", "val")} for d, u in uris.items()}
 
 

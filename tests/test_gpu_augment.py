@@ -30,7 +30,7 @@ from dino_model.data.gpu_augment import (
     image_size,
     plan_buckets,
 )
-from dino_model.data.reader import build_loader, decode_image
+from dino_model.data.reader import LoaderSettings, build_loader, decode_image
 from dino_model.data.rng import sample_generator
 
 ONE_LEVEL = 1 / 255 / min(CropsConfig().std)  # one uint8 level in normalised units (~0.0175)
@@ -119,10 +119,10 @@ def test_reader_bytes_to_crops_equals_the_worker_loader(shared_data, resize):
     """Same seed/epoch/rank: the decode=False loader (params drawn in the reader) + DeviceMultiCrop gives the
     worker loader's batch — same samples in the same order, same crops (exactly, or within the matmul tolerance)."""
     cfg = CropsConfig(global_size=64, local_size=32, n_local=2)
-    common = dict(batch_size=4, seed=5, epoch=2, num_workers=0, epoch_length=2)
+    settings = LoaderSettings(batch_size=4, seed=5, num_workers=0, epoch_length=2)
     source = str(shared_data / "imagenet-sample")
-    workers = build_loader(source, transform=MultiCropAugmentation(cfg), **common)
-    raw = build_loader(source, transform=None, decode=False, param_sampler=CropParamSampler(cfg), **common)
+    workers = build_loader(source, settings, epoch=2, transform=MultiCropAugmentation(cfg))
+    raw = build_loader(source, settings, epoch=2, transform=None, decode=False, param_sampler=CropParamSampler(cfg))
     dev = DeviceMultiCrop(cfg, "cpu", resize=resize)
     n = 0
     for ref, batch in zip(workers, raw):
@@ -141,8 +141,8 @@ def test_reader_bytes_to_crops_equals_the_worker_loader(shared_data, resize):
 
 def test_param_sampler_needs_undecoded_batches(shared_data):
     with pytest.raises(ValueError, match="param_sampler"):
-        build_loader(str(shared_data / "imagenet-sample"), batch_size=2, transform=None, seed=0, epoch=0,
-                     decode=True, param_sampler=CropParamSampler(CropsConfig()))
+        build_loader(str(shared_data / "imagenet-sample"), LoaderSettings(batch_size=2, seed=0),
+                     transform=None, epoch=0, decode=True, param_sampler=CropParamSampler(CropsConfig()))
 
 
 def test_sync_free_augmentation_equals_augment_resized():

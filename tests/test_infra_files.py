@@ -19,7 +19,7 @@ import yaml
 
 from infra.k8s.work_pool import load_work_pool_template, render_work_pool_job
 from infra.stack import StackConfig, StackError, down, env_lines, load_or_create_credentials, up, write_compose_env
-from tasks.kubernetes.render import (
+from tasks.pretrain.kubernetes.render import (
     CONFIG_PATH,
     MultiNodeJob,
     RenderError,
@@ -28,13 +28,22 @@ from tasks.kubernetes.render import (
     render_multinode_job,
     to_yaml,
 )
-from tasks.trainer_process import LaunchSpec, torchrun_command
+from tasks.pretrain.trainer_process import LaunchSpec, torchrun_command
+from tasks.validation.extraction_settings import EXTRACT_GROUPS
+from tasks.validation.pretrain_settings import PRETRAIN_GROUPS
+from tasks.validation.shard_settings import SHARD_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
 COMPOSE = ROOT / "infra" / "docker" / "docker-compose.yml"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 POOL = "dino-process"
+#: The flows whose optional settings are groups, and their groups' classes.
+GROUPED_FLOWS = {
+    "flows/shard.py:dino_shard": SHARD_GROUPS,
+    "flows/pretrain.py:dino_pretrain": PRETRAIN_GROUPS,
+    "flows/extract.py:dino_extract": EXTRACT_GROUPS,
+}
 
 #: Words that mark a credential in a key or an env-var name.
 SECRET_WORDS = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY)", re.IGNORECASE)
@@ -52,7 +61,7 @@ def _flow_signature(entrypoint: str) -> tuple[str, dict[str, bool]]:
         if isinstance(node, ast.FunctionDef) and node.name == func:
             name = None
             for dec in node.decorator_list:
-                if isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "flow":
+                if isinstance(dec, ast.Call) and getattr(dec.func, "id", None) in ("flow", "grouped_flow"):
                     name = next(k.value.value for k in dec.keywords if k.arg == "name")
             args = node.args.args
             n_defaults = len(node.args.defaults)
@@ -80,9 +89,16 @@ def test_prefect_yaml_deploys_every_flow_to_the_process_pool():
     assert {"dino-shard/default", "dino-pretrain/default", "dino-extract/default", "dino-evaluate/default",
             "dino-reevaluate/nightly"} <= set(deployments)
     pretrain, params = deployments["dino-pretrain/default"]
-    assert {"data", "checkpoint_uri", "overrides", "nproc_per_node", "nnodes", "registered_model"} <= set(
-        pretrain["parameters"])
+    assert {"data", "checkpoint_uri", "overrides", "launch", "tracking"} <= set(pretrain["parameters"])
+    assert {"nproc_per_node", "nnodes"} <= set(pretrain["parameters"]["launch"])
+    assert "registered_model" in pretrain["parameters"]["tracking"]
     assert pretrain["work_pool"]["work_queue_name"] == "training"
+    # Every group of settings validates (extra="forbid": a misspelt field fails here, not in a run).
+    for entrypoint, groups in GROUPED_FLOWS.items():
+        (deployment,) = [d for d in _prefect_config()["deployments"] if d["entrypoint"] == entrypoint]
+        for name, value in deployment["parameters"].items():
+            if name in groups:
+                groups[name].model_validate(value)
 
 
 def test_reevaluation_is_scheduled_with_cron_and_its_own_parameters():
@@ -197,7 +213,9 @@ def test_dockerfile_installs_the_project_and_runs_a_worker():
         assert re.search(rf"^COPY {folder} \./{folder}$", text, re.M), folder
     assert "COPY prefect.yaml" in text
     assert re.search(r"pip install --no-deps \.", text) and "DINO_PROJECT_DIR=/opt/dino" in text
-    assert re.search(r"^USER dino$", text, re.M), "the image must not run as root"
+    # Numeric: Kubernetes' runAsNonRoot can verify a UID, not a name (tests/test_trainer_image.py runs the image).
+    assert re.search(r"^USER 1000:1000$", text, re.M), "the image must not run as root"
+    assert "--uid 1000" in text
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--pool") + 1] == POOL
     ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
@@ -243,8 +261,12 @@ def test_kubernetes_deployments_use_the_pool_variables_and_flow_parameters():
         job = render_work_pool_job(d["work_pool"]["job_variables"])  # unknown job variables fail here
         limits = job["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == d["work_pool"]["job_variables"]["gpus"]
-        if "nproc_per_node" in d["parameters"]:  # one training process per GPU of the pod
-            assert d["parameters"]["nproc_per_node"] == d["work_pool"]["job_variables"]["gpus"]
+        launch = d["parameters"].get("launch", {})
+        if "nproc_per_node" in launch:  # one training process per GPU of the pod
+            assert launch["nproc_per_node"] == d["work_pool"]["job_variables"]["gpus"]
+        for name, value in d["parameters"].items():
+            if name in GROUPED_FLOWS.get(d["entrypoint"], {}):
+                GROUPED_FLOWS[d["entrypoint"]][name].model_validate(value)
         assert not any(SECRET_WORDS.search(k) for k in d["work_pool"]["job_variables"].get("env", {}))
 
 
@@ -359,7 +381,7 @@ def test_installed_entry_points_import_without_the_checkout_on_the_path(tmp_path
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = ("import flows.cli, flows.pipeline, flows.pretrain, flows.evaluate, flows.extract, flows.shard, "
-            "infra.stack, tasks.kubernetes.render as r; assert r.HERE.joinpath('multinode-job.yaml').is_file()")
+            "infra.stack, tasks.pretrain.kubernetes.render as r; assert r.HERE.joinpath('multinode-job.yaml').is_file()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from dino_model.config import load_config
-from tasks.kubernetes.render import CONFIG_PATH, render_multinode_job
-from tasks.kubernetes_job import (
+from tasks.pretrain.kubernetes.render import CONFIG_PATH, render_multinode_job
+from tasks.pretrain.kubernetes.job import (
     KubectlError,
-    KubernetesSettings,
+    KubernetesJobSpec,
     apply_command,
     delete_job_command,
     get_job_command,
@@ -37,7 +37,7 @@ from tasks.kubernetes_job import (
     split_timestamp,
     timestamp_key,
 )
-from tasks.trainer_process import LaunchSpec, torchrun_command, trainer_config
+from tasks.pretrain.trainer_process import LaunchSpec, torchrun_command, trainer_config
 
 FLOW_RUN_ID = "3f2b9c1e-7a4d-4e2b-9f00-123456789abc"
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -51,10 +51,10 @@ def _resolved_config() -> dict:
     ]).to_dict()
 
 
-def _settings(**kw) -> KubernetesSettings:
+def _settings(**kw) -> KubernetesJobSpec:
     base = dict(image="registry.example/dino:0.1", job_name=job_name("dino-pretrain", FLOW_RUN_ID),
                 namespace="dino-train", gpus_per_node=8, secret_name="dino-s3")
-    return KubernetesSettings(**{**base, **kw})
+    return KubernetesJobSpec(**{**base, **kw})
 
 
 def test_flow_parameters_render_an_indexed_job_running_torchrun_with_c10d_on_pod_zero():
@@ -103,8 +103,8 @@ def test_cpu_pods_and_gpu_count_must_match_the_processes():
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 0 and "--nproc_per_node=1" in container["command"]
     problems = _settings(gpus_per_node=4).problems(LaunchSpec(nproc_per_node=8, nnodes=2, rdzv_endpoint="h:1"))
-    assert len(problems) == 1 and "nproc_per_node=8" in problems[0] and "k8s_gpus_per_node=4" in problems[0]
-    assert "k8s_image" in _settings(image="").problems(launch)[0]
+    assert len(problems) == 1 and "nproc_per_node=8" in problems[0] and "kubernetes.gpus_per_node=4" in problems[0]
+    assert "kubernetes.image" in _settings(image="").problems(launch)[0]
 
 
 def test_job_name_is_a_stable_short_dns_label():
@@ -222,16 +222,16 @@ def test_unreachable_cluster_error_names_the_kubectl_command(tmp_path, monkeypat
 def test_flow_preflight_refuses_a_kubernetes_launch_the_pods_could_not_run(tmp_path, monkeypatch):
     """Through the flow: nothing is opened in MLflow nor submitted when the launch cannot work."""
     from flows.pretrain import dino_pretrain
-    from tasks.pretrain import PreflightError
+    from tasks.validation import PreflightError
 
     (tmp_path / "images" / "class0").mkdir(parents=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(PreflightError) as info:
         dino_pretrain(data=str(tmp_path / "images"), checkpoint_uri=str(tmp_path / "ckpt"), preset="small",
                       overrides=["train.device=cpu", "train.epochs=1", "optim.warmup_epochs=1"],
-                      launcher="kubernetes", nnodes=2, k8s_gpus_per_node=2)
+                      launch={"launcher": "kubernetes", "nnodes": 2}, kubernetes={"gpus_per_node": 2})
     message = str(info.value)
-    assert "k8s_image must be the trainer image reference" in message
+    assert "kubernetes.image must be the trainer image reference" in message
     assert "nproc_per_node=1 but each pod runs 2 process(es)" in message
     assert "data must be an s3:// URI" in message and "checkpoint.uri must be an s3:// URI" in message
     assert "MLFLOW_TRACKING_URI must be an http(s) MLflow server" in message

@@ -90,10 +90,10 @@ def test_a_user_error_fails_the_flow_run_in_its_first_task(tmp_path):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.pretrain import dino_pretrain
-    from tasks.validation import check_pretrain_request
+    from tasks.validation import PretrainRequest, check_pretrain_request
 
     with pytest.raises(ValueError) as cli_side:
-        check_pretrain_request(str(tmp_path / "missing"), str(tmp_path / "ckpt"))
+        check_pretrain_request(PretrainRequest(str(tmp_path / "missing"), str(tmp_path / "ckpt")))
     state = dino_pretrain(data=str(tmp_path / "missing"), checkpoint_uri=str(tmp_path / "ckpt"), return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError) as flow_side:

@@ -100,10 +100,8 @@ def test_pretrain_two_processes_tracks_and_registers(tiny_shards, tracking, tmp_
         checkpoint_uri=str(tmp_path / "ckpt"),
         preset="reference",
         overrides=TINY + ["train.epochs=2"],
-        nproc_per_node=2,
-        experiment="e2e",
-        registered_model="dino-e2e",
-        train_retries=0,
+        launch={"nproc_per_node": 2, "retries": 0},
+        tracking={"experiment": "e2e", "registered_model": "dino-e2e"},
     )
     client = tracking
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
@@ -181,10 +179,8 @@ def test_killed_trainer_is_resumed_by_the_retry(tiny_shards, tracking, tmp_path)
         data=tiny_shards,
         checkpoint_uri=ckpt,
         overrides=TINY + ["train.epochs=3", "logging.mlflow_checkpoints=last"],
-        nproc_per_node=1,
-        experiment="killed",
-        registered_model="dino-killed",
-        train_retries=1,
+        launch={"nproc_per_node": 1, "retries": 1},
+        tracking={"experiment": "killed", "registered_model": "dino-killed"},
     )
     watcher.join()
     assert "step" in killed, "the watcher never found the trainer to kill"
@@ -203,7 +199,7 @@ def test_killed_trainer_is_resumed_by_the_retry(tiny_shards, tracking, tmp_path)
 
 def test_preflight_rejects_bad_parameters_before_launching(tiny_shards, tracking, tmp_path):
     from flows.pretrain import dino_pretrain
-    from tasks.pretrain import PreflightError
+    from tasks.validation import PreflightError
 
     with pytest.raises(PreflightError, match="optim.lr"):
         dino_pretrain(data=tiny_shards, checkpoint_uri=str(tmp_path / "c"), overrides=TINY + ["optim.lr=-1"])
@@ -211,7 +207,7 @@ def test_preflight_rejects_bad_parameters_before_launching(tiny_shards, tracking
         dino_pretrain(data=str(tmp_path), checkpoint_uri=str(tmp_path / "c"), overrides=TINY)
     with pytest.raises(PreflightError, match="cannot feed"):
         dino_pretrain(data=tiny_shards, checkpoint_uri=str(tmp_path / "c"), overrides=TINY + ["data.num_workers=4"],
-                      nproc_per_node=2)
+                      launch={"nproc_per_node": 2})
     with pytest.raises(PreflightError, match="holds no checkpoint"):
         dino_pretrain(data=tiny_shards, checkpoint_uri=str(tmp_path / "c"), overrides=TINY, resume="require")
     assert not (tmp_path / "c").exists() or not list_checkpoints(str(tmp_path / "c"))
@@ -219,7 +215,7 @@ def test_preflight_rejects_bad_parameters_before_launching(tiny_shards, tracking
 
 def test_preflight_reports_unreachable_services(tiny_shards, monkeypatch, tmp_path):
     from flows.pretrain import dino_pretrain
-    from tasks.pretrain import PreflightError
+    from tasks.validation import PreflightError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")

@@ -19,7 +19,7 @@ from PIL import Image
 from dino_model.config import CropsConfig
 from dino_model.data.augment import MultiCropAugmentation
 from dino_model.data.manifest import Manifest, ShardEntry, save_manifest
-from dino_model.data.reader import build_loader, decode_image, epoch_length, plan_epoch
+from dino_model.data.reader import LoaderSettings, build_loader, decode_image, epoch_length, plan_epoch
 from dino_model.data.image_folder import Unit
 from dino_model.storage import open_store
 
@@ -92,8 +92,9 @@ def test_two_ranks_two_workers_read_disjoint_samples_covering_the_kept_set(shard
     uri, samples = shards
     per_rank = []
     for rank in range(2):
-        loader = build_loader(uri, batch_size=3, transform=None, seed=1, epoch=0, rank=rank, world_size=2,
-                              num_workers=2, shuffle_buffer=4)
+        loader = build_loader(uri, LoaderSettings(batch_size=3, seed=1, rank=rank, world_size=2, num_workers=2,
+                                                  shuffle_buffer=4),
+                              transform=None, epoch=0)
         # (33 // 2) // 3 = 5 batches on every rank; 33 - 2 * 5 * 3 = 3 samples dropped
         assert (loader.batches_per_epoch, len(loader), loader.samples_dropped) == (5, 5, 3)
         batches = run(loader)
@@ -114,8 +115,9 @@ def test_order_is_a_function_of_seed_and_epoch(shards):
     uri, samples = shards
 
     def order(seed: int, epoch: int, workers: int = 0) -> list[str]:
-        return keys_of(run(build_loader(uri, batch_size=4, transform=None, seed=seed, epoch=epoch,
-                                        num_workers=workers, shuffle_buffer=5)))
+        return keys_of(run(build_loader(uri, LoaderSettings(batch_size=4, seed=seed, num_workers=workers,
+                                                            shuffle_buffer=5),
+                                        transform=None, epoch=epoch)))
 
     e0 = order(0, 0)
     assert e0 == order(0, 0) and len(e0) == 32 and len(set(e0)) == 32
@@ -127,11 +129,12 @@ def test_order_is_a_function_of_seed_and_epoch(shards):
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(shards):
     uri, _ = shards
     aug = MultiCropAugmentation(TINY)
-    common = dict(batch_size=2, transform=aug, seed=3, epoch=2, rank=1, world_size=2, num_workers=2, shuffle_buffer=3)
-    full = run(build_loader(uri, **common))
+    settings = LoaderSettings(batch_size=2, seed=3, rank=1, world_size=2, num_workers=2, shuffle_buffer=3)
+    common = dict(transform=aug, epoch=2)
+    full = run(build_loader(uri, settings, **common))
     assert len(full) == 8  # (33 // 2) // 2
     for start in (1, 4, 7, 8):
-        resumed_loader = build_loader(uri, start_batch=start, **common)
+        resumed_loader = build_loader(uri, settings, start_batch=start, **common)
         assert len(resumed_loader) == 8 - start and resumed_loader.batches_per_epoch == 8
         resumed = run(resumed_loader)
         assert [b["keys"] for b in resumed] == [b["keys"] for b in full[start:]], start
@@ -152,8 +155,8 @@ def test_resume_skips_samples_without_decoding_or_augmenting(shards):
         augmented.append(tuple(img.shape))
         return aug(img, generator)
 
-    full = run(build_loader(uri, batch_size=4, transform=aug, seed=0, epoch=0))
-    resumed = run(build_loader(uri, batch_size=4, transform=recording, seed=0, epoch=0, start_batch=5))
+    full = run(build_loader(uri, LoaderSettings(batch_size=4, seed=0), transform=aug, epoch=0))
+    resumed = run(build_loader(uri, LoaderSettings(batch_size=4, seed=0), transform=recording, epoch=0, start_batch=5))
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[5:]]
     assert len(augmented) == 4 * len(resumed) == 12  # only the 3 remaining batches were decoded and augmented
     # the same sample gets the same crops in both runs: augmentation follows (seed, epoch, key), not position
@@ -164,26 +167,29 @@ def test_resampled_mode_has_the_requested_length_on_every_rank(shards):
     uri, samples = shards
     seen = []
     for rank in range(2):
-        loader = build_loader(uri, batch_size=4, transform=None, seed=0, epoch=0, rank=rank, world_size=2,
-                              num_workers=2, resampled=True, epoch_length=9, shuffle_buffer=4)
+        loader = build_loader(uri, LoaderSettings(batch_size=4, seed=0, rank=rank, world_size=2, num_workers=2,
+                                                  resampled=True, epoch_length=9, shuffle_buffer=4),
+                              transform=None, epoch=0)
         assert len(loader) == loader.batches_per_epoch == 9 and loader.samples_dropped == 0
         batches = run(loader)
         assert len(batches) == 9 and all(len(b["keys"]) == 4 for b in batches)
         seen.append(keys_of(batches))
     assert set(seen[0] + seen[1]) <= set(samples)
     assert max(Counter(seen[0] + seen[1]).values()) > 1  # 72 draws from 33 samples: repetition is by design
-    default = build_loader(uri, batch_size=4, transform=None, seed=0, epoch=0, resampled=True)
+    default = build_loader(uri, LoaderSettings(batch_size=4, seed=0, resampled=True), transform=None, epoch=0)
     assert len(run(default)) == default.batches_per_epoch == 8  # the natural epoch: 33 // 4
-    again = build_loader(uri, batch_size=4, transform=None, seed=0, epoch=0, rank=0, world_size=2, num_workers=2,
-                         resampled=True, epoch_length=9, shuffle_buffer=4, start_batch=6)
+    again = build_loader(uri, LoaderSettings(batch_size=4, seed=0, rank=0, world_size=2, num_workers=2,
+                                             resampled=True, epoch_length=9, shuffle_buffer=4),
+                         transform=None, epoch=0, start_batch=6)
     assert keys_of(run(again)) == seen[0][6 * 4:]
 
 
 def test_resampled_repeats_get_different_crops(tmp_path):
     uri = str(tmp_path / "one")
     write_shards(uri, [3])
-    batches = run(build_loader(uri, batch_size=3, transform=MultiCropAugmentation(TINY), seed=0, epoch=0,
-                               resampled=True, epoch_length=4, shuffle_buffer=0))
+    batches = run(build_loader(uri, LoaderSettings(batch_size=3, seed=0, resampled=True, epoch_length=4,
+                                                   shuffle_buffer=0),
+                               transform=MultiCropAugmentation(TINY), epoch=0))
     firsts = {}
     repeats = 0
     for b in batches:
@@ -199,34 +205,37 @@ def test_resampled_repeats_get_different_crops(tmp_path):
 def test_too_few_shards_fails_clearly(shards):
     uri, _ = shards
     with pytest.raises(ValueError, match=r"5 shards cannot feed 3 ranks x 2 workers = 6 readers"):
-        build_loader(uri, batch_size=1, transform=None, seed=0, epoch=0, rank=0, world_size=3, num_workers=2)
+        build_loader(uri, LoaderSettings(batch_size=1, seed=0, rank=0, world_size=3, num_workers=2),
+                     transform=None, epoch=0)
     with pytest.raises(ValueError, match="5 shards"):
         epoch_length(uri, batch_size=1, world_size=3, num_workers=2)
     with pytest.raises(ValueError, match="use a smaller batch_size"):
-        build_loader(uri, batch_size=64, transform=None, seed=0, epoch=0)
+        build_loader(uri, LoaderSettings(batch_size=64, seed=0), transform=None, epoch=0)
     with pytest.raises(ValueError, match="start_batch"):
-        build_loader(uri, batch_size=4, transform=None, seed=0, epoch=0, start_batch=9)
+        build_loader(uri, LoaderSettings(batch_size=4, seed=0), transform=None, epoch=0, start_batch=9)
     with pytest.raises(ValueError, match="resampled=True"):
-        build_loader(uri, batch_size=4, transform=None, seed=0, epoch=0, epoch_length=9)
+        build_loader(uri, LoaderSettings(batch_size=4, seed=0, epoch_length=9), transform=None, epoch=0)
 
 
 def test_inconsistent_shard_fails_instead_of_shortening_the_epoch(tmp_path):
     uri = str(tmp_path / "bad")
     write_shards(uri, [4, 4], manifest_sizes=[4, 6])  # the manifest promises 2 more samples than shard 1 holds
     with pytest.raises(RuntimeError, match="holds 4 samples but the manifest says 6"):
-        run(build_loader(uri, batch_size=5, transform=None, seed=0, epoch=0))
+        run(build_loader(uri, LoaderSettings(batch_size=5, seed=0), transform=None, epoch=0))
 
 
 def test_raw_bytes_mode_yields_the_encoded_jpegs(shards):
     uri, samples = shards
-    batches = run(build_loader(uri, batch_size=4, transform=None, seed=0, epoch=0, decode=False, num_workers=2))
+    batches = run(build_loader(uri, LoaderSettings(batch_size=4, seed=0, num_workers=2),
+                               transform=None, epoch=0, decode=False))
     assert len(batches) == 8
     for b in batches:
         assert "images" not in b and "crops" not in b
         for key, enc in zip(b["keys"], b["encoded"]):
             assert enc.dtype == torch.uint8 and enc.ndim == 1 and bytes(enc.numpy()) == samples[key][0]
     with pytest.raises(ValueError, match="decode=True"):
-        build_loader(uri, batch_size=4, transform=MultiCropAugmentation(TINY), seed=0, epoch=0, decode=False)
+        build_loader(uri, LoaderSettings(batch_size=4, seed=0),
+                     transform=MultiCropAugmentation(TINY), epoch=0, decode=False)
 
 
 def test_greyscale_jpeg_decodes_to_three_equal_channels():
@@ -252,10 +261,10 @@ def test_s3_shards_with_two_workers_read_the_same_as_local(shards, s3_bucket):
     src = open_store(local_uri)
     for obj in src.list():
         dest.put_bytes(obj.key, src.get_bytes(obj.key))
-    common = dict(batch_size=3, transform=MultiCropAugmentation(TINY), seed=4, epoch=1, rank=0, world_size=2,
-                  num_workers=2, shuffle_buffer=4)
-    from_s3 = run(build_loader(s3_uri, **common))
-    from_disk = run(build_loader(local_uri, **common))
+    settings = LoaderSettings(batch_size=3, seed=4, rank=0, world_size=2, num_workers=2, shuffle_buffer=4)
+    common = dict(transform=MultiCropAugmentation(TINY), epoch=1)
+    from_s3 = run(build_loader(s3_uri, settings, **common))
+    from_disk = run(build_loader(local_uri, settings, **common))
     assert len(from_s3) == 5 and [b["keys"] for b in from_s3] == [b["keys"] for b in from_disk]
     assert all(torch.equal(x, y) for a, b in zip(from_s3, from_disk) for x, y in zip(a["crops"], b["crops"]))
     assert set(keys_of(from_s3)) <= set(samples)
@@ -288,9 +297,9 @@ def test_image_folder_source_has_the_same_guarantees(image_folder):
     root, labels = image_folder
     per_rank = []
     for rank in range(2):
-        common = dict(batch_size=2, transform=MultiCropAugmentation(TINY), seed=0, epoch=3, rank=rank, world_size=2,
-                      num_workers=2)
-        loader = build_loader(root, **common)
+        settings = LoaderSettings(batch_size=2, seed=0, rank=rank, world_size=2, num_workers=2)
+        common = dict(transform=MultiCropAugmentation(TINY), epoch=3)
+        loader = build_loader(root, settings, **common)
         # (11 // 2) // 2 = 2 batches per rank, 11 - 2 * 2 * 2 = 3 dropped
         assert (loader.batches_per_epoch, loader.samples_dropped) == (2, 3)
         batches = run(loader)
@@ -298,7 +307,7 @@ def test_image_folder_source_has_the_same_guarantees(image_folder):
             assert b["labels"].tolist() == [labels[k] for k in b["keys"]]
             assert b["crops"][0].shape == (2, 3, 32, 32)
         per_rank.append(keys_of(batches))
-        resumed = run(build_loader(root, start_batch=1, **common))
+        resumed = run(build_loader(root, settings, start_batch=1, **common))
         assert [b["keys"] for b in resumed] == [b["keys"] for b in batches[1:]]
         assert all(torch.equal(x, y) for x, y in zip(resumed[0]["crops"], batches[1]["crops"]))
     assert len(set(per_rank[0])) == 4 and not set(per_rank[0]) & set(per_rank[1])
@@ -309,7 +318,7 @@ def test_image_folder_source_has_the_same_guarantees(image_folder):
 def test_source_that_is_neither_shards_nor_image_folder_fails_clearly(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(ValueError, match="neither a shard set"):
-        build_loader(str(tmp_path / "empty"), batch_size=1, transform=None, seed=0, epoch=0)
+        build_loader(str(tmp_path / "empty"), LoaderSettings(batch_size=1, seed=0), transform=None, epoch=0)
 
 
 def test_webdataset_opens_s3_urls_through_the_registered_handler(shards, s3_bucket):

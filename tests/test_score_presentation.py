@@ -8,7 +8,7 @@ import pytest
 
 from dino_model.eval.score_names import as_percent, display, label, ordered
 from tasks.evaluation import EvaluationSettings, default_set_name, recorded_score, score_tags
-from tasks.training_progress import TrainingProgress, describe_hardware, format_duration
+from tasks.pretrain.training_progress import TrainingProgress, describe_hardware, format_duration
 
 
 def test_reading_order_is_numeric_with_the_headline_first():

@@ -251,8 +251,9 @@ def test_flow_round_trip_bad_inputs_and_idempotent_rerun(tmp_path, shared_data):
     root = copy_subset(shared_data / "imagenette-128" / "train", tmp_path / "src", classes=4, per_class=15)
     expected_rejects = add_bad_inputs(root)
     dest = tmp_path / "shards"
-    params = dict(source=str(root), destination=str(dest), name="train", shard_size=16, seed=3, max_pixels=2_000_000,
-                  parallelism=3)
+    params = dict(source=str(root), destination=str(dest),
+                  shards={"name": "train", "shard_size": 16, "seed": 3, "max_pixels": 2_000_000},
+                  runner={"parallelism": 3})
     summary = dino_shard(**params)
     by_source, manifest = check_round_trip(str(dest), root)
 
@@ -285,14 +286,14 @@ def test_flow_round_trip_bad_inputs_and_idempotent_rerun(tmp_path, shared_data):
 def test_flow_to_seaweedfs_real_resolution(s3_bucket, shared_data, tmp_path):
     root = shared_data / "imagenet-sample"
     dest = f"{s3_bucket}/imagenet-sample"
-    summary = dino_shard(source=str(root), destination=dest, shard_size=16)
+    summary = dino_shard(source=str(root), destination=dest, shards={"shard_size": 16})
     assert (summary.accepted, summary.rejected, summary.shards) == (40, 0, 3)
     by_source, manifest = check_round_trip(dest, root)
     assert max(v["meta"]["width"] for v in by_source.values()) >= 500  # real resolution, untouched
     store = open_store(dest)
     listing = {o.key: o.size for o in store.list()}
     assert set(listing) == {MANIFEST_NAME, *(s.name for s in manifest.shards)}  # no progress records left
-    again = dino_shard(source=str(root), destination=dest, shard_size=16)
+    again = dino_shard(source=str(root), destination=dest, shards={"shard_size": 16})
     assert (again.written, again.manifest_written) == (0, False)
     assert {o.key: o.size for o in store.list()} == listing
 
@@ -304,9 +305,9 @@ def test_flow_ilsvrc_train_and_val_share_class_indices(tmp_path):
     make_train_tar(tar, per_class=4)
     truth = make_val(tmp_path / "val", n=6)
     gt, meta = write_devkit(tmp_path / "devkit", truth)
-    train = dino_shard(source=str(tar), destination=str(tmp_path / "out" / "train"), shard_size=5)
+    train = dino_shard(source=str(tar), destination=str(tmp_path / "out" / "train"), shards={"shard_size": 5})
     val = dino_shard(source=str(tmp_path / "val"), destination=str(tmp_path / "out" / "val"), labels=str(gt),
-                     meta=str(meta), shard_size=5)
+                     meta=str(meta), shards={"shard_size": 5})
     assert (train.accepted, val.accepted) == (12, 6)
     assert load_manifest(str(tmp_path / "out" / "train")).classes == SORTED
     assert load_manifest(str(tmp_path / "out" / "val")).classes == SORTED
@@ -365,7 +366,8 @@ def test_cli_killed_midway_then_resumed(tmp_path, shared_data):
     tars = [p for p in dest.iterdir() if p.suffix == ".tar"]
     assert not (dest / MANIFEST_NAME).exists() and 1 <= len(tars) < 20, "the run was not killed midway"
 
-    resumed = dino_shard(source=str(root), destination=str(dest), shard_size=10, seed=7, parallelism=2)
+    resumed = dino_shard(source=str(root), destination=str(dest), shards={"shard_size": 10, "seed": 7},
+                         runner={"parallelism": 2})
     assert resumed.skipped >= 1 and resumed.written + resumed.skipped == 20
     # The same manifest as an uninterrupted run (here through the library path, which must agree with the flow).
     write_dataset(scan_source(SourceSpec(str(root))), str(tmp_path / "clean"), ShardOptions("src", 10, seed=7))

@@ -24,6 +24,7 @@ from dino_model.data.manifest import load_manifest
 from dino_model.storage import open_store
 from infra.services import start_dask_cluster
 from tasks.validation import EvaluationSettings, UserInputError
+from tasks.validation.extraction_settings import FeatureSettings
 from tasks.validation.task_runners import (
     TaskRunnerError,
     check_extraction_runner,
@@ -79,9 +80,11 @@ def subset(shared_data, tmp_path_factory):
 def test_shard_on_a_dask_cluster_equals_threads(dask_cluster, s3_bucket, subset):
     from flows.shard import dino_shard
 
-    common = dict(shard_size=10, seed=5, parallelism=2, name="sub")
-    threads = dino_shard(str(subset), f"{s3_bucket}/threads", task_runner="threads", **common)
-    on_dask = dino_shard(str(subset), f"{s3_bucket}/dask", task_runner=dask_cluster.address, **common)
+    shards = {"shard_size": 10, "seed": 5, "name": "sub"}
+    threads = dino_shard(str(subset), f"{s3_bucket}/threads", shards=shards,
+                         runner={"task_runner": "threads", "parallelism": 2})
+    on_dask = dino_shard(str(subset), f"{s3_bucket}/dask", shards=shards,
+                         runner={"task_runner": dask_cluster.address, "parallelism": 2})
     assert (threads.shards, threads.written, on_dask.shards, on_dask.written) == (12, 12, 12, 12)
     reference = _shard_set(f"{s3_bucket}/threads")
     assert _shard_set(f"{s3_bucket}/dask") == reference
@@ -89,7 +92,8 @@ def test_shard_on_a_dask_cluster_equals_threads(dask_cluster, s3_bucket, subset)
     # nothing but the shards and the manifest (no temporary object, no progress record left behind)
     assert _objects(f"{s3_bucket}/dask") == sorted([name for name, _, _ in reference[0]] + ["manifest.json"])
     # a rerun through the cluster finds every shard in place and writes nothing
-    again = dino_shard(str(subset), f"{s3_bucket}/dask", task_runner=dask_cluster.address, **common)
+    again = dino_shard(str(subset), f"{s3_bucket}/dask", shards=shards,
+                       runner={"task_runner": dask_cluster.address, "parallelism": 2})
     assert (again.written, again.skipped) == (0, 12)
 
 
@@ -99,11 +103,13 @@ def test_shard_on_processes_and_a_local_dask_cluster_equals_threads(s3_env, tmp_
     runner's shard set; local disk this time."""
     from flows.shard import dino_shard
 
-    common = dict(shard_size=10, seed=5, parallelism=2, name="sub")
-    dino_shard(str(subset), str(tmp_path / "threads"), task_runner="threads", **common)
+    shards = {"shard_size": 10, "seed": 5, "name": "sub"}
+    dino_shard(str(subset), str(tmp_path / "threads"), shards=shards, runner={"task_runner": "threads",
+                                                                              "parallelism": 2})
     reference = _shard_set(str(tmp_path / "threads"))
     for runner in ("processes", "dask"):
-        summary = dino_shard(str(subset), str(tmp_path / runner), task_runner=runner, **common)
+        summary = dino_shard(str(subset), str(tmp_path / runner), shards=shards,
+                             runner={"task_runner": runner, "parallelism": 2})
         assert (summary.shards, summary.written) == (12, 12), runner
         assert _shard_set(str(tmp_path / runner)) == reference, runner
 
@@ -125,8 +131,8 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(seaweedfs, s3_bucket, shared
     from flows.shard import dino_shard
 
     src = copy_subset(shared_data / "imagenette-128" / "train", tmp_path / "src", classes=10, per_class=30)
-    common = dict(shard_size=5, seed=11, parallelism=2, name="kill")
-    dino_shard(str(src), f"{s3_bucket}/threads", task_runner="threads", **common)
+    shards = {"shard_size": 5, "seed": 11, "name": "kill"}
+    dino_shard(str(src), f"{s3_bucket}/threads", shards=shards, runner={"task_runner": "threads", "parallelism": 2})
     reference = _shard_set(f"{s3_bucket}/threads")
     assert len(reference[0]) == 60
 
@@ -137,7 +143,8 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(seaweedfs, s3_bucket, shared
 
         def run() -> None:
             try:
-                result["summary"] = dino_shard(str(src), f"{s3_bucket}/dask", task_runner=cluster.address, **common)
+                result["summary"] = dino_shard(str(src), f"{s3_bucket}/dask", shards=shards,
+                                               runner={"task_runner": cluster.address, "parallelism": 2})
             except BaseException as e:  # noqa: BLE001 - re-raised by the assertion below
                 result["error"] = e
 
@@ -180,19 +187,24 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
     from dino_model.export import export_backbone
     from dino_model.models import build_backbone
     from flows.extract import dino_extract
-    from tasks.evaluation import extract_split_features
+    from tasks.evaluation import ExtractionSpec, extract_split_features
 
     data = write_colour_set(tmp_path / "img", tmp_path / "train", range(3), 7, 3, "train")  # shards of 8, 8, 5
     torch.manual_seed(0)
     export = tmp_path / "export"
     export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
-    common = dict(resize_size=None, crop_size=32, batch_size=3, device="cpu")
+    features = {"resize_size": None, "crop_size": 32, "batch_size": 3}
     single, ranged = str(tmp_path / "single"), str(tmp_path / "ranged")
 
-    one = extract_split_features.fn(str(export), data, single, "train", {"classes_from": data}, **common)
+    def spec(output: str) -> ExtractionSpec:
+        return ExtractionSpec(str(export), data, output, "train", FeatureSettings(**features), "cpu",
+                              {"classes_from": data})
+
+    one = extract_split_features.fn(spec(single))
     # an earlier single-process extraction (part-00000), which the ranged one replaces
-    extract_split_features.fn(str(export), data, ranged, "train", {"classes_from": data}, **common)
-    two = dino_extract(str(export), data, ranged, "train", task_runner=dask_cluster.address, **common)
+    extract_split_features.fn(spec(ranged))
+    two = dino_extract(str(export), data, ranged, "train", features=features,
+                       runner={"device": "cpu", "task_runner": dask_cluster.address})
     assert two["num_rows"] == one["num_rows"] == 21
     assert (two["dim"], two["feature_kind"]) == (one["dim"], one["feature_kind"]) == (192, "cls")
     names = [key.split("/")[1] for _, key in list_feature_files(ranged, "train")]
@@ -253,8 +265,9 @@ def test_bf16_ranges_on_a_process_pool_share_one_fast_path_verdict(tmp_path, mon
     export = tmp_path / "export"
     export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
     out = str(tmp_path / "feats")
-    res = dino_extract(str(export), data, out, "train", resize_size=None, crop_size=32, batch_size=3, device="cpu",
-                       precision="bf16", task_runner="processes", parallelism=2)
+    res = dino_extract(str(export), data, out, "train",
+                       features={"resize_size": None, "crop_size": 32, "batch_size": 3, "precision": "bf16"},
+                       runner={"device": "cpu", "task_runner": "processes", "parallelism": 2})
     assert res["num_rows"] == 21 and res["precision"] == "fp32"
     assert res["fast_path"]["status"] == "fallback" and "bf16 features differ from fp32" in res["fast_path"]["reason"]
     keys, _, _, meta = read_features(out, "train")

@@ -1,5 +1,5 @@
 """The trainer never outlives its launcher: the parent-death signal (dino_model/parent_death.py), the launcher's
-stop path (tasks/trainer_process.py: one SIGTERM forwarded, the trainer checkpoints, then the signal's own handler),
+stop path (tasks/pretrain/trainer_process.py: one SIGTERM forwarded, the trainer checkpoints, then the signal's own handler),
 and, end to end, a real torchrun trainer whose launcher is SIGKILLed mid-training: it checkpoints and exits."""
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ STAND_IN_TRAINER = textwrap.dedent("""
 def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outcome):
     script = textwrap.dedent(f"""
         import os, signal, sys, threading, time
-        from tasks.trainer_process import run_trainer, TrainerFailed, TrainerStopped
+        from tasks.pretrain.trainer_process import run_trainer, TrainerFailed, TrainerStopped
         stopped = []
         def send():
             for name in {signals!r}:
@@ -154,7 +154,7 @@ def test_a_sigkilled_launcher_leaves_no_trainer_running(tiny_images, tmp_path):
                                                      "checkpoint.every_n_epochs": 50})
     launcher = textwrap.dedent("""
         import json, sys
-        from tasks.trainer_process import LaunchSpec, run_trainer, torchrun_command
+        from tasks.pretrain.trainer_process import LaunchSpec, run_trainer, torchrun_command
         cmd = torchrun_command(LaunchSpec(nproc_per_node=1), None, sys.argv[1:])
         run_trainer(cmd, {}, on_line=lambda line: None,
                     on_progress=lambda r: print("DINO_PROGRESS " + json.dumps(r), flush=True))

@@ -11,6 +11,7 @@ import pytest
 
 from tasks.validation import (
     PreflightError,
+    PretrainRequest,
     UserInputError,
     backbone_path_kind,
     check_pretrain_request,
@@ -54,7 +55,7 @@ def test_backbone_paths_and_model_uris(tmp_path):
 def test_pretrain_request_lists_every_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PreflightError) as info:
-        check_pretrain_request(str(tmp_path / "empty"), "ftp://host/ckpt", resume="sometimes")
+        check_pretrain_request(PretrainRequest(str(tmp_path / "empty"), "ftp://host/ckpt", resume="sometimes"))
     message = str(info.value)
     assert message.startswith("pre-flight failed:\n - ")
     assert "resume must be one of auto, never, require, got 'sometimes'" in message

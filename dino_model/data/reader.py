@@ -1,7 +1,8 @@
 """Training reader: shards (or an ImageFolder) → batches, deterministic per (seed, epoch), DDP-safe, resumable.
 
-    loader = build_loader("s3://bucket/imagenet/train", batch_size=64, transform=MultiCropAugmentation(cfg),
-                          seed=0, epoch=epoch, rank=rank, world_size=world, num_workers=10, start_batch=cursor)
+    settings = LoaderSettings(batch_size=64, seed=0, rank=rank, world_size=world, num_workers=10)
+    loader = build_loader("s3://bucket/imagenet/train", settings, epoch=epoch, transform=MultiCropAugmentation(cfg),
+                          start_batch=cursor)
     for batch in loader:           # len(loader) == loader.batches_per_epoch - cursor on every rank
         crops, labels, keys = batch["crops"], batch["labels"], batch["keys"]
 
@@ -61,6 +62,7 @@ __all__ = [
     "plan_epoch",
     "epoch_length",
     "decode_image",
+    "LoaderSettings",
     "ShardDataset",
     "TrainLoader",
     "build_loader",
@@ -313,6 +315,26 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a run reads its data, the same for every epoch (:func:`build_loader` takes the epoch, the cursor and
+    what each sample becomes).
+
+    ``epoch_length``: batches per rank (required to be <= the natural length unless ``resampled``; default the
+    natural length ``(N // world_size) // batch_size``). ``shuffle_buffer``: samples held per worker for shuffling
+    (shard sources only). ``pin_memory``: page-locked batches for a fast copy to a GPU."""
+
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    resampled: bool = False
+    epoch_length: int | None = None
+    shuffle_buffer: int = 1000
+    pin_memory: bool = False
+
+
 class ShardDataset(IterableDataset):
     """One rank's epoch as an iterable of ready batches (each DataLoader worker batches its own samples).
 
@@ -326,41 +348,36 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         source: str | ShardSource | ImageFolderSource,
+        settings: LoaderSettings,
         *,
-        batch_size: int,
-        transform: Transform | None = None,
-        seed: int,
         epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
         start_batch: int = 0,
-        resampled: bool = False,
-        epoch_length: int | None = None,
-        shuffle_buffer: int = 1000,
+        transform: Transform | None = None,
         decode: bool = True,
         param_sampler: Callable[[torch.Tensor, torch.Generator], Any] | None = None,
     ):
         super().__init__()
+        batch_size, rank, world_size, num_workers = (settings.batch_size, settings.rank, settings.world_size,
+                                                     settings.num_workers)
         _check_sizes(batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if settings.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {settings.shuffle_buffer}")
         if transform is not None and not decode:
             raise ValueError("a transform needs decoded images: pass decode=True, or transform=None for raw bytes")
         self.source = open_source(source)
-        self.batch_size, self.transform, self.seed, self.epoch = batch_size, transform, int(seed), int(epoch)
+        self.batch_size, self.transform, self.seed, self.epoch = batch_size, transform, int(settings.seed), int(epoch)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.resampled, self.decode = resampled, decode
+        self.resampled, self.decode = settings.resampled, decode
         if param_sampler is not None and decode:
             raise ValueError("param_sampler is for decode=False batches (augmentation done elsewhere, e.g. on a GPU)")
         self.param_sampler = param_sampler
-        self.shuffle_buffer = shuffle_buffer if self.source.needs_shuffle_buffer else 0
+        self.shuffle_buffer = settings.shuffle_buffer if self.source.needs_shuffle_buffer else 0
         self.plan = plan_epoch(
             self.source.units, batch_size=batch_size, seed=self.seed, epoch=self.epoch, rank=rank,
-            world_size=world_size, num_workers=num_workers, resampled=resampled, epoch_length=epoch_length,
-            min_units_per_reader=self.source.kind == "shards",
+            world_size=world_size, num_workers=num_workers, resampled=settings.resampled,
+            epoch_length=settings.epoch_length, min_units_per_reader=self.source.kind == "shards",
         )
         if not 0 <= start_batch <= self.plan.batches_per_epoch:
             raise ValueError(f"start_batch must be in [0, {self.plan.batches_per_epoch}], got {start_batch}")
@@ -490,48 +507,37 @@ class TrainLoader:
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT. A launcher (Prefect, torchrun, a shell's
-    Ctrl-C) signals the whole process group; the trainer finishes its step and checkpoints, then shuts its
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM, SIGINT and SIGHUP. A launcher (Prefect, torchrun, a
+    shell's Ctrl-C, a closed terminal) signals the whole process group; the trainer finishes its step and checkpoints, then shuts its
     workers down through the DataLoader. A worker killed by the signal instead would make the next batch fetch
     (or PyTorch's SIGCHLD handler, at any moment) raise in the trainer and lose that checkpoint. Workers still
     exit if the trainer dies (PyTorch's watchdog) and on SIGKILL."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loader(
     source: str,
+    settings: LoaderSettings,
     *,
-    batch_size: int,
-    transform: Transform | None,
-    seed: int,
     epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
+    transform: Transform | None,
     start_batch: int = 0,
-    resampled: bool = False,
-    epoch_length: int | None = None,
-    shuffle_buffer: int = 1000,
     decode: bool = True,
-    pin_memory: bool = False,
     param_sampler: Callable[[torch.Tensor, torch.Generator], Any] | None = None,
 ) -> TrainLoader:
-    """One rank's loader for one epoch of a shard set (URI with ``manifest.json``) or an ImageFolder directory.
+    """One rank's loader for one epoch of a shard set (URI with ``manifest.json``) or an ImageFolder directory,
+    read as ``settings`` say (:class:`LoaderSettings`: the same every epoch of a run).
 
-    ``epoch_length``: batches per rank (required to be <= the natural length unless ``resampled``; default the
-    natural length ``(N // world_size) // batch_size``). ``start_batch``: resume cursor within the epoch.
-    ``shuffle_buffer``: samples held per worker for shuffling (shard sources only). ``decode=False`` yields the
-    encoded bytes (``batch["encoded"]``) for decoding elsewhere (e.g. on the GPU); ``param_sampler`` (with
-    ``decode=False``) draws each sample's augmentation parameters in the workers (``batch["params"]``).
+    ``start_batch``: resume cursor within the epoch. ``decode=False`` yields the encoded bytes
+    (``batch["encoded"]``) for decoding elsewhere (e.g. on the GPU); ``param_sampler`` (with ``decode=False``)
+    draws each sample's augmentation parameters in the workers (``batch["params"]``).
     """
-    dataset = ShardDataset(
-        source, batch_size=batch_size, transform=transform, seed=seed, epoch=epoch, rank=rank,
-        world_size=world_size, num_workers=num_workers, start_batch=start_batch, resampled=resampled,
-        epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, decode=decode, param_sampler=param_sampler,
-    )
+    dataset = ShardDataset(source, settings, epoch=epoch, start_batch=start_batch, transform=transform,
+                           decode=decode, param_sampler=param_sampler)
+    num_workers, pin_memory, seed, rank = settings.num_workers, settings.pin_memory, settings.seed, settings.rank
     if num_workers == 0 and not pin_memory:
         return TrainLoader(dataset, None)
     loader = DataLoader(

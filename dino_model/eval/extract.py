@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -50,7 +51,7 @@ from dino_model.fast_path import Verdict, on_rank0
 from dino_model.metrics import emit_progress
 from dino_model.parent_death import exit_with_parent_from_env
 
-from .features import delete_stale_parts, extract_features, feature_kind, list_feature_files
+from .features import FeatureRecipe, delete_stale_parts, extract_features, feature_kind, list_feature_files
 from .shard_source import EvalShardSet
 from .transforms import EvalTransform
 
@@ -116,48 +117,53 @@ def feature_metadata(metadata: dict[str, Any], model_uri: str, shards: EvalShard
             "classes_from": metadata.get("classes_from", classes_from or shards.uri)}
 
 
+@dataclass(frozen=True)
+class RangeExtraction:
+    """One extraction of a shard set, split into sample ranges: what is read (``shards`` in batches of
+    ``batch_size``, labels through ``label_map``), which features (``recipe``) and where they go
+    (``<out>/<split>/``, ``rows_per_file`` rows per part, ``meta`` in every file, see :func:`feature_metadata`)."""
+
+    shards: EvalShardSet
+    out: str
+    split: str
+    meta: dict[str, Any]
+    recipe: FeatureRecipe
+    batch_size: int = 64
+    label_map: np.ndarray | None = None
+    rows_per_file: int = 100_000
+
+
 def extract_range(
+    job: RangeExtraction,
     load_backbone: Callable[[], torch.nn.Module],
-    shards: EvalShardSet,
-    out: str,
-    split: str,
-    meta: dict[str, Any],
     rank: int,
     world_size: int,
     *,
-    transform: EvalTransform,
-    batch_size: int,
-    label_map: np.ndarray | None,
-    n_last_blocks: int,
-    avgpool: bool,
-    precision: str,
     device: torch.device,
-    rows_per_file: int = 100_000,
     part_names: bool = True,
     on_batches: Callable[[Iterable, int], Iterable] | None = None,
-    fast_path_check: str = "fallback",
     decide: Callable[[Callable[[], Verdict]], Verdict] | None = None,
 ) -> dict[str, Any]:
-    """Extract the sample range ``rank`` of ``world_size`` (:meth:`EvalShardSet.rank_range`) of ``shards`` into
+    """Extract the sample range ``rank`` of ``world_size`` (:meth:`EvalShardSet.rank_range`) of ``job.shards`` into
     ``<out>/<split>/part-r<rank>-*.parquet`` (``part_names=False``: ``part-*.parquet``, a single process's);
     ``load_backbone`` is called only when the range holds samples. ``on_batches(batches, total)`` may wrap the
-    batch iterator (progress reports). With bf16, ``fast_path_check`` / ``decide`` settle the precision on the
-    first batch (:func:`dino_model.eval.features.check_precision`; under torchrun ``decide`` is rank 0's verdict,
-    which every rank takes part in). Returns the range's summary, as :func:`finish` takes it."""
-    start, stop = shards.rank_range(rank, world_size)
+    batch iterator (progress reports). With bf16, the recipe's ``fast_path_check`` and ``decide`` settle the
+    precision on the first batch (:func:`dino_model.eval.features.check_precision`; under torchrun ``decide`` is
+    rank 0's verdict, which every rank takes part in). Returns the range's summary, as :func:`finish` takes it."""
+    start, stop = job.shards.rank_range(rank, world_size)
     summary: dict[str, Any] = {"rank": rank, "num_rows": 0, "names": [], "dim": None, "range": [start, stop]}
     if stop == start:  # more ranges than samples: nothing to do but take part in the verdict
         if decide is not None:
             decide(lambda: None)
         return summary
     backbone = load_backbone()
-    batches = shards.batches(batch_size, label_map, sample_range=(start, stop))
+    batches = job.shards.batches(job.batch_size, job.label_map, sample_range=(start, stop))
     if on_batches is not None:
         batches = on_batches(batches, stop - start)
     res = extract_features(
-        backbone, batches, out, split, meta, transform=transform, n_last_blocks=n_last_blocks, avgpool=avgpool,
-        precision=precision, device=device, rows_per_file=rows_per_file, progress=False, total=stop - start,
-        rank=rank if part_names else None, fast_path_check=fast_path_check, decide=decide,
+        backbone, batches, job.out, job.split, job.meta, recipe=job.recipe, device=device,
+        rows_per_file=job.rows_per_file, progress=False, total=stop - start, rank=rank if part_names else None,
+        decide=decide,
     )
     summary.update(num_rows=res.num_rows, names=res.names, dim=res.dim, uri=res.uri,
                    feature_kind=res.metadata["feature_kind"], files=res.files, fast_path=res.metadata["fast_path"],
@@ -192,13 +198,11 @@ def run(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank
                 emit_progress("step", rank=rank, done=done[0], total=total, split=args.split)
 
     decide = (lambda check: on_rank0(check, rank == 0)) if distributed else None
-    return extract_range(
-        lambda: _load_backbone(args.model).to(device).eval(), shards, args.out, args.split, meta, rank, world_size,
-        transform=EvalTransform(args.resize, args.crop), batch_size=args.batch_size, label_map=label_map,
-        n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, precision=args.precision, device=device,
-        rows_per_file=args.rows_per_file, part_names=distributed, on_batches=reported,
-        fast_path_check=args.fast_path_check, decide=decide,
-    )
+    recipe = FeatureRecipe(EvalTransform(args.resize, args.crop), args.n_last_blocks, args.avgpool, args.precision,
+                           args.fast_path_check)
+    job = RangeExtraction(shards, args.out, args.split, meta, recipe, args.batch_size, label_map, args.rows_per_file)
+    return extract_range(job, lambda: _load_backbone(args.model).to(device).eval(), rank, world_size, device=device,
+                         part_names=distributed, on_batches=reported, decide=decide)
 
 
 def finish(out: str, split: str, summaries: list[dict[str, Any]], expected: int, data: str,

@@ -9,7 +9,7 @@ Layout under ``out_uri`` (a local folder, ``file://`` or ``s3://bucket/prefix``,
     <out_uri>/<split>/part-r0001-00000.parquet  ...   (rank 1; see dino_model.eval.extract)
 
 Schema: ``key`` string, ``label`` int64 (-1 = unlabelled), ``split`` string, ``features``
-``fixed_size_list<float32>[D]`` (``<float16>`` for a half-precision store: ``feature_dtype="float16"``). Every file carries the same key-value metadata under ``dino_model.features``
+``fixed_size_list<float32>[D]`` (``<float16>`` for a half-precision store: ``FeatureRecipe(feature_dtype="float16")``). Every file carries the same key-value metadata under ``dino_model.features``
 (JSON): the caller's ``metadata`` (model name/version/URI...), the preprocessing description, the feature kind,
 the inference precision, the dimension and the split. Re-extracting a split replaces its files (stale parts of a
 previous, longer extraction are deleted once the new ones are written). A multi-process extraction
@@ -61,7 +61,7 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: ``part-NNNNN.parquet`` (one process) or ``part-rRRRR-NNNNN.parquet`` (rank RRRR of a multi-process extraction).
 _PART_RE = re.compile(r"^part-(?:r(\d{4,})-)?(\d{5,})\.parquet$")
 PRECISIONS = ("fp32", "bf16")
-#: Types the features can be stored as (``extract_features(feature_dtype=...)``).
+#: Types the features can be stored as (``FeatureRecipe.feature_dtype``).
 FEATURE_DTYPES = ("float32", "float16")
 #: Parquet value types of the ``features`` column and the numpy types they are read as.
 _STORED_TYPES = {pa.float32(): np.dtype(np.float32), pa.float16(): np.dtype(np.float16)}
@@ -265,6 +265,86 @@ def compute_features(
     return keys, np.concatenate(labels), np.concatenate(feats)
 
 
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Which features an extraction computes and how: the preprocessing (``transform``; ``None`` only
+    normalises), the [CLS] tokens of the last ``n_last_blocks`` blocks plus, with ``avgpool``, the averaged patch
+    tokens (:func:`backbone_features`), the inference ``precision`` and what a failed bf16 check on the first batch
+    does (``fast_path_check``, :func:`check_precision`), and the stored type (``feature_dtype``)."""
+
+    transform: EvalTransform | None = EvalTransform()
+    n_last_blocks: int = 1
+    avgpool: bool = False
+    precision: str = "fp32"
+    fast_path_check: str = "fallback"
+    feature_dtype: str = "float32"
+    """How the store keeps them: ``float32``, or ``float16`` (:func:`stored_features`: half the bytes on disk and,
+    read with ``dtype=None``, in memory; a value beyond float16's range is refused)."""
+
+    @property
+    def kind(self) -> str:
+        """:func:`feature_kind` of these features (``cls``, ``cls_last4+avgpool`` ...)."""
+        return feature_kind(self.n_last_blocks, self.avgpool)
+
+    def describe_preprocessing(self) -> str:
+        return self.transform.describe() if self.transform is not None else "normalize=imagenet (no resize/crop)"
+
+
+class _PartWriter:
+    """Buffers feature rows and writes them as ``part-*.parquet`` files of ``rows_per_file`` rows under
+    ``<store>/<split>/`` (``part-r<rank>-*`` for a rank of a multi-process extraction)."""
+
+    def __init__(self, split_store: ObjectStore, split: str, meta: dict[str, Any], rows_per_file: int,
+                 rank: int | None):
+        self.split_store, self.split, self.meta = split_store, split, meta
+        self.rows_per_file, self.rank = rows_per_file, rank
+        self.keys: list[str] = []
+        self.labels: list[np.ndarray] = []
+        self.feats: list[np.ndarray] = []
+        self.written: list[str] = []
+        self.n_rows = 0
+        self.dim = -1
+
+    def add(self, keys: list[str], labels: np.ndarray, feats: np.ndarray) -> None:
+        if self.dim < 0:
+            self.dim = feats.shape[1]
+        self.keys.extend(keys)
+        self.labels.append(labels)
+        self.feats.append(feats)
+        self.n_rows += len(keys)
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        while self.keys and (final or len(self.keys) >= self.rows_per_file):
+            feats = np.concatenate(self.feats)
+            labels = np.concatenate(self.labels)
+            take = min(self.rows_per_file, len(self.keys))
+            meta_bytes = json.dumps({**self.meta, "dim": self.dim}, sort_keys=True).encode()
+            name = part_name(len(self.written), self.rank)
+            _write_part(self.split_store, name,
+                        _table(self.keys[:take], labels[:take], self.split,
+                               stored_features(feats[:take], self.meta["feature_dtype"]), meta_bytes))
+            self.written.append(name)
+            self.keys = self.keys[take:]
+            self.labels = [labels[take:]]
+            self.feats = [feats[take:]]
+
+
+def _extraction_metadata(metadata: dict[str, Any] | None, split: str, recipe: FeatureRecipe) -> dict[str, Any]:
+    """What every part file records: the caller's ``metadata`` (JSON-serialisable, else :class:`ValueError`), the
+    format version, the split, the feature kind, the preprocessing, the requested precision and the stored type."""
+    kind = recipe.kind  # validates n_last_blocks before any work
+    stored_features(np.zeros((0, 1), np.float32), recipe.feature_dtype)  # validates feature_dtype before any work
+    user_meta = dict(metadata or {})
+    try:
+        json.dumps(user_meta)
+    except TypeError as e:
+        raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
+    return {**user_meta, "format_version": FORMAT_VERSION, "split": split, "feature_kind": kind,
+            "preprocessing": recipe.describe_preprocessing(), "precision": recipe.precision,
+            "feature_dtype": recipe.feature_dtype}
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: torch.nn.Module,
@@ -273,31 +353,25 @@ def extract_features(
     split: str,
     metadata: dict[str, Any] | None = None,
     *,
-    transform: EvalTransform | None = EvalTransform(),
-    n_last_blocks: int = 1,
-    avgpool: bool = False,
-    precision: str = "fp32",
+    recipe: FeatureRecipe = FeatureRecipe(),
     device: str | torch.device | None = None,
     rows_per_file: int = 100_000,
     progress: bool = True,
     total: int | None = None,
     rank: int | None = None,
-    fast_path_check: str = "fallback",
     decide: Callable[[Callable[[], Verdict]], Verdict] | None = None,
-    feature_dtype: str = "float32",
 ) -> FeatureWriteResult:
     """Run ``backbone`` (put in eval mode) over ``batches`` and write ``<out_uri>/<split>/part-*.parquet``.
 
     ``batches`` yields ``(keys, images, labels)``: sample keys (unique strings), images in the eval convention
     (uint8 or float [0, 1], ``[B, 3, H, W]`` or a list of ``[3, H, W]``) and integer labels (-1 = none).
-    ``transform`` resizes/crops (default: resize 256 bicubic + centre crop 224); ``None`` only normalises.
-    ``metadata`` (JSON-serialisable; e.g. model name, version, URI) is stored in every file with the
-    preprocessing, feature kind and precision. ``total`` (number of images) sizes the progress bar.
-    ``rank`` (multi-process extraction): name the parts ``part-r<rank>-*.parquet`` and leave every other file
-    alone (the stale parts are then deleted by rank 0 with :func:`delete_stale_parts` once all ranks are done).
-    ``fast_path_check`` / ``decide``: the bf16 check on the first batch (:func:`check_precision`); the metadata's
-    ``precision`` is what ran, ``fast_path`` the verdict. ``feature_dtype="float16"`` stores the features in half
-    precision (:func:`stored_features`; half the bytes on disk and, read with ``dtype=None``, in memory).
+    ``recipe`` (:class:`FeatureRecipe`) says which features: the preprocessing (default: resize 256 bicubic +
+    centre crop 224), the blocks, the precision and its fast-path check. ``metadata`` (JSON-serialisable; e.g.
+    model name, version, URI) is stored in every file with the preprocessing, feature kind and precision.
+    ``total`` (number of images) sizes the progress bar. ``rank`` (multi-process extraction): name the parts
+    ``part-r<rank>-*.parquet`` and leave every other file alone (the stale parts are then deleted by rank 0 with
+    :func:`delete_stale_parts` once all ranks are done). ``decide``: how the bf16 check on the first batch reaches
+    its verdict (:func:`check_precision`); the metadata's ``precision`` is what ran, ``fast_path`` the verdict.
     Raises :class:`ValueError` for a bad split name, mismatched key/image/label counts, duplicate keys, or an
     empty input (nothing is written then).
     """
@@ -305,52 +379,14 @@ def extract_features(
         raise ValueError(f"split must match {_SPLIT_RE.pattern} (it names a folder), got {split!r}")
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
-    kind = feature_kind(n_last_blocks, avgpool)
-    stored_features(np.zeros((0, 1), np.float32), feature_dtype)  # validates feature_dtype before any work
-    user_meta = dict(metadata or {})
-    try:
-        json.dumps(user_meta)
-    except TypeError as e:
-        raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
+    meta = _extraction_metadata(metadata, split, recipe)
     device = torch.device(device) if device is not None else module_device(backbone)
-    autocast = precision_context(device, precision)  # validates precision before any work
+    autocast = precision_context(device, recipe.precision)  # validates precision before any work
     store = open_store(out_uri)
-    split_store = store.child(split)
+    writer = _PartWriter(store.child(split), split, meta, rows_per_file, rank)
     backbone.eval()
-
-    meta: dict[str, Any] = {
-        **user_meta,
-        "format_version": FORMAT_VERSION,
-        "split": split,
-        "feature_kind": kind,
-        "preprocessing": transform.describe() if transform is not None else "normalize=imagenet (no resize/crop)",
-        "precision": precision,
-        "feature_dtype": feature_dtype,
-    }
     seen: set[str] = set()
     checked = False
-    pending_keys: list[str] = []
-    pending_labels: list[np.ndarray] = []
-    pending_feats: list[np.ndarray] = []
-    written: list[str] = []
-    n_rows = 0
-    dim = -1
-
-    def flush(final: bool) -> None:
-        nonlocal pending_keys, pending_labels, pending_feats
-        while pending_keys and (final or len(pending_keys) >= rows_per_file):
-            feats = np.concatenate(pending_feats)
-            labels = np.concatenate(pending_labels)
-            take = min(rows_per_file, len(pending_keys))
-            meta_bytes = json.dumps({**meta, "dim": dim}, sort_keys=True).encode()
-            name = part_name(len(written), rank)
-            _write_part(split_store, name, _table(pending_keys[:take], labels[:take], split,
-                                                     stored_features(feats[:take], feature_dtype), meta_bytes))
-            written.append(name)
-            pending_keys = pending_keys[take:]
-            pending_labels = [labels[take:]]
-            pending_feats = [feats[take:]]
-
     bar = tqdm(total=total, disable=not progress, unit="img", desc=f"features[{split}]")
     try:
         for keys, images, labels in batches:
@@ -361,30 +397,25 @@ def extract_features(
                 seen.add(k)
             if not checked:  # the first batch decides the precision of the whole extraction
                 checked = True
-                verdict, used = check_precision(backbone, prepare_batch(images, transform).to(device), precision,
-                                                fast_path_check, n_last_blocks, avgpool, decide)
+                verdict, used = check_precision(backbone, prepare_batch(images, recipe.transform).to(device),
+                                                recipe.precision, recipe.fast_path_check, recipe.n_last_blocks,
+                                                recipe.avgpool, decide)
                 autocast = precision_context(device, used)
                 meta.update(precision=used, fast_path=verdict.as_record())
-            f = _batch_features(backbone, images, transform, device, autocast, n_last_blocks, avgpool)
-            if dim < 0:
-                dim = f.shape[1]
-            pending_keys.extend(keys)
-            pending_labels.append(labels)
-            pending_feats.append(f)
-            n_rows += len(keys)
+            writer.add(keys, labels, _batch_features(backbone, images, recipe.transform, device, autocast,
+                                                     recipe.n_last_blocks, recipe.avgpool))
             bar.update(len(keys))
-            flush(final=False)
-        if n_rows == 0:
+        if writer.n_rows == 0:
             raise ValueError(f"no samples to extract for split {split!r}: the evaluation set is empty")
-        flush(final=True)
+        writer.flush(final=True)
     finally:
         bar.close()
     if rank is None:
-        delete_stale_parts(out_uri, split, written)
-    meta["dim"] = dim
+        delete_stale_parts(out_uri, split, writer.written)
+    meta["dim"] = writer.dim
     return FeatureWriteResult(
-        uri=store.uri, split=split, num_rows=n_rows, dim=dim, files=[split_store.url(n) for n in written], metadata=meta,
-        names=list(written),
+        uri=store.uri, split=split, num_rows=writer.n_rows, dim=writer.dim,
+        files=[writer.split_store.url(n) for n in writer.written], metadata=meta, names=list(writer.written),
     )
 
 

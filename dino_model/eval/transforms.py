@@ -95,6 +95,10 @@ class EvalTransform:
 
     def one(self, img: torch.Tensor) -> torch.Tensor:
         """One ``[3, H, W]`` uint8/float image -> normalised float ``[3, crop, crop]``."""
+        return normalize(self.crop(img))
+
+    def crop(self, img: torch.Tensor) -> torch.Tensor:
+        """One ``[3, H, W]`` uint8/float image resized and centre-cropped, not normalised: float in [0, 1]."""
         x = to_float01(img)
         if self.resize_size is not None:
             # antialias like PIL, which the reference's torchvision pipeline uses on decoded images
@@ -103,7 +107,7 @@ class EvalTransform:
                 x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clamps to the uint8 range
         if self.crop_size is not None:
             x = TF.center_crop(x, [self.crop_size, self.crop_size])
-        return normalize(x)
+        return x
 
     def __call__(self, images: ImageBatch) -> torch.Tensor:
         """A batch (tensor or list of different sizes) -> normalised ``[B, 3, crop, crop]`` float32."""

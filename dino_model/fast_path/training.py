@@ -24,20 +24,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from dino_model import distributed as dist_utils
 from dino_model.config import DinoConfig
-from dino_model.meta_arch import DINO, unwrap
-from dino_model.optim import load_optimizer_state, optimizer_state
+from dino_model.step import TrainingState
 
-from .data_canary import compare_data_paths
+from .data_canary import compare_data_paths, device_multicrop
 from .step_canary import REFERENCE_PATH, StepPath, canary_step_args, choose_step_path, configured_step_path
 from .verdict import FALLBACK, OFF, REFERENCE, VERIFIED, FastPathError, Verdict, exception_reason, on_rank0, settle
 
-__all__ = ["GUARDED_STEPS", "PeekedLoader", "TrainingPaths", "check_training_paths", "FirstStepsGuard"]
+__all__ = ["GUARDED_STEPS", "PeekedLoader", "RunData", "TrainingPaths", "check_training_paths", "GuardedStep",
+           "FirstStepsGuard"]
 
 log = logging.getLogger("dino_model.fast_path")
 
@@ -68,6 +68,20 @@ class PeekedLoader:
             yield from self._batches
 
 
+class RunData(Protocol):
+    """The data side of a training run at its cursor, as the checks use it (``dino_model.train`` provides it)."""
+
+    @property
+    def augment_on_device(self) -> bool:
+        """The configured data path: decode and augment on the device (else the CPU workers augment)."""
+
+    def loader(self, on_device: bool) -> Any:
+        """A new loader of the cursor's epoch, positioned at the cursor, for that data path."""
+
+    def preparer(self, on_device: bool) -> Callable[[dict[str, Any]], list[torch.Tensor]]:
+        """Loader batch -> the step's crops on the device, for that data path."""
+
+
 @dataclass
 class TrainingPaths:
     """What :func:`check_training_paths` decided: the verdicts, where batches are augmented, the step path, and
@@ -84,32 +98,30 @@ def _data_path_name(on_device: bool) -> str:
     return "device decode + augmentation" if on_device else "CPU workers' augmentation"
 
 
-def check_training_paths(cfg: DinoConfig, ctx: dist_utils.DistContext, *, loader: Any, augment_on_device: bool,
-                         rebuild_loader: Callable[[bool], Any],
-                         batch_preparer: Callable[[bool], Callable[[dict], list[torch.Tensor]]],
-                         device_augment: Callable[[], Any], model: DINO, optimizer: torch.optim.Optimizer,
-                         grad_scaler: torch.amp.GradScaler | None, schedules: Any, step: int, epoch: int,
-                         nothing_left: bool = False) -> TrainingPaths:
-    """Steps 1-2 of the module docstring (a collective: every rank calls it). ``rebuild_loader(on_device)``: the
-    loader of the cursor's epoch at the cursor; ``batch_preparer(on_device)``: loader batch -> crops on the device;
-    ``device_augment()``: the device data path's augmenter; ``nothing_left``: the run is already done (no check)."""
+def check_training_paths(cfg: DinoConfig, ctx: dist_utils.DistContext, loader: Any, data: RunData,
+                         state: TrainingState, step_args: dict[str, Any] | None) -> TrainingPaths:
+    """Steps 1-2 of the module docstring (a collective: every rank calls it). ``loader``: the run's loader of the
+    cursor's epoch on the configured data path (``data.augment_on_device``); ``state``: the run's plain model,
+    optimiser and scaler (copied, not changed); ``step_args``: the schedules' values at the cursor
+    (:func:`canary_step_args`), None when the run has nothing left to train (no check)."""
     mode = cfg.train.fast_path_check
     configured = configured_step_path(cfg, ctx.device)
-    if mode == "off" or nothing_left:
+    on_device = data.augment_on_device
+    if mode == "off" or step_args is None:
         why = "" if mode == "off" else "nothing left to train"
-        return TrainingPaths(Verdict("data", OFF, _data_path_name(augment_on_device), why),
-                             Verdict("step", OFF, configured.describe(), why), augment_on_device, configured, loader)
+        return TrainingPaths(Verdict("data", OFF, _data_path_name(on_device), why),
+                             Verdict("step", OFF, configured.describe(), why), on_device, configured, loader)
 
     # 1. data
-    if not augment_on_device:
-        data = Verdict("data", REFERENCE, _data_path_name(False))
+    if not on_device:
+        data_verdict = Verdict("data", REFERENCE, _data_path_name(False))
     else:
         if ctx.is_main:
             loader = PeekedLoader(loader)
-        data = settle(on_rank0(lambda: _check_data(cfg, loader.first, device_augment), ctx.is_main), mode)
-        if data.fell_back:
-            augment_on_device = False
-            loader = rebuild_loader(False)
+        data_verdict = settle(on_rank0(lambda: _check_data(cfg, ctx, loader.first), ctx.is_main), mode)
+        if data_verdict.fell_back:
+            on_device = False
+            loader = data.loader(False)
 
     # 2. step
     if configured.is_reference:
@@ -121,25 +133,24 @@ def check_training_paths(cfg: DinoConfig, ctx: dist_utils.DistContext, *, loader
         def check() -> tuple[Verdict, StepPath]:
             started = time.perf_counter()
             try:
-                crops = batch_preparer(augment_on_device)(loader.first)
-                chosen, failure, figures = choose_step_path(
-                    model, optimizer, grad_scaler, crops, cfg, canary_step_args(schedules, step, epoch),
-                    cfg.train.seed, configured)
+                crops = data.preparer(on_device)(loader.first)
+                chosen, failure, figures = choose_step_path(state.model, state.optimizer, state.grad_scaler, crops,
+                                                            cfg, step_args, cfg.train.seed, configured)
             except Exception as error:  # noqa: BLE001 - the check itself failing is a failed check
                 chosen, failure, figures = REFERENCE_PATH, exception_reason("the step check", error), {}
             return _step_verdict(chosen, failure, figures, time.perf_counter() - started), chosen
 
         step_verdict, path = on_rank0(check, ctx.is_main)
         settle(step_verdict, mode)
-    return TrainingPaths(data, step_verdict, augment_on_device, path, loader)
+    return TrainingPaths(data_verdict, step_verdict, on_device, path, loader)
 
 
-def _check_data(cfg: DinoConfig, batch: dict[str, Any] | None, device_augment: Callable[[], Any]) -> Verdict:
+def _check_data(cfg: DinoConfig, ctx: dist_utils.DistContext, batch: dict[str, Any] | None) -> Verdict:
     started = time.perf_counter()
     if batch is None:
         return Verdict("data", OFF, _data_path_name(True), "no batch to check on")
     try:
-        failure, figures = compare_data_paths(batch, device_augment(), cfg.crops)
+        failure, figures = compare_data_paths(batch, device_multicrop(cfg.crops, ctx.device), cfg.crops)
     except Exception as error:  # noqa: BLE001 - a device path that raises has failed its check
         failure, figures = exception_reason("the device data path", error), {}
     status = FALLBACK if failure else VERIFIED
@@ -150,73 +161,67 @@ def _step_verdict(chosen: StepPath, failure: str, figures: dict[str, float], sec
     return Verdict("step", FALLBACK if failure else VERIFIED, chosen.describe(), failure, figures, seconds)
 
 
-class FirstStepsGuard:
-    """Watches the first :data:`GUARDED_STEPS` steps of a fast step path (see the module docstring). ``run`` is
-    the :class:`dino_model.train.Run`; it provides ``step_once(crops)``, ``use_step_path(path)`` and
-    ``record_fast_path(verdict)``."""
+@dataclass(frozen=True)
+class GuardedStep:
+    """What :meth:`FirstStepsGuard.step` saw: the step's stats, or — the step raised on some rank — why, with the
+    training state already back to what it was before the step."""
 
-    def __init__(self, mode: str, path: StepPath, steps: int = GUARDED_STEPS):
-        self.mode = mode
-        self.remaining = steps if mode != "off" and not path.is_reference else 0
+    stats: dict[str, torch.Tensor] | None
+    failure: str | None = None
+
+
+class FirstStepsGuard:
+    """Watches the first :data:`GUARDED_STEPS` steps of a fast step path (see the module docstring). The loop
+    applies its decisions: a :class:`GuardedStep` with a ``failure`` means "put the model back on the plain path,
+    ask :meth:`fallback` for the path to use, take the same batch again on it"."""
+
+    def __init__(self, cfg: DinoConfig, ctx: dist_utils.DistContext, path: StepPath, steps: int = GUARDED_STEPS):
+        self.cfg, self.ctx, self.path = cfg, ctx, path
+        self.mode = cfg.train.fast_path_check
+        self.remaining = steps if self.mode != "off" and not path.is_reference else 0
 
     @property
     def active(self) -> bool:
         return self.remaining > 0
 
-    def step(self, run: Any, crops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``run.step_once(crops)``, or — when it raised on any rank — the same batch again on a fallback path."""
-        snapshot = _snapshot(run)
+    def step(self, take_step: Callable[[], dict[str, torch.Tensor]], state: TrainingState,
+             number: int) -> GuardedStep:
+        """``take_step()`` (update ``number``, 1-based, of ``state`` on the guarded path), agreed on by every rank.
+        When it raised on any rank: ``strict`` raises :class:`FastPathError`; else ``state`` is restored and the
+        failure returned."""
+        snapshot = state.snapshot()
         error: BaseException | None = None
+        stats = None
         try:
-            stats = run.step_once(crops)
+            stats = take_step()
         except Exception as e:  # noqa: BLE001 - decided below, together with the other ranks
             error = e
-        flag = torch.tensor([1.0 if error is not None else 0.0], device=run.ctx.device)
+        flag = torch.tensor([1.0 if error is not None else 0.0], device=self.ctx.device)
         if not dist_utils.all_reduce_max(flag).item():
             self.remaining -= 1
-            return stats
+            return GuardedStep(stats)
         self.remaining = 0
-        what = f"the {run.step_path.describe()} step {run.step + 1}"
+        what = f"the {self.path.describe()} step {number}"
         reason = exception_reason(what, error) if error is not None else f"{what} raised on another rank"
         if self.mode == "strict":
-            raise FastPathError(Verdict("step", FALLBACK, run.step_path.describe(), reason)) from error
+            raise FastPathError(Verdict("step", FALLBACK, self.path.describe(), reason)) from error
+        state.restore(snapshot)
+        return GuardedStep(None, reason)
+
+    def fallback(self, failure: str, state: TrainingState, crops: list[torch.Tensor],
+                 step_args: dict[str, Any]) -> tuple[Verdict, StepPath]:
+        """Rank 0 checks the fallback paths on ``crops`` from ``state`` (plain: not compiled, not in DDP) and every
+        rank takes its verdict (settled: logged) and path."""
         started = time.perf_counter()
-        _restore(run, snapshot)
-        run.use_step_path(None)  # plain: not compiled, not in DDP, so the check can copy it
 
         def check() -> tuple[Verdict, StepPath]:
             try:
-                chosen, failure, figures = choose_step_path(
-                    run.model, run.optimizer, run.grad_scaler, crops, run.cfg,
-                    canary_step_args(run.schedules, run.step, run.epoch), run.cfg.train.seed, run.step_path,
-                    failure=reason)
+                chosen, why, figures = choose_step_path(state.model, state.optimizer, state.grad_scaler, crops,
+                                                        self.cfg, step_args, self.cfg.train.seed, self.path,
+                                                        failure=failure)
             except Exception as e:  # noqa: BLE001
-                chosen, failure, figures = REFERENCE_PATH, f"{reason}; {exception_reason('the step check', e)}", {}
-            return _step_verdict(chosen, failure, figures, time.perf_counter() - started), chosen
+                chosen, why, figures = REFERENCE_PATH, f"{failure}; {exception_reason('the step check', e)}", {}
+            return _step_verdict(chosen, why, figures, time.perf_counter() - started), chosen
 
-        verdict, path = on_rank0(check, run.ctx.is_main)
-        run.use_step_path(path)
-        run.record_fast_path(settle(verdict, self.mode))
-        return run.step_once(crops)
-
-
-def _snapshot(run: Any) -> dict[str, Any]:
-    """What one step changes: student, teacher, loss centre, optimiser state, grad scaler (copies on the device)."""
-    model = run.model
-    return {
-        "student": {k: v.detach().clone() for k, v in model.student_module().state_dict().items()},
-        "teacher": {k: v.detach().clone() for k, v in unwrap(model.teacher).state_dict().items()},
-        "dino_loss": {k: v.detach().clone() for k, v in model.dino_loss.state_dict().items()},
-        "optimizer": optimizer_state(run.optimizer),
-        "grad_scaler": run.grad_scaler.state_dict() if run.grad_scaler is not None else None,
-    }
-
-
-def _restore(run: Any, snapshot: dict[str, Any]) -> None:
-    model = run.model
-    model.student_module().load_state_dict(snapshot["student"])
-    unwrap(model.teacher).load_state_dict(snapshot["teacher"])
-    model.dino_loss.load_state_dict(snapshot["dino_loss"])
-    load_optimizer_state(run.optimizer, snapshot["optimizer"])
-    if run.grad_scaler is not None and snapshot["grad_scaler"] is not None:
-        run.grad_scaler.load_state_dict(snapshot["grad_scaler"])
+        verdict, path = on_rank0(check, self.ctx.is_main)
+        return settle(verdict, self.mode), path

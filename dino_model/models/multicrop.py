@@ -19,7 +19,9 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, x: list[torch.Tensor] | torch.Tensor,
+                with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``head(features)``; with ``with_features`` also the backbone features themselves ([len(crops)·B, D])."""
         if not isinstance(x, (list, tuple)):
             x = [x]
         features = []
@@ -33,4 +35,6 @@ class MultiCropWrapper(nn.Module):
                 out = out[0]
             features.append(out)
             start = end
-        return self.head(torch.cat(features))
+        features = torch.cat(features)
+        out = self.head(features)
+        return (out, features) if with_features else out

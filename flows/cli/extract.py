@@ -48,6 +48,7 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     from dino_model.storage import StorageError
     from tasks.validation import UserInputError, check_backbone_reference, check_extraction_request
+    from tasks.validation.extraction_settings import ExtractionRunnerSettings, FeatureSettings
     from tasks.validation.task_runners import check_extraction_runner
 
     # The flow's own checks (check-extraction-input), here before Prefect starts; plus the model reference.
@@ -63,16 +64,15 @@ def run_extract(args: argparse.Namespace) -> int:
         use_registry(args.model)
     from flows.extract import dino_extract
 
+    features = FeatureSettings(resize_size=args.resize, crop_size=args.crop, batch_size=args.batch_size,
+                               n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, precision=args.precision,
+                               fast_path_check=args.fast_path_check)
+    runner = ExtractionRunnerSettings(device=args.device, nproc_per_node=args.nproc_per_node,
+                                      task_runner=args.task_runner, parallelism=args.parallelism)
     with flow_session(reported=(UserInputError, StorageError, FileNotFoundError), debug=args.debug):
         try:
-            out = dino_extract(
-                model=args.model, data=args.data, output=args.output, split=args.split,
-                classes_from=args.classes_from, resize_size=args.resize, crop_size=args.crop,
-                batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
-                precision=args.precision, device=args.device, nproc_per_node=args.nproc_per_node,
-                fast_path_check=args.fast_path_check,
-                task_runner=args.task_runner, parallelism=args.parallelism,
-            )
+            out = dino_extract(model=args.model, data=args.data, output=args.output, split=args.split,
+                               classes_from=args.classes_from, features=features, runner=runner)
         except (StorageError, FileNotFoundError) as e:
             raise UsageError(str(e)) from e
     print(f"{out['num_rows']} x {out['dim']} {out['feature_kind']} features of split {out['split']!r} -> {out['uri']}"

@@ -1,6 +1,7 @@
 """``dino register``: a backbone on disk or S3 as a new version of an MLflow registered model, so ``dino evaluate``
 (which evaluates registered versions) can score it. The same registration ``dino-pretrain`` does at the end of a
-training (:func:`tasks.registration.register_export`); no Prefect flow: one MLflow run, nothing to orchestrate.
+training (:func:`tasks.pretrain.registration.register_export`); no Prefect flow: one MLflow run, nothing to
+orchestrate.
 
     dino register ./run1/checkpoints/export --name my-vits16                # an export folder
     dino register ./run1/checkpoints --name my-vits16                       # the latest training checkpoint
@@ -48,7 +49,7 @@ def run_register(args: argparse.Namespace) -> int:
     use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     from mlflow.tracking import MlflowClient
 
-    from tasks.registration import register_export
+    from tasks.pretrain.registration import register_export
     from tasks.tracking import get_or_create_experiment
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,9 +48,10 @@ def run_shard(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from tqdm import tqdm
 
-    from dino_model.data.shard_writer import ShardOptions, default_name, validate_request
     from dino_model.data.sources import SourceSpec
     from dino_model.storage import StorageError
+    from tasks.validation.settings_groups import RunnerSettings
+    from tasks.validation.shard_settings import ShardRequest, ShardSettings
 
     bar = None
 
@@ -66,14 +67,13 @@ def run_shard(args: argparse.Namespace) -> int:
     if args.parallelism < 1:
         raise UsageError(f"--parallelism must be >= 1, got {args.parallelism}")
     try:  # the same cheap checks the flow starts with, before paying for Prefect's start-up
-        validate_request(
-            SourceSpec(args.source, args.kind, args.labels, args.meta, args.classes, args.classes_from),
-            args.destination,
-            ShardOptions(args.name or default_name(args.source), args.shard_size or None, args.shard_bytes,
-                         args.seed, args.quality, args.max_pixels),
-        )
+        shards = ShardSettings(name=args.name, shard_size=args.shard_size or None, shard_bytes=args.shard_bytes,
+                               seed=args.seed, quality=args.quality, max_pixels=args.max_pixels)
+        ShardRequest(SourceSpec(args.source, args.kind, args.labels, args.meta, args.classes, args.classes_from),
+                     args.destination, shards.options(args.source)).validate()
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
+    runner = RunnerSettings(task_runner=args.task_runner, parallelism=args.parallelism)
 
     from flows.shard import dino_shard
     from tasks.shard import add_progress_listener, remove_progress_listener
@@ -82,13 +82,9 @@ def run_shard(args: argparse.Namespace) -> int:
     session = contextlib.ExitStack()  # closed last, in `finally`: the flow's server settles once the bar is closed
     session.enter_context(flow_session(reported=(ValueError, OSError, StorageError), debug=args.debug))
     try:
-        summary = dino_shard(
-            source=args.source, destination=args.destination, name=args.name, kind=args.kind, labels=args.labels,
-            meta=args.meta, classes=args.classes, classes_from=args.classes_from, shard_size=args.shard_size or None,
-            shard_bytes=args.shard_bytes,
-            seed=args.seed, quality=args.quality, max_pixels=args.max_pixels, parallelism=args.parallelism,
-            task_runner=args.task_runner,
-        )
+        summary = dino_shard(source=args.source, destination=args.destination, kind=args.kind, labels=args.labels,
+                             meta=args.meta, classes=args.classes, classes_from=args.classes_from, shards=shards,
+                             runner=runner)
     except (ValueError, OSError, StorageError) as e:
         raise UsageError(str(e)) from e
     finally:

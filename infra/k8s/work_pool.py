@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.kubernetes.render import RenderError, fill, key_value_pairs, to_yaml
+from tasks.pretrain.kubernetes.render import RenderError, fill, key_value_pairs, to_yaml
 
 WORK_POOL_TEMPLATE = Path(__file__).resolve().parent / "base-job-template.json"
 

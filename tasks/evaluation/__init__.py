@@ -56,6 +56,7 @@ workers instead (``flows.extract.extract_split``).
 
 from .common import EvaluationInputError, ModelVersionNotFound
 from .features import (
+    ExtractionSpec,
     check_feature_precision,
     extract_feature_range,
     extract_split_features,
@@ -105,6 +106,7 @@ __all__ = [
     "CHAMPION_ALIAS",
     "EvaluationInputError",
     "EvaluationSettings",
+    "ExtractionSpec",
     "ModelVersionNotFound",
     "REPORT_PATH",
     "attention_scores",

@@ -10,7 +10,13 @@ model up (the command's last check).
 
 ==========================  ==================================================================================
 ``errors.py``               :class:`UserInputError` and its kinds; :func:`retry_unless_user_error`
-``training.py``             ``dino-pretrain``: resolved config (preset, file, overrides), launch, resume, data
+``training.py``             ``dino-pretrain``: the request (:class:`PretrainRequest`) resolved once: config
+                            (preset, file, overrides), launch, resume, data
+``pretrain_settings.py``    ``dino-pretrain``'s groups of settings: ``launch``, ``kubernetes``, ``tracking``
+``shard_settings.py``       ``dino-shard``'s groups (``shards``, ``runner``) and one shard set's request
+``extraction_settings.py``  ``dino-extract``'s groups (``features``, ``runner``)
+``settings_groups.py``      grouped flow parameters: merged onto a deployment's, deprecated flat names
+``pipeline.py``             ``dino-pipeline``: the request (:class:`PipelineRequest`) and the workspace layout
 ``shard_sets.py``           a shard set's manifest and shard listing, the size of its first image
 ``evaluation_settings.py``  :class:`EvaluationSettings` (``dino-evaluate`` / ``dino-reevaluate``)
 ``evaluation_inputs.py``    shard sets and classes, the DAVIS folder, device name, URIs, black-padding warnings
@@ -38,7 +44,14 @@ from .evaluation_inputs import (
 )
 from .evaluation_settings import EvaluationSettings
 from .models import backbone_path_kind, check_backbone_reference, check_model_name, parse_model_uri
-from .training import RESUME_POLICIES, check_pretrain_request, data_problems, resolve_training_config
+from .training import (
+    RESUME_POLICIES,
+    PretrainRequest,
+    ResolvedTraining,
+    check_pretrain_request,
+    data_problems,
+    resolve_training_config,
+)
 
 __all__ = [
     "RESUME_POLICIES",
@@ -47,6 +60,8 @@ __all__ = [
     "EvaluationSettings",
     "ModelVersionNotFound",
     "PreflightError",
+    "PretrainRequest",
+    "ResolvedTraining",
     "UserInputError",
     "backbone_path_kind",
     "check_backbone_reference",

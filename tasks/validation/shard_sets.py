@@ -36,7 +36,11 @@ def open_shard_set(uri: str) -> ShardSet:
     """The shard set at ``uri`` (local path, ``file://`` or ``s3://``). Raises :class:`ValueError` when the URI is
     malformed, when there is no ``manifest.json`` (not a shard set) or when it lists no sample, and
     :class:`~dino_model.storage.StorageError` when the storage cannot be read."""
-    store = open_store(uri)
+    return load_shard_set(open_store(uri), uri)
+
+
+def load_shard_set(store: ObjectStore, uri: str) -> ShardSet:
+    """:func:`open_shard_set` of a store already open (``uri``: how the caller named it, for the messages)."""
     try:
         manifest = load_manifest(store)
     except ObjectNotFound as e:

@@ -3,8 +3,12 @@ overrides), the launch (processes, nodes, rendezvous), the resume policy, the ch
 (a shard set's manifest and shards, or an ImageFolder).
 
 The resume policy is checked here too (``never`` / ``require`` list the checkpoint URI, a read). What needs the
-worker or a write stays in the ``preflight`` task (:mod:`tasks.pretrain`): MLflow reachable, the checkpoint URI
-writable (a probe write), GPUs present, Kubernetes.
+worker or a write stays in the ``preflight`` task (:mod:`tasks.pretrain.preflight`): MLflow reachable, the
+checkpoint URI writable (a probe write), what the launcher needs (GPUs present, kubectl).
+
+The request is built once (:class:`PretrainRequest`) and resolved once (:func:`check_pretrain_request`): the config
+is loaded once and the data's store opened once; the result (:class:`ResolvedTraining`) is what the flow's later
+tasks take.
 """
 
 from __future__ import annotations
@@ -12,19 +16,63 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dino_model.checkpoint_names import list_checkpoints
-from dino_model.config import ConfigError, DinoConfig, load_config
+from dino_model.config import ConfigError, DinoConfig, is_checkpoint_file, load_config
+from dino_model.data.counting import count_images
 from dino_model.data.manifest import MANIFEST_NAME
 from dino_model.storage import LocalStore, StorageError, open_store
-from tasks.trainer_process import LaunchSpec
+from tasks.pretrain.trainer_process import LaunchSpec
 
 from .errors import PreflightError, problems_message
-from .shard_sets import open_shard_set, shard_problems
+from .shard_sets import load_shard_set, shard_problems
 
 RESUME_POLICIES = ("auto", "never", "require")
+
+
+@dataclass(frozen=True)
+class PretrainRequest:
+    """What ``dino-pretrain`` is asked to train: the data, where checkpoints go, the config (preset, then the
+    config file, then the overrides) and the resume policy. Built once from the flow's (or the command's)
+    parameters and passed on."""
+
+    data: str
+    checkpoint_uri: str
+    preset: str | None = "reference"
+    config_file: str | None = None
+    overrides: tuple[str, ...] = ()
+    resume: str = "auto"
+    #: A labelled validation shard set for the learning curve during training (``monitor.val_source``).
+    val_data: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedTraining:
+    """A :class:`PretrainRequest` whose side-effect-free checks passed: the resolved config (``config``, the plain
+    dict logged to MLflow and saved in every checkpoint; ``cfg``, the same as :class:`DinoConfig`) and what the data
+    check learnt (``facts``: ``data_kind``, ``dataset_hash``, ``samples``, ``shards``)."""
+
+    config: dict[str, Any]
+    cfg: DinoConfig
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def load_training_config(request: PretrainRequest) -> DinoConfig:
+    """Preset, then the config file, then the overrides, then ``data`` and ``checkpoint_uri``: the resolved,
+    validated training config. Raises :class:`PreflightError` naming the bad field (and the closest real one for
+    an unknown field)."""
+    overrides = list(request.overrides)
+    overrides += [f"data.source={json.dumps(request.data)}", f"checkpoint.uri={json.dumps(request.checkpoint_uri)}"]
+    if request.val_data:
+        overrides.append(f"monitor.val_source={json.dumps(request.val_data)}")
+    try:
+        return load_config(_config_source(request.config_file), overrides=overrides, preset=request.preset or None,
+                           dataset_size=lambda: count_images(request.data))
+    except ConfigError as e:
+        raise PreflightError(f"invalid training config: {_with_suggestion(str(e))}") from e
 
 
 def resolve_training_config(
@@ -34,15 +82,23 @@ def resolve_training_config(
     config_file: str | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Preset, then the config file, then the overrides, then ``data`` and ``checkpoint_uri``: the resolved,
-    validated training config as a plain dict (what is logged to MLflow and saved in every checkpoint). Raises
-    :class:`PreflightError` naming the bad field (and the closest real one for an unknown field)."""
-    overrides = list(overrides or [])
-    overrides += [f"data.source={json.dumps(data)}", f"checkpoint.uri={json.dumps(checkpoint_uri)}"]
+    """:func:`load_training_config` as a plain dict (what is logged to MLflow and saved in every checkpoint)."""
+    request = PretrainRequest(data, checkpoint_uri, preset, config_file, tuple(overrides or ()))
+    return load_training_config(request).to_dict()
+
+
+def _config_source(config_file: str | None) -> str | dict[str, Any] | None:
+    """The config file as :func:`load_config` takes it: a training checkpoint's saved config is read here (its
+    tensors are not: :func:`dino_model.checkpoint.read_checkpoint_config`; torch is imported only then)."""
+    if config_file is None or not is_checkpoint_file(config_file):
+        return config_file
+    from dino_model.checkpoint import read_checkpoint_config
+
     try:
-        return load_config(config_file, overrides=overrides, preset=preset or None).to_dict()
-    except ConfigError as e:
-        raise PreflightError(f"invalid training config: {_with_suggestion(str(e))}") from e
+        return read_checkpoint_config(config_file)
+    except (OSError, StorageError, RuntimeError, ValueError) as e:
+        raise PreflightError(f"config_file {config_file!r}: cannot read the checkpoint's config "
+                             f"({type(e).__name__}: {e})") from e
 
 
 def _with_suggestion(message: str) -> str:
@@ -59,13 +115,10 @@ def _with_suggestion(message: str) -> str:
     return f"{message} (every field is listed, with its meaning, in dino_model/config.py)"
 
 
-def pretrain_problems(config: dict[str, Any], launch: LaunchSpec, resume: str, facts: dict[str, Any]) -> list[str]:
-    """Every problem of a pretraining request found without a side effect, each naming its field; ``facts``
-    receives what the data check learnt (``data_kind``, ``dataset_hash``, ``samples``, ``shards``)."""
-    try:
-        cfg = DinoConfig.from_dict(config)
-    except ConfigError as e:
-        return [f"config: {_with_suggestion(str(e))}"]
+def pretrain_problems(cfg: DinoConfig, launch: LaunchSpec, resume: str, facts: dict[str, Any]) -> list[str]:
+    """Every problem of a pretraining request with the resolved config ``cfg`` found without a side effect, each
+    naming its field; ``facts`` receives what the data check learnt (``data_kind``, ``dataset_hash``,
+    ``samples``, ``shards``)."""
     problems = []
     try:
         launch.validate()
@@ -79,7 +132,30 @@ def pretrain_problems(config: dict[str, Any], launch: LaunchSpec, resume: str, f
         problems.append(f"checkpoint: {e}")
     else:
         problems += resume_problems(cfg.checkpoint.uri, resume)
-    return problems + data_problems(cfg, launch, facts)
+    return problems + data_problems(cfg, launch, facts) + learning_curve_problems(cfg)
+
+
+def learning_curve_problems(cfg: DinoConfig) -> list[str]:
+    """With ``monitor.val_source`` (``--val``), the learning curve needs two labelled shard sets with the same
+    classes: the validation set and the memory (``monitor.train_source``, default the training data)."""
+    if not cfg.monitor.val_source:
+        return []
+    memory = cfg.monitor.train_source or cfg.data.source
+    field = "monitor.train_source" if cfg.monitor.train_source else "data (the learning curve's memory)"
+    sets = {}
+    for name, uri in ((field, memory), ("val (monitor.val_source)", cfg.monitor.val_source)):
+        try:
+            sets[name] = load_shard_set(open_store(uri), uri)
+        except (ValueError, StorageError) as e:
+            return [f"{name}: the learning curve needs a labelled shard set: {e}"]
+        if not sets[name].manifest.classes:
+            return [f"{name}: {uri} is unlabelled; the learning curve needs class labels"]
+    train_classes, val = set(sets[field].manifest.classes), sets["val (monitor.val_source)"]
+    missing = sorted(set(val.manifest.classes) - train_classes)
+    if missing:
+        return [f"val (monitor.val_source): {len(missing)} of its classes are not in {memory} (e.g. "
+                f"{', '.join(missing[:3])}): the k-NN can only score classes its memory holds"]
+    return []
 
 
 def resume_problems(uri: str, resume: str) -> list[str]:
@@ -124,7 +200,7 @@ def data_problems(cfg: DinoConfig, launch: LaunchSpec, facts: dict[str, Any]) ->
                 return []
         return [f"data: {source} holds neither {MANIFEST_NAME} (a shard set) nor class folders (an ImageFolder)"]
     try:
-        shards = open_shard_set(source)
+        shards = load_shard_set(store, source)
     except (ValueError, StorageError) as e:
         return [f"data: {e}"]
     problems = [f"data: {p}" for p in shard_problems(shards)]
@@ -139,19 +215,12 @@ def data_problems(cfg: DinoConfig, launch: LaunchSpec, facts: dict[str, Any]) ->
     return problems
 
 
-def check_pretrain_request(
-    data: str,
-    checkpoint_uri: str,
-    preset: str | None = "reference",
-    config_file: str | None = None,
-    overrides: list[str] | None = None,
-    launch: LaunchSpec | None = None,
-    resume: str = "auto",
-) -> dict[str, Any]:
-    """The resolved config of a pretraining request whose every side-effect-free check passed; raises
-    :class:`PreflightError` listing each problem otherwise."""
-    config = resolve_training_config(data, checkpoint_uri, preset, config_file, overrides)
-    problems = pretrain_problems(config, launch or LaunchSpec(), resume, {})
+def check_pretrain_request(request: PretrainRequest, launch: LaunchSpec | None = None) -> ResolvedTraining:
+    """``request`` resolved, once every side-effect-free check passed (config, ``launch``, resume policy, the
+    data's manifest and shards); raises :class:`PreflightError` listing each problem otherwise."""
+    cfg = load_training_config(request)
+    facts: dict[str, Any] = {}
+    problems = pretrain_problems(cfg, launch or LaunchSpec(), request.resume, facts)
     if problems:
         raise PreflightError(problems_message("pre-flight failed", problems))
-    return config
+    return ResolvedTraining(cfg.to_dict(), cfg, facts)

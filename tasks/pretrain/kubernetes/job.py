@@ -1,8 +1,9 @@
 """Submit a multi-node training to Kubernetes and follow it with ``kubectl`` (no Prefect here: the task wraps it).
 
-``dino-pretrain`` with ``launcher="kubernetes"`` renders ``tasks/kubernetes/multinode-job.yaml`` (headless Service,
+``dino-pretrain`` with ``launcher="kubernetes"`` renders ``multinode-job.yaml`` beside this file (headless Service,
 ConfigMap with the resolved config, Indexed Job with one pod per node running torchrun with a c10d rendezvous on
-pod 0) and then runs exactly these commands (``NS`` = ``k8s_namespace``, ``JOB`` = ``<k8s_job_prefix>-<flow run>``)::
+pod 0) and then runs exactly these commands (``NS`` = ``kubernetes.namespace``, ``JOB`` =
+``<kubernetes.job_prefix>-<flow run>``)::
 
     kubectl -n NS delete job JOB --ignore-not-found=true --wait=true     # a previous attempt's Job (retries)
     kubectl -n NS apply -f -                                             # the rendered manifests on stdin
@@ -31,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dino_model.metrics import parse_progress_line
-from .kubernetes.render import MultiNodeJob, render_multinode_job, to_yaml
 
-from .trainer_process import LaunchSpec, TrainerFailed, last_error, trainer_config
+from ..trainer_process import LaunchSpec, TrainerFailed, collapsed_error, health_stop, last_error, trainer_config
+from .render import MultiNodeJob, render_multinode_job, to_yaml
 
 #: The annotation (and, from Kubernetes 1.28, label) an Indexed Job puts on each pod: its completion index.
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
-#: The trainer container's name in ``tasks/kubernetes/multinode-job.yaml``.
+#: The trainer container's name in ``multinode-job.yaml``.
 CONTAINER = "trainer"
 RDZV_PORT = 29500
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
@@ -48,8 +49,9 @@ class KubectlError(RuntimeError):
 
 
 @dataclass
-class KubernetesSettings:
-    """Where and how ``dino-pretrain`` submits its training Job (the flow's ``k8s_*`` parameters)."""
+class KubernetesJobSpec:
+    """Where and how ``dino-pretrain`` submits its training Job (its ``kubernetes`` settings, resolved for one flow
+    run: :meth:`tasks.pretrain.kubernetes.launcher.KubernetesLauncher`)."""
 
     image: str
     """Trainer image (``infra/docker/Dockerfile``), pulled by every node."""
@@ -65,24 +67,24 @@ class KubernetesSettings:
 
     @property
     def rdzv_endpoint(self) -> str:
-        # The same address tasks.kubernetes.render.MultiNodeJob gives pod 0 through the headless Service.
+        # The same address render.MultiNodeJob gives pod 0 through the headless Service.
         return f"{self.job_name}-0.{self.job_name}:{RDZV_PORT}"
 
     def problems(self, launch: LaunchSpec) -> list[str]:
         """What is wrong with these settings for ``launch`` (the flow's pre-flight lists them)."""
         out = []
         if not self.image or any(c.isspace() for c in self.image):
-            out.append(f"kubernetes: k8s_image must be the trainer image reference, got {self.image!r}")
+            out.append(f"kubernetes: kubernetes.image must be the trainer image reference, got {self.image!r}")
         if self.gpus_per_node < 0:
-            out.append(f"kubernetes: k8s_gpus_per_node must be >= 0, got {self.gpus_per_node}")
+            out.append(f"kubernetes: kubernetes.gpus_per_node must be >= 0, got {self.gpus_per_node}")
         elif max(self.gpus_per_node, 1) != launch.nproc_per_node:
-            out.append(f"kubernetes: nproc_per_node={launch.nproc_per_node} but each pod runs "
-                       f"{max(self.gpus_per_node, 1)} process(es) (k8s_gpus_per_node={self.gpus_per_node}): "
+            out.append(f"kubernetes: launch.nproc_per_node={launch.nproc_per_node} but each pod runs "
+                       f"{max(self.gpus_per_node, 1)} process(es) (kubernetes.gpus_per_node={self.gpus_per_node}): "
                        "one training process per GPU")
         return out
 
 
-def preflight_problems(settings: KubernetesSettings, launch: LaunchSpec, data: str, checkpoint_uri: str,
+def preflight_problems(settings: KubernetesJobSpec, launch: LaunchSpec, data: str, checkpoint_uri: str,
                        tracking_uri: str) -> list[str]:
     """What stops a Kubernetes launch before anything is submitted: bad settings, no kubectl, and addresses the
     pods cannot reach (they share no disk with this worker: data and checkpoints in S3, MLflow over HTTP)."""
@@ -108,7 +110,7 @@ def job_name(prefix: str, flow_run_id: str) -> str:
 
 
 def multinode_job(config: dict[str, Any], run_id: str, tracking_uri: str, launch: LaunchSpec,
-                  settings: KubernetesSettings) -> MultiNodeJob:
+                  settings: KubernetesJobSpec) -> MultiNodeJob:
     """The Job of one training: the trainer config (resolved config, rank 0 logging into MLflow run ``run_id``)
     in the ConfigMap, the run id and tracking URI in the pods' environment."""
     env = {**launch.extra_env, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id}
@@ -376,6 +378,8 @@ def run_kubernetes_job(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if state == "failed" and health_stop(follower.end_record):
+        raise collapsed_error(follower.end_record, follower.tail)
     if state == "failed":
         failures = [r for r in (pod_failure(p) for p in _rank0_first(pods, pod)) if r]
         reason = ((follower.error_record or {}).get("message") or last_error(follower.tail)

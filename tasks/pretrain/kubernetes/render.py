@@ -1,23 +1,24 @@
 """Fill the multi-node training Job template beside this file (``multinode-job.yaml``): what ``dino-pretrain``
-submits with ``launcher="kubernetes"`` (:mod:`tasks.kubernetes_job`), also as a command for a manual launch.
+submits with ``launcher="kubernetes"`` (:mod:`tasks.pretrain.kubernetes.job`), also as a command for a manual
+launch.
 
     # multi-node training: Service + ConfigMap + Indexed Job running torchrun (c10d rendezvous on pod 0)
-    python -m tasks.kubernetes.render --name dino-vits16-run1 --image registry.example/dino:0.1 \\
+    python -m tasks.pretrain.kubernetes.render --name dino-vits16-run1 --image registry.example/dino:0.1 \\
         --nnodes 4 --gpus-per-node 8 --config resolved-config.json \\
         --env MLFLOW_TRACKING_URI=http://mlflow.dino:5000 --env MLFLOW_RUN_ID=<run id> \\
         [train.epochs=100 ...] | kubectl apply -f -
 
 From Python::
 
-    from tasks.kubernetes.render import render_multinode_job, to_yaml
+    from tasks.pretrain.kubernetes.render import render_multinode_job, to_yaml
     manifests = render_multinode_job(MultiNodeJob(name=..., image=..., nnodes=4, gpus_per_node=8, config=cfg,
                                                    env={"MLFLOW_TRACKING_URI": ..., "MLFLOW_RUN_ID": run_id}))
     subprocess.run(["kubectl", "apply", "-f", "-"], input=to_yaml(manifests), text=True, check=True)
 
-The trainer command is the single-node launcher's own (:func:`tasks.trainer_process.torchrun_command`), so one node
-and many nodes start ``dino_model.train`` the same way. Templates use ``{{ name }}`` placeholders: a string that is
-exactly one placeholder takes the value with its type (an int stays an int, a list stays a list); a placeholder
-inside a longer string is replaced by the value's text. A missing value is an error naming the placeholder
+The trainer command is the single-node launcher's own (:func:`tasks.pretrain.trainer_process.torchrun_command`),
+so one node and many nodes start ``dino_model.train`` the same way. Templates use ``{{ name }}`` placeholders: a
+string that is exactly one placeholder takes the value with its type (an int stays an int, a list stays a list); a
+placeholder inside a longer string is replaced by the value's text. A missing value is an error naming the placeholder
 (:func:`fill`, which ``infra/k8s/work_pool.py`` also uses to preview the work pool's job).
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from tasks.trainer_process import LaunchSpec, torchrun_command
+from tasks.pretrain.trainer_process import LaunchSpec, torchrun_command
 
 HERE = Path(__file__).resolve().parent
 MULTINODE_TEMPLATE = HERE / "multinode-job.yaml"
@@ -205,7 +206,7 @@ def key_value_pairs(items: list[str], what: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.kubernetes.render", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tasks.pretrain.kubernetes.render", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True)
     p.add_argument("--image", required=True)
     p.add_argument("--nnodes", type=int, required=True)
