@@ -172,3 +172,26 @@ def test_float16_store_linear_probe_within_tolerance_and_same_as_its_float32_val
     converted = linear_probe_on_features(tr_f.astype(np.float32), tr_l, va_f.astype(np.float32), va_l, epochs=10,
                                          batch_size=16, base_lr=0.5)
     assert converted.history == runs["float16"].history
+
+
+def test_the_float16_store_is_chosen_from_every_entry_point():
+    """dino extract --feature-dtype, dino evaluate --feature-dtype and the torchrun extraction all reach the recipe
+    (a setting that stopped at one of them would silently store float32)."""
+    import argparse
+
+    from dino_model.eval.extract import build_parser
+    from flows.cli.evaluation_options import add_evaluation_options, evaluation_settings
+    from tasks.evaluation.features import ExtractionSpec
+    from tasks.validation.extraction_settings import FeatureSettings
+
+    spec = ExtractionSpec("models:/m/1", "/data/val", "/out", "val", FeatureSettings(feature_dtype="float16"))
+    assert spec.recipe().feature_dtype == "float16"
+    args = build_parser().parse_args(spec.torchrun_args("cpu"))
+    assert args.feature_dtype == "float16"
+    parser = argparse.ArgumentParser()
+    add_evaluation_options(parser)
+    data = ["--train", "/data/train", "--val", "/data/val"]
+    assert evaluation_settings(parser.parse_args(data + ["--feature-dtype", "float16"])).feature_dtype == "float16"
+    assert evaluation_settings(parser.parse_args(data)).feature_dtype == "float32"
+    with pytest.raises(ValueError, match="feature_dtype"):
+        FeatureSettings(feature_dtype="bfloat16")
