@@ -27,7 +27,7 @@ def test_the_demo_runs_and_shows_what_training_learnt(tmp_path):
     out = done.stdout
     assert done.returncode == 0, done.stderr[-4000:]
     assert "180 training and 300 validation images" in out
-    for metric in ("knn20_top1", "knn10_top1", "linear_approx_top1", "attention_jaccard", "davis_jf_mean"):
+    for metric in ("knn20_top1", "knn10_top1", "linear_approx_best_top1", "attn_jaccard_mean_heads", "davis_jf_mean"):
         assert re.search(rf"^{metric}\s+\d+\.\d\d", out, re.M), metric
 
     from mlflow.tracking import MlflowClient
