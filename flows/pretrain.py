@@ -54,6 +54,7 @@ def dino_pretrain(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     resume: Literal["auto", "never", "require"] = "auto",
+    val_data: str | None = None,
     launch: LaunchSettings | dict[str, Any] | None = None,
     kubernetes: KubernetesSettings | dict[str, Any] | None = None,
     slurm: SlurmSettings | dict[str, Any] | None = None,
@@ -67,30 +68,31 @@ def dino_pretrain(
         checkpoint_uri: Folder or ``s3://`` prefix for checkpoints and the final export; a retry or a new flow run
             with the same URI resumes from its latest checkpoint, in the MLflow run that checkpoint was logged
             into (unless that run is FINISHED).
-        preset: Training preset(s): ``reference``, ``boost``, ``multicrop10``, ``small``, ``resnet50``
-            (comma-separated to chain, e.g. ``boost,small``).
+        preset: Training preset(s): ``reference``, ``boost``, ``multicrop10``, ``small``, ``small-data`` (chosen
+            by the data set's size, docs/small-data.md), ``resnet50`` (comma-separated to chain, e.g.
+            ``boost,small``).
         config_file: Optional YAML/JSON training config on the worker, applied after the preset.
         overrides: ``section.field=value`` overrides applied last, e.g. ``["train.epochs=10", "optim.lr=1e-3"]``.
         resume: ``auto`` resumes when checkpoints exist; ``never`` refuses a URI that holds checkpoints;
             ``require`` refuses one that holds none. Task retries always resume.
+        val_data: A labelled validation shard set (same classes as ``data``, which must then be a labelled shard
+            set): the teacher's k-NN on it during training, the learning curve (MLflow metric
+            ``monitor.knn20_top1``, the progress artifact, the model card; docs/training-health.md).
         launch: How the trainer is started (:class:`tasks.validation.pretrain_settings.LaunchSettings`): the
-            ``launcher`` (``local``: torchrun on this worker; ``kubernetes``: an Indexed Job of ``nnodes`` pods;
-            ``slurm``: a batch job of ``nnodes`` nodes),
-            ``nproc_per_node``, ``nnodes``, ``rdzv_endpoint`` and ``retries`` (relaunches of a failed trainer,
-            each resuming). A partial dict changes only its own fields of the deployment's.
-        kubernetes: The Job of the ``kubernetes`` launcher
-            (:class:`tasks.validation.pretrain_settings.KubernetesSettings`): ``image`` (required there),
-            ``namespace``, ``gpus_per_node``, ``secret``, ``job_prefix``.
-        slurm: The batch job of the ``slurm`` launcher (:class:`tasks.validation.slurm_settings.SlurmSettings`):
-            ``partition``, ``account``, ``qos``, ``time_limit`` (the job is requeued at it until the training is
-            done), ``constraint``, ``gpus_per_node``, ``cpus_per_task``, ``mem``, ``extra_sbatch``, ``setup``
-            (shell lines before the trainers), ``python``, ``signal_lead_s``, ``work_dir`` (shared with the nodes).
+            ``launcher`` (``local``: torchrun here; ``kubernetes``: an Indexed Job of ``nnodes`` pods; ``slurm``: a
+            batch job of ``nnodes`` nodes), ``nproc_per_node``, ``nnodes``, ``rdzv_endpoint`` and ``retries``
+            (relaunches of a failed trainer, each resuming). A partial dict changes only its own fields.
+        kubernetes: The ``kubernetes`` launcher's Job (:class:`tasks.validation.pretrain_settings.KubernetesSettings`):
+            ``image`` (required there), ``namespace``, ``gpus_per_node``, ``secret``, ``job_prefix``.
+        slurm: The ``slurm`` launcher's job (:class:`tasks.validation.slurm_settings.SlurmSettings`): ``partition``,
+            ``account``, ``qos``, ``time_limit`` (requeued at it until done), ``constraint``, ``gpus_per_node``,
+            ``cpus_per_task``, ``mem``, ``extra_sbatch``, ``setup`` (lines before the trainers), ``signal_lead_s`` ...
         tracking: Where MLflow records it (:class:`tasks.validation.pretrain_settings.TrackingSettings`):
             ``experiment``, ``registered_model`` (receives a new version), ``run_name``.
         deprecated: The flat names these groups replaced (``nproc_per_node=``, ``k8s_image=``,
             ``experiment=`` ...): still accepted, with a warning naming the new spelling.
     """
-    request = PretrainRequest(data, checkpoint_uri, preset, config_file, tuple(overrides or ()), resume)
+    request = PretrainRequest(data, checkpoint_uri, preset, config_file, tuple(overrides or ()), resume, val_data)
     settings = pretrain_settings({"launch": launch, "kubernetes": kubernetes, "slurm": slurm, "tracking": tracking},
                                  deprecated)
     flow_run_id = str(flow_run.get_id() or "local")
@@ -103,9 +105,10 @@ def dino_pretrain(
                              tags)
     try:
         end = launcher.train(resolved.config, run_id)
-    except Exception:
-        # A failure; a stop (cancellation, shutdown) is a BaseException that the flow's hooks record instead.
-        end_mlflow_run(run_id, "FAILED", {"stop_reason": "failed"})
+    except Exception as error:
+        # A failure (``collapsed:<mode>`` when the health monitor stopped it); a stop (cancellation, shutdown) is a
+        # BaseException that the flow's hooks record instead.
+        end_mlflow_run(run_id, "FAILED", {"stop_reason": getattr(error, "stop_reason", "failed")})
         raise
     if end.get("status") == "cancelled":
         # The trainer has checkpointed; the cancellation takes Prefect's own course from here: the flow run ends
