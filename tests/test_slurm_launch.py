@@ -152,6 +152,7 @@ def test_a_health_stop_is_neither_retried_nor_a_success(tmp_path):
     with pytest.raises(SlurmJobNotRetried, match=r"collapsed:uniform, train.health=stop\) at step 40") as stopped:
         job_outcome("9", {"JobState": "FAILED", "ExitCode": "1:0"}, "FAILED", log, path)
     assert not retry_slurm_failure(None, None, Failed(data=stopped.value))
+    assert stopped.value.stop_reason == "collapsed:uniform"  # the MLflow run's, as the local launcher's
     # rank 0's end record lost: torchrun's summary of a worker that exited with the trainer's code 5 says it too
     log, path = _log(tmp_path, "10", [], {1: ["Failures:", "  exitcode  : 5 (pid: 4242)"]})
     with pytest.raises(SlurmJobNotRetried, match="collapsed"):

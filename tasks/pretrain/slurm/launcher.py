@@ -27,6 +27,7 @@ from tasks.validation.pretrain_settings import PretrainSettings
 from tasks.validation.slurm_settings import SlurmSettings
 
 from ..local import _flow_run_cancelling
+from ..mlflow_run import record_signal_stop
 from ..progress_artifact import finish_progress, progress_reporter
 from ..trainer_process import trainer_config
 from .batch_script import SlurmJob, render_batch_script, slurm_launch_spec
@@ -98,6 +99,8 @@ def train_on_slurm(config: dict[str, Any], run_id: str, job: SlurmJob, flow_run_
     def on_stop(signum: int, end: dict | None) -> None:
         end = stopped["end"] = end or {}
         stopped["cancelled"] = _flow_run_cancelling()
+        if not stopped["cancelled"]:
+            record_signal_stop(run_id, signum)  # the flow's crash hook ends the MLflow run KILLED with it
         logger.warning("training %s at step %s of %s; checkpoint: %s. A flow run with the same checkpoint_uri "
                        "resumes from it, in the same MLflow run.",
                        "cancelled" if stopped["cancelled"] else f"stopped by signal {signum}",

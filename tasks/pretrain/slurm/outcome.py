@@ -28,7 +28,14 @@ class SlurmJobFailed(TrainerFailed):
 
 class SlurmJobNotRetried(TrainerFailed):
     """The job ended in a way a retry would only repeat or undo: a health stop of the trainer, a cancellation by
-    someone else. Neither retried nor requeued."""
+    someone else. Neither retried nor requeued. ``stop_reason``: the MLflow run's (``collapsed:<mode>``,
+    ``stalled`` for a health stop)."""
+
+    retriable = False
+
+    def __init__(self, message: str, stop_reason: str = "failed"):
+        super().__init__(message)
+        self.stop_reason = stop_reason
 
 
 def retry_slurm_failure(task, task_run, state) -> bool:
@@ -64,7 +71,7 @@ def job_outcome(job_id: str, fields: dict[str, str], state: str, log: JobLog, lo
             f"{where} ended {state}: the trainer stopped the training ({stopped}, train.health=stop) at step "
             f"{end.get('step', '?')}; checkpoint: {end.get('checkpoint') or 'none'}. Not retried nor requeued: a "
             "retry would collapse again. Change the recipe (teacher temperature, learning rate, centring; "
-            f"docs/training-health.md) before resuming, or set train.health=warn.\n{_tail(log, log_path)}")
+            f"docs/training-health.md) before resuming, or set train.health=warn.\n{_tail(log, log_path)}", stopped)
     if state == "COMPLETED":
         if end.get("status") in FINISHED:
             return end
