@@ -37,6 +37,7 @@ from tasks.validation.pretrain_settings import (
     PRETRAIN_RENAMES,
     KubernetesSettings,
     LaunchSettings,
+    SlurmSettings,
     TrackingSettings,
 )
 from tasks.validation.training import PretrainRequest, ResolvedTraining
@@ -56,6 +57,7 @@ def dino_pretrain(
     val_data: str | None = None,
     launch: LaunchSettings | dict[str, Any] | None = None,
     kubernetes: KubernetesSettings | dict[str, Any] | None = None,
+    slurm: SlurmSettings | dict[str, Any] | None = None,
     tracking: TrackingSettings | dict[str, Any] | None = None,
     **deprecated: Any,
 ) -> dict[str, Any]:
@@ -77,19 +79,22 @@ def dino_pretrain(
             set): the teacher's k-NN on it during training, the learning curve (MLflow metric
             ``monitor.knn20_top1``, the progress artifact, the model card; docs/training-health.md).
         launch: How the trainer is started (:class:`tasks.validation.pretrain_settings.LaunchSettings`): the
-            ``launcher`` (``local``: torchrun on this worker; ``kubernetes``: an Indexed Job of ``nnodes`` pods),
-            ``nproc_per_node``, ``nnodes``, ``rdzv_endpoint`` and ``retries`` (relaunches of a failed trainer,
-            each resuming). A partial dict changes only its own fields of the deployment's.
-        kubernetes: The Job of the ``kubernetes`` launcher
-            (:class:`tasks.validation.pretrain_settings.KubernetesSettings`): ``image`` (required there),
-            ``namespace``, ``gpus_per_node``, ``secret``, ``job_prefix``.
+            ``launcher`` (``local``: torchrun here; ``kubernetes``: an Indexed Job of ``nnodes`` pods; ``slurm``: a
+            batch job of ``nnodes`` nodes), ``nproc_per_node``, ``nnodes``, ``rdzv_endpoint`` and ``retries``
+            (relaunches of a failed trainer, each resuming). A partial dict changes only its own fields.
+        kubernetes: The ``kubernetes`` launcher's Job (:class:`tasks.validation.pretrain_settings.KubernetesSettings`):
+            ``image`` (required there), ``namespace``, ``gpus_per_node``, ``secret``, ``job_prefix``.
+        slurm: The ``slurm`` launcher's job (:class:`tasks.validation.slurm_settings.SlurmSettings`): ``partition``,
+            ``account``, ``qos``, ``time_limit`` (requeued at it until done), ``constraint``, ``gpus_per_node``,
+            ``cpus_per_task``, ``mem``, ``extra_sbatch``, ``setup`` (lines before the trainers), ``signal_lead_s`` ...
         tracking: Where MLflow records it (:class:`tasks.validation.pretrain_settings.TrackingSettings`):
             ``experiment``, ``registered_model`` (receives a new version), ``run_name``.
         deprecated: The flat names these groups replaced (``nproc_per_node=``, ``k8s_image=``,
             ``experiment=`` ...): still accepted, with a warning naming the new spelling.
     """
     request = PretrainRequest(data, checkpoint_uri, preset, config_file, tuple(overrides or ()), resume, val_data)
-    settings = pretrain_settings({"launch": launch, "kubernetes": kubernetes, "tracking": tracking}, deprecated)
+    settings = pretrain_settings({"launch": launch, "kubernetes": kubernetes, "slurm": slurm, "tracking": tracking},
+                                 deprecated)
     flow_run_id = str(flow_run.get_id() or "local")
     launcher = open_launcher(settings, flow_run_id)
     # First task: every side-effect-free check (the ones `dino pretrain` runs before Prefect starts).

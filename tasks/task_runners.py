@@ -1,4 +1,5 @@
-"""The Prefect task runner behind a ``task_runner`` choice (see :mod:`tasks.validation.task_runners`), opened by the
+"""The Prefect task runner behind a ``task_runner`` choice (see :mod:`tasks.validation.task_runners`; ``slurm``:
+:mod:`tasks.slurm_dask`), opened by the
 flows that fan tasks out: ``dino-shard`` (one task per shard range) and the feature extraction of ``dino-extract``
 and ``dino-evaluate`` (one task per sample range).
 
@@ -46,6 +47,12 @@ def build_task_runner(task_runner: str, workers: int) -> TaskRunner:
                                      initargs=(signal.SIGTERM, os.getpid()))
     from prefect_dask import DaskTaskRunner
 
+    if task_runner == "slurm":
+        # Each worker a Slurm job (tasks/slurm_dask.py); adapt() keeps `workers` of them, replacing any that ends.
+        from tasks.slurm_dask import slurm_cluster_kwargs
+
+        return DaskTaskRunner(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs=slurm_cluster_kwargs(),
+                              adapt_kwargs={"minimum": workers, "maximum": workers})
     if task_runner == "dask":
         # One single-threaded worker process per slot (the work is CPU-bound Python: threads would share a GIL);
         # no dashboard (it would take a port and import bokeh).
@@ -67,7 +74,14 @@ def worker_api_url(task_runner: str) -> str | None:
     if not server.running:
         return None
     address = scheduler_address(task_runner)
-    if address is not None and address[0] not in LOOPBACK_HOSTS:
+    if task_runner == "slurm":
+        from tasks.pretrain.slurm.commands import single_host_cluster
+
+        if not single_host_cluster():
+            logger.warning("the Dask workers run as Slurm jobs on other machines but Prefect runs on a temporary "
+                           "server at %s that only this machine reaches: set PREFECT_API_URL to a Prefect server "
+                           "the nodes reach (docs/operator-guide.md, 'A Slurm cluster')", server.api_url)
+    elif address is not None and address[0] not in LOOPBACK_HOSTS:
         logger.warning("the Dask scheduler %s is not on this machine but Prefect runs on a temporary server at %s "
                        "that only this machine reaches: set PREFECT_API_URL to a Prefect server the Dask workers "
                        "reach (docs/operator-guide.md, 'Sharding and extraction on Dask')", task_runner, server.api_url)
@@ -88,9 +102,11 @@ def open_task_runner(task_runner: str, workers: int) -> Iterator[TaskRunner]:
 
 
 def worker_slots(runner: TaskRunner, workers: int) -> int:
-    """How many tasks ``runner`` runs at once: the threads of a connected Dask cluster's workers (at least one),
-    else ``workers``."""
+    """How many tasks ``runner`` runs at once: the threads of a connected Dask cluster's workers, or the workers an
+    adaptive cluster was asked for when more (``slurm``: the worker jobs may still be pending), at least one; else
+    ``workers``."""
     client = getattr(runner, "client", None)
     if client is None:
         return workers
-    return max(1, sum(client.nthreads().values()))
+    expected = int((getattr(runner, "adapt_kwargs", None) or {}).get("minimum", 0) or 0)
+    return max(1, sum(client.nthreads().values()), expected)

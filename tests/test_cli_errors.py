@@ -117,7 +117,7 @@ def test_shard_user_errors(tmp_path):
     assert_user_error(["shard", str(no_images), dest, "--parallelism", "0"], cwd, "--parallelism must be >= 1")
     assert_user_error(["shard", str(no_images), "ftp://host/x"], cwd, "unsupported storage URI scheme 'ftp'")
     assert_user_error(["shard", str(no_images), dest, "--task-runner", "threadz"], cwd,
-                      "argument --task-runner: must be one of threads, processes, dask or", "tcp://HOST:PORT")
+                      "argument --task-runner: must be one of threads, processes, dask, slurm or", "tcp://HOST:PORT")
 
 
 def test_extract_user_errors(shards, tmp_path):
@@ -210,7 +210,7 @@ def test_pipeline_demo_and_register_user_errors(shards, tmp_path):
     assert_user_error(["pipeline", images, images, workspace, "--parallelism", "0"], cwd,
                       "parallelism must be a positive integer")
     assert_user_error(["pipeline", images, images, workspace, "--task-runner", "tcp://host"], cwd,
-                      "argument --task-runner: must be one of threads, processes, dask or")
+                      "argument --task-runner: must be one of threads, processes, dask, slurm or")
     assert_user_error(["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"], cwd, "train.epochs must be")
     assert not (tmp_path / "demo").exists()
     assert_user_error(["register", str(tmp_path / "missing"), "--name", "m"], cwd, "does not exist")

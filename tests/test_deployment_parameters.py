@@ -75,9 +75,9 @@ def test_a_bad_merged_setting_is_a_user_error_naming_the_field():
 # `settings` above; the flat names the groups replaced still work for now, with a deprecation warning.
 
 
-def _deployment(entrypoint: str) -> dict:
+def _deployment(entrypoint: str, name: str = "default") -> dict:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    (deployment,) = [d for d in spec["deployments"] if d["entrypoint"] == entrypoint]
+    (deployment,) = [d for d in spec["deployments"] if d["entrypoint"] == entrypoint and d["name"] == name]
     return deployment["parameters"]
 
 

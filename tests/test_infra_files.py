@@ -95,10 +95,14 @@ def test_prefect_yaml_deploys_every_flow_to_the_process_pool():
     assert pretrain["work_pool"]["work_queue_name"] == "training"
     # Every group of settings validates (extra="forbid": a misspelt field fails here, not in a run).
     for entrypoint, groups in GROUPED_FLOWS.items():
-        (deployment,) = [d for d in _prefect_config()["deployments"] if d["entrypoint"] == entrypoint]
-        for name, value in deployment["parameters"].items():
-            if name in groups:
-                groups[name].model_validate(value)
+        for deployment in [d for d in _prefect_config()["deployments"] if d["entrypoint"] == entrypoint]:
+            for name, value in deployment["parameters"].items():
+                if name in groups:
+                    groups[name].model_validate(value)
+    # dino-pretrain/slurm (issue 25): a training submitted to Slurm from a login node, on its own work queue
+    slurm, _ = deployments["dino-pretrain/slurm"]
+    assert slurm["parameters"]["launch"]["launcher"] == "slurm" and slurm["work_pool"]["work_queue_name"] == "slurm"
+    assert {"partition", "time_limit", "signal_lead_s", "setup"} <= set(slurm["parameters"]["slurm"])
 
 
 def test_reevaluation_is_scheduled_with_cron_and_its_own_parameters():

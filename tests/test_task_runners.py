@@ -36,12 +36,12 @@ from tests.test_shard_flow import copy_subset, read_shards
 
 
 def test_task_runner_values():
-    for value in ("threads", "processes", "dask", "tcp://127.0.0.1:8786", "tcp://dask-scheduler.dino:8786",
+    for value in ("threads", "processes", "dask", "slurm", "tcp://127.0.0.1:8786", "tcp://dask-scheduler.dino:8786",
                   "tcp://[::1]:8786"):
         assert check_task_runner(value) == value
     assert scheduler_address("tcp://10.0.0.5:8786") == ("10.0.0.5", 8786)
     for bad in ("thread", "Dask", "tcp://host", "tcp://host:0", "tcp://host:70000", "http://host:8786", "", None, 4):
-        with pytest.raises(TaskRunnerError, match="task_runner must be one of threads, processes, dask or"):
+        with pytest.raises(TaskRunnerError, match="task_runner must be one of threads, processes, dask, slurm or"):
             check_task_runner(bad)
     with pytest.raises(UserInputError, match="--nproc-per-node 2 and --task-runner dask are two ways"):
         check_extraction_runner("dask", 2, 2, prefix="--")

@@ -64,8 +64,8 @@ def task_runner_choice(text: str) -> str:
 def add_task_runner_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--task-runner", type=task_runner_choice, default="threads", metavar="RUNNER",
                         help=f"where the {what} run: threads (default, in this process), processes (of this "
-                             f"machine), dask (a local Dask cluster of --parallelism workers) or tcp://HOST:PORT "
-                             f"(a running Dask scheduler)")
+                             f"machine), dask (a local Dask cluster of --parallelism workers), slurm (--parallelism "
+                             f"Dask workers as Slurm jobs) or tcp://HOST:PORT (a running Dask scheduler)")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)

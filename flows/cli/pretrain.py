@@ -1,6 +1,11 @@
 """``dino pretrain``: DINO pretraining with torchrun, tracked in MLflow (the ``dino-pretrain`` flow).
 
     dino pretrain s3://bucket/imagenette/train s3://bucket/checkpoints/run1 --preset small --set train.epochs=10
+
+On a Slurm cluster (from a login node; the paths on the filesystem the nodes share):
+
+    dino pretrain /shared/shards /shared/ckpt/run1 --launcher slurm --nnodes 2 --nproc-per-node 4 \
+        --slurm-partition gpu --slurm-time 24:00:00 --slurm-setup 'source /shared/venv/bin/activate'
 """
 
 from __future__ import annotations
@@ -31,10 +36,53 @@ def _configure_pretrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto", choices=["auto", "never", "require"],
                    help="auto: resume when checkpoints exist (default); never / require: refuse otherwise")
     p.add_argument("--retries", type=int, default=2, help="relaunch a failed trainer (resuming) this many times")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: torchrun here (default); slurm: a batch job of --nnodes nodes (--slurm-* options)")
+    slurm = p.add_argument_group("Slurm (--launcher slurm; tasks/validation/slurm_settings.py)")
+    for option, field, kind, text in _SLURM_OPTIONS:
+        repeat = {"action": "append", "default": []} if kind == "lines" else {"type": int} if kind == "int" else {}
+        slurm.add_argument(f"--slurm-{option}", dest=f"slurm_{field}", metavar=field.upper(), help=text, **repeat)
+
+
+#: ``--slurm-<option>`` -> the ``slurm`` settings field it sets.
+_SLURM_OPTIONS = [
+    ("partition", "partition", "str", "partition (default: the cluster's)"),
+    ("account", "account", "str", "account charged"),
+    ("qos", "qos", "str", "quality of service"),
+    ("time", "time_limit", "str", "time limit of one job, e.g. 24:00:00; the job is requeued at it until done"),
+    ("constraint", "constraint", "str", "node features, e.g. 'a100&ib'"),
+    ("gpus-per-node", "gpus_per_node", "int", "GPUs per node (default --nproc-per-node; none on cpu)"),
+    ("cpus-per-task", "cpus_per_task", "int", "CPUs per node's torchrun"),
+    ("mem", "mem", "str", "memory per node, e.g. 200G"),
+    ("sbatch", "extra_sbatch", "lines", "one more #SBATCH option: --slurm-sbatch=--exclusive (repeatable)"),
+    ("setup", "setup", "lines", "a shell line run before the trainers, e.g. 'module load cuda' (repeatable)"),
+    ("python", "python", "str", "Python on the nodes (default: this one)"),
+    ("signal-lead", "signal_lead_s", "int", "seconds before the time limit the job checkpoints (default 300)"),
+    ("work-dir", "work_dir", "str", "folder shared with the nodes for job files (default ~/.cache/dino/slurm)"),
+]
+
+
+def slurm_settings(args: argparse.Namespace):
+    """The ``slurm`` group from the ``--slurm-*`` options given; a bad value names its option."""
+    from pydantic import ValidationError
+
+    from tasks.validation.slurm_settings import SlurmSettings
+
+    given = {field: getattr(args, f"slurm_{field}") for _, field, _, _ in _SLURM_OPTIONS
+             if getattr(args, f"slurm_{field}") not in (None, [])}
+    if given and args.launcher != "slurm":
+        raise UsageError("--slurm-* options need --launcher slurm")
+    try:
+        return SlurmSettings(**given)
+    except ValidationError as e:
+        options = {field: f"--slurm-{option}" for option, field, _, _ in _SLURM_OPTIONS}
+        raise UsageError("; ".join(f"{options.get(str(err['loc'][0]), '--slurm-*') if err['loc'] else '--slurm-*'}: "
+                                   f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
 
 
 @command("pretrain", "pretrain DINO with torchrun, tracked in MLflow (the dino-pretrain flow)", _configure_pretrain)
 def run_pretrain(args: argparse.Namespace) -> int:
+    from tasks.pretrain.slurm.batch_script import slurm_launch_spec
     from tasks.pretrain.trainer_process import LaunchSpec
     from tasks.validation import UserInputError, check_pretrain_request
     from tasks.validation.pretrain_settings import LaunchSettings, TrackingSettings
@@ -46,9 +94,12 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise UsageError(f"--retries must be >= 0, got {args.retries}")
     request = PretrainRequest(args.data, args.checkpoints, args.preset, args.config, tuple(args.overrides),
                               args.resume, args.val)
-    check_pretrain_request(request, LaunchSpec(args.nproc_per_node, args.nnodes, args.rdzv_endpoint))
-    launch = LaunchSettings(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
-                            retries=args.retries)
+    slurm = slurm_settings(args)
+    spec = (slurm_launch_spec(args.nproc_per_node, args.nnodes, slurm) if args.launcher == "slurm"
+            else LaunchSpec(args.nproc_per_node, args.nnodes, args.rdzv_endpoint))
+    check_pretrain_request(request, spec)
+    launch = LaunchSettings(launcher=args.launcher, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                            rdzv_endpoint=args.rdzv_endpoint, retries=args.retries)
     tracking = TrackingSettings(experiment=args.experiment, registered_model=args.registered_model)
     use_embedded_mlflow(os.path.join(os.getcwd(), "mlruns-dino"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the progress bar is the display
@@ -57,7 +108,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     with flow_session(reported=(UserInputError,), debug=args.debug), trainer_progress_bar():
         out = dino_pretrain(data=request.data, checkpoint_uri=request.checkpoint_uri, preset=request.preset,
                             config_file=request.config_file, overrides=list(request.overrides),
-                            resume=request.resume, val_data=request.val_data, launch=launch, tracking=tracking)
+                            resume=request.resume, val_data=request.val_data, launch=launch, slurm=slurm,
+                            tracking=tracking)
     print(f"registered {out['registered_model']} version {out['version']} (alias 'candidate'); "
           f"MLflow run {out['run_id']}; export {out['export_uri']}")
     print_mlflow_hint()

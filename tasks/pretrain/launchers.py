@@ -12,6 +12,8 @@ trainer has checkpointed). The MLflow run, the registration and the summary are 
                 this flow's torchrun with the same ``rdzv_endpoint``)
 ``kubernetes``  :mod:`tasks.pretrain.kubernetes.launcher`: an Indexed Job of ``nnodes`` pods, followed with
                 kubectl
+``slurm``       :mod:`tasks.pretrain.slurm.launcher`: a batch job of ``nnodes`` nodes (sbatch, srun + torchrun
+                per node), followed with scontrol, requeued at its time limit until the training is done
 ==============  =======================================================================================
 
 A new launcher is one module with such a class (its task uses :func:`tasks.pretrain.progress_artifact.
@@ -50,6 +52,7 @@ class Launcher(Protocol):
 LAUNCHERS = {
     "local": "tasks.pretrain.local:LocalLauncher",
     "kubernetes": "tasks.pretrain.kubernetes.launcher:KubernetesLauncher",
+    "slurm": "tasks.pretrain.slurm.launcher:SlurmLauncher",
 }
 
 

@@ -1,11 +1,12 @@
 """``dino-pretrain``'s groups of settings (:mod:`.settings_groups`): how the trainer is launched (``launch``), the
-Kubernetes Job of ``launcher="kubernetes"`` (``kubernetes``) and where MLflow records the training (``tracking``);
+Kubernetes Job of ``launcher="kubernetes"`` (``kubernetes``), the Slurm job of ``launcher="slurm"`` (``slurm``,
+:mod:`.slurm_settings`) and where MLflow records the training (``tracking``);
 and the flat parameter names they replace, still accepted with a deprecation warning::
 
     prefect deployment run dino-pretrain/default --param launch='{"launcher": "kubernetes", "nnodes": 4}' \\
         --param kubernetes='{"image": "registry.example/dino:0.1"}'
 
-A launcher's own settings are one group each (``kubernetes`` today), so a new launcher adds one group here, one
+A launcher's own settings are one group each (``kubernetes``, ``slurm``), so a new launcher adds one group here, one
 parameter to the flow and one module in :mod:`tasks.pretrain`. Prefect-free.
 """
 
@@ -17,18 +18,22 @@ from typing import Literal
 from pydantic import Field
 
 from .settings_groups import Renamed, SettingsGroup
+from .slurm_settings import SlurmSettings
 
 
 class LaunchSettings(SettingsGroup):
     """How the trainer is started (the processes and nodes it runs on) and relaunched after a failure."""
 
-    launcher: Literal["local", "kubernetes"] = Field(
+    launcher: Literal["local", "kubernetes", "slurm"] = Field(
         "local", description="'local' runs torchrun on this worker; 'kubernetes' submits an Indexed Job of `nnodes` "
                              "pods (torchrun with a c10d rendezvous on pod 0) with kubectl and follows it "
-                             "(tasks/pretrain/kubernetes/multinode-job.yaml).")
+                             "(tasks/pretrain/kubernetes/multinode-job.yaml); 'slurm' submits a batch job of "
+                             "`nnodes` nodes with sbatch (srun: one torchrun per node, c10d rendezvous on the first "
+                             "node; settings in the `slurm` group) and follows it with scontrol.")
     nproc_per_node: int = Field(1, description="Training processes per machine (one per GPU; gloo processes on CPU).")
     nnodes: int = Field(1, description="Machines in the job. launcher 'local': each runs this flow's torchrun with "
-                                       "`rdzv_endpoint`; 'kubernetes': the pods of the submitted Job.")
+                                       "`rdzv_endpoint`; 'kubernetes': the pods of the submitted Job; 'slurm': the "
+                                       "nodes of the batch job.")
     rdzv_endpoint: str = Field("", description="HOST:PORT of the c10d rendezvous when nnodes > 1 (launcher 'local' "
                                                "only).")
     retries: int = Field(2, ge=0, description="How many times a failed trainer is relaunched (resuming) before the "
@@ -63,11 +68,13 @@ class PretrainSettings:
 
     launch: LaunchSettings = LaunchSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    slurm: SlurmSettings = SlurmSettings()
     tracking: TrackingSettings = TrackingSettings()
 
 
 #: The groups, by parameter name.
-PRETRAIN_GROUPS = {"launch": LaunchSettings, "kubernetes": KubernetesSettings, "tracking": TrackingSettings}
+PRETRAIN_GROUPS = {"launch": LaunchSettings, "kubernetes": KubernetesSettings, "slurm": SlurmSettings,
+                   "tracking": TrackingSettings}
 
 #: The flat parameters of ``dino-pretrain`` before the groups, and where each went.
 PRETRAIN_RENAMES = {

@@ -5,6 +5,8 @@ run. One spelling everywhere — the ``--task-runner`` option, the flows' ``task
 ``threads``         threads of the flow's process (Prefect's ``ThreadPoolTaskRunner``): the default
 ``processes``       worker processes on the flow's machine (Prefect's ``ProcessPoolTaskRunner``): no GIL
 ``dask``            a local Dask cluster of ``parallelism`` worker processes (``prefect-dask``)
+``slurm``           ``parallelism`` Dask workers, each a Slurm job of the cluster this machine submits to
+                    (``dask-jobqueue``; its ``jobqueue.slurm`` configuration: :mod:`tasks.slurm_dask`)
 ``tcp://HOST:PORT`` a running Dask scheduler (``dask scheduler``), its workers anywhere (``prefect-dask``)
 ==================  ==================================================================================
 
@@ -18,8 +20,8 @@ import re
 
 from .errors import UserInputError
 
-#: The named choices; a ``tcp://HOST:PORT`` address is the fourth kind.
-TASK_RUNNERS = ("threads", "processes", "dask")
+#: The named choices; a ``tcp://HOST:PORT`` address is the fifth kind.
+TASK_RUNNERS = ("threads", "processes", "dask", "slurm")
 _SCHEDULER = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 #: Where a scheduler address is also on this machine (a temporary Prefect server is reachable from its workers).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
