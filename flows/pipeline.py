@@ -83,6 +83,7 @@ def dino_pipeline(
         preset=preset,
         overrides=overrides,
         resume=resume,
+        val_data=layout.val_shards,  # the learning curve during training: the teacher's k-NN on the val shards
         launch=LaunchSettings(nproc_per_node=nproc_per_node),
         tracking=TrackingSettings(experiment=experiment, registered_model=registered_model),
     )

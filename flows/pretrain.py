@@ -53,6 +53,7 @@ def dino_pretrain(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     resume: Literal["auto", "never", "require"] = "auto",
+    val_data: str | None = None,
     launch: LaunchSettings | dict[str, Any] | None = None,
     kubernetes: KubernetesSettings | dict[str, Any] | None = None,
     tracking: TrackingSettings | dict[str, Any] | None = None,
@@ -65,12 +66,16 @@ def dino_pretrain(
         checkpoint_uri: Folder or ``s3://`` prefix for checkpoints and the final export; a retry or a new flow run
             with the same URI resumes from its latest checkpoint, in the MLflow run that checkpoint was logged
             into (unless that run is FINISHED).
-        preset: Training preset(s): ``reference``, ``boost``, ``multicrop10``, ``small``, ``resnet50``
-            (comma-separated to chain, e.g. ``boost,small``).
+        preset: Training preset(s): ``reference``, ``boost``, ``multicrop10``, ``small``, ``small-data`` (chosen
+            by the data set's size, docs/small-data.md), ``resnet50`` (comma-separated to chain, e.g.
+            ``boost,small``).
         config_file: Optional YAML/JSON training config on the worker, applied after the preset.
         overrides: ``section.field=value`` overrides applied last, e.g. ``["train.epochs=10", "optim.lr=1e-3"]``.
         resume: ``auto`` resumes when checkpoints exist; ``never`` refuses a URI that holds checkpoints;
             ``require`` refuses one that holds none. Task retries always resume.
+        val_data: A labelled validation shard set (same classes as ``data``, which must then be a labelled shard
+            set): the teacher's k-NN on it during training, the learning curve (MLflow metric
+            ``monitor.knn20_top1``, the progress artifact, the model card; docs/training-health.md).
         launch: How the trainer is started (:class:`tasks.validation.pretrain_settings.LaunchSettings`): the
             ``launcher`` (``local``: torchrun on this worker; ``kubernetes``: an Indexed Job of ``nnodes`` pods),
             ``nproc_per_node``, ``nnodes``, ``rdzv_endpoint`` and ``retries`` (relaunches of a failed trainer,
@@ -83,7 +88,7 @@ def dino_pretrain(
         deprecated: The flat names these groups replaced (``nproc_per_node=``, ``k8s_image=``,
             ``experiment=`` ...): still accepted, with a warning naming the new spelling.
     """
-    request = PretrainRequest(data, checkpoint_uri, preset, config_file, tuple(overrides or ()), resume)
+    request = PretrainRequest(data, checkpoint_uri, preset, config_file, tuple(overrides or ()), resume, val_data)
     settings = pretrain_settings({"launch": launch, "kubernetes": kubernetes, "tracking": tracking}, deprecated)
     flow_run_id = str(flow_run.get_id() or "local")
     launcher = open_launcher(settings, flow_run_id)
@@ -95,9 +100,10 @@ def dino_pretrain(
                              tags)
     try:
         end = launcher.train(resolved.config, run_id)
-    except Exception:
-        # A failure; a stop (cancellation, shutdown) is a BaseException that the flow's hooks record instead.
-        end_mlflow_run(run_id, "FAILED", {"stop_reason": "failed"})
+    except Exception as error:
+        # A failure (``collapsed:<mode>`` when the health monitor stopped it); a stop (cancellation, shutdown) is a
+        # BaseException that the flow's hooks record instead.
+        end_mlflow_run(run_id, "FAILED", {"stop_reason": getattr(error, "stop_reason", "failed")})
         raise
     if end.get("status") == "cancelled":
         # The trainer has checkpointed; the cancellation takes Prefect's own course from here: the flow run ends

@@ -42,6 +42,10 @@ from .pretrain.training_progress import format_duration
 REPORT_TAG = "report.artifact"
 #: Run tag of a training run describing the machines it ran on (written from the trainer's start record).
 HARDWARE_TAG = "hardware"
+#: Run tags of the training-health verdict in force and its latest window (dino_model.mlflow_logger.on_health).
+HEALTH_TAG, HEALTH_DETAIL_TAG = "health", "health.detail"
+#: Metric names of the learning curve (dino_model.train.knn_monitor: monitor.knn20_top1).
+LEARNING_CURVE_PREFIX = "monitor.knn"
 #: What the aliases the pipeline manages mean (the registered model's description lists them).
 ALIASES = {
     "champion": "the best evaluated version: `dino-evaluate` moves it by its champion policy (default: when "
@@ -123,6 +127,11 @@ def _training_facts(client, run_id: str | None) -> dict[str, Any]:
         history = client.get_metric_history(run_id, "loss")
         if history:
             facts["last_logged_step"] = max(m.step for m in history)
+    curve = sorted(((m.step, m.value) for key in metrics if key.startswith(LEARNING_CURVE_PREFIX)
+                    for m in client.get_metric_history(run_id, key)), key=lambda p: p[0])
+    if curve:
+        facts["learning_curve"] = {"metric": next(k for k in metrics if k.startswith(LEARNING_CURVE_PREFIX)),
+                                   "points": curve}
     return facts
 
 
@@ -230,11 +239,40 @@ def training_rows(training: dict[str, Any], version_tags: dict[str, str]) -> lis
     rows.append(("hardware", tags.get(HARDWARE_TAG) or "not recorded"))
     if metrics.get("loss") is not None:
         rows.append(("final loss", f"{metrics['loss']:.4f}"))
+    rows += health_rows(training)
     run_text = f"{training.get('run_name') or training['run_id']} (`{training['run_id']}`)"
     rows.append(("MLflow run", _link(run_text, f"experiments/{training['experiment_id']}/runs/{training['run_id']}")))
     if tags.get("git_commit"):
         rows.append(("code", f"git `{tags['git_commit'][:12]}`"))
     return rows
+
+
+def health_rows(training: dict[str, Any]) -> list[tuple[str, str]]:
+    """The training-health verdict (docs/training-health.md) and the learning curve, when the run has them."""
+    rows = []
+    tags = training.get("tags", {})
+    if tags.get(HEALTH_TAG):
+        verdict = tags[HEALTH_TAG]
+        detail = tags.get(HEALTH_DETAIL_TAG, "")
+        rows.append(("training health", f"**{verdict}**" + (f" — {_escape(detail)}" if detail else "")))
+    curve = training.get("learning_curve")
+    if curve:
+        points = curve["points"]
+        name = curve["metric"].removeprefix("monitor.").replace("_top1", " top-1")
+        shown = points if len(points) <= 8 else points[:3] + points[-4:]
+        text = " → ".join(f"{v:.1f} % (step {s:,})" for s, v in shown)
+        if len(points) > 8:
+            text = text.replace(f"(step {shown[2][0]:,}) → ", f"(step {shown[2][0]:,}) → … → ", 1)
+        first, last = points[0], points[-1]
+        note = (f"; {last[1] - first[1]:+.1f} points over the randomly initialised backbone (step 0)"
+                if first[0] == 0 and len(points) > 1 else "")
+        rows.append(("learning curve", f"k-NN {name.removeprefix('knn')}: {text}{note}"))
+    return rows
+
+
+def _escape(text: str) -> str:
+    """Text safe in a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def fast_path_rows(version_tags: dict[str, str], training: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 from typing import Iterator
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from dino_model.parent_death import exit_with_parent
 from tasks.validation.task_runners import LOOPBACK_HOSTS, check_parallelism, check_task_runner, scheduler_address
 
 logger = logging.getLogger(__name__)
@@ -38,14 +41,17 @@ def build_task_runner(task_runner: str, workers: int) -> TaskRunner:
     if task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
     if task_runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
+        # Each worker stops when this process dies, whatever kills it: a killed command leaves none behind.
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=exit_with_parent,
+                                     initargs=(signal.SIGTERM, os.getpid()))
     from prefect_dask import DaskTaskRunner
 
     if task_runner == "dask":
         # One single-threaded worker process per slot (the work is CPU-bound Python: threads would share a GIL);
         # no dashboard (it would take a port and import bokeh).
+        # Each worker stops when this process dies, whatever kills it (tasks/dask_worker.py).
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": None, "preload": ["tasks.dask_worker"]})
     return DaskTaskRunner(address=task_runner)
 
 

@@ -128,7 +128,8 @@ def health_overrides(images, ckpt, name: str, **extra) -> list[str]:
     register_logger("health-records", HealthRecords)
     return tiny_overrides(images, ckpt, **{
         "logging.loggers": [f"health-records:{name}"], "logging.progress": False, "export.enabled": False,
-        "checkpoint.every_n_steps": 0, "health.window_steps": 12, "health.patience": 2, **extra})
+        "checkpoint.every_n_steps": 0, "checkpoint.keep_last": 1, "health.window_steps": 12, "health.patience": 2,
+        **extra})
 
 
 def run_tiny(overrides: list[str], shared_teacher: bool = False):
@@ -210,7 +211,7 @@ def test_the_learning_curve_starts_at_the_random_backbone_and_follows_the_epochs
     overrides = tiny_overrides(train, tmp_path / "ckpt", **{
         "data.source": train, "train.epochs": 3, "monitor.val_source": val, "monitor.train_samples": 40,
         "monitor.every_epochs": 2, "monitor.crop_size": 32, "logging.loggers": [f"jsonl:{tmp_path}/m.jsonl"],
-        "export.enabled": False})
+        "export.enabled": False, "checkpoint.keep_last": 1})
     assert main(overrides) == 0
     events = [e for e in map(parse_progress_line, capsys.readouterr().out.splitlines()) if e and e["event"] == "knn"]
     # before the first step, after epoch 2 (every_epochs) and after the last epoch
@@ -237,7 +238,7 @@ def test_the_small_data_recipe_trains_without_tripping_the_monitor(tmp_path):
                  "model.arch=vit_tiny", "data.batch_size_per_gpu=8", "data.num_workers=0", "train.device=cpu",
                  "train.epochs=6", "optim.warmup_epochs=1", "health.window_steps=8", "logging.log_every=1",
                  "logging.loggers=[health-records:small-data]", "logging.progress=false", "export.enabled=false",
-                 "checkpoint.every_n_steps=0"]
+                 "checkpoint.every_n_steps=0", "checkpoint.keep_last=1"]
     cfg = load_config(overrides=overrides, preset="small-data", dataset_size=lambda: 48)
     assert (cfg.model.out_dim, cfg.loss.teacher_temp, cfg.crops.global_size, cfg.crops.n_local) == (1024, 0.02, 128, 6)
     run = setup_run(cfg)
@@ -248,3 +249,73 @@ def test_the_small_data_recipe_trains_without_tripping_the_monitor(tmp_path):
     finally:
         run.loggers.close()
     assert len(run.health.history) >= 3 and run.health.called == HEALTHY, run.health.history
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# through the dino-pretrain flow: MLflow, the progress artifact, the model card, no retry of a health stop
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def labelled_shards(tmp_path):
+    from tests.datasets import write_colour_set
+
+    train = write_colour_set(tmp_path / "train-images", tmp_path / "train", range(4), 12, seed=0, name="train")
+    val = write_colour_set(tmp_path / "val-images", tmp_path / "val", range(4), 5, seed=1, name="val")
+    return train, val
+
+
+FLOW_TINY = ["model.arch=vit_tiny", "model.out_dim=64", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
+             "crops.global_size=32", "crops.local_size=16", "crops.n_local=2", "data.batch_size_per_gpu=8",
+             "data.num_workers=0", "optim.warmup_epochs=1", "train.device=cpu", "logging.log_every=1",
+             "checkpoint.every_n_steps=0", "checkpoint.keep_last=1", "health.window_steps=12", "monitor.crop_size=32"]
+
+
+@pytest.mark.slow
+def test_a_flow_run_stopped_by_its_health_monitor_fails_once_and_says_why(labelled_shards, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.pretrain import dino_pretrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    train, _ = labelled_shards
+    state = dino_pretrain(data=train, checkpoint_uri=str(tmp_path / "ckpt"), overrides=FLOW_TINY + [
+        "train.epochs=14", "train.health=stop", "loss.teacher_temp=1.0", "loss.warmup_teacher_temp=1.0"],
+        launch={"retries": 2}, tracking={"experiment": "health", "registered_model": "health"}, return_state=True)
+    assert state.is_failed() and "collapsed:uniform" in state.message and "Not retried" in state.message
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs()
+    train_runs = [r for r in runs if r.flow_run_id == state.state_details.flow_run_id and r.name.startswith("train")]
+    assert len(train_runs) == 1 and train_runs[0].run_count == 1  # no retry: it would collapse again
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("health").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "collapsed:uniform"
+    assert run.data.tags["health"] == "collapse:uniform" and "nearly uniform" in run.data.tags["health.detail"]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "health.bad")][-2:] == [1.0, 1.0]
+    assert latest_checkpoint(run.data.tags["checkpoint_uri"]) is not None
+    assert not client.search_registered_models()  # nothing registered
+
+
+@pytest.mark.slow
+def test_the_learning_curve_reaches_mlflow_the_progress_artifact_and_the_model_card(labelled_shards, tmp_path,
+                                                                                    monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pretrain import dino_pretrain
+    from tests.test_pretrain_flow import _last_progress_description
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    train, val = labelled_shards
+    out = dino_pretrain(data=train, checkpoint_uri=str(tmp_path / "ckpt"), val_data=val,
+                        overrides=FLOW_TINY + ["train.epochs=3", "monitor.every_epochs=1"],
+                        tracking={"experiment": "curve", "registered_model": "curve"})
+    client = MlflowClient()
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(out["run_id"], "monitor.knn20_top1"))
+    assert [s for s, _ in curve] == [0, 6, 12, 18]
+    description = _last_progress_description()
+    assert f"k-NN {curve[-1][1]:.1f} % (random {curve[0][1]:.1f} %)" in description and "health " in description
+    card = client.get_model_version("curve", out["version"]).description
+    assert "- **learning curve**: k-NN 20 top-1: " in card and f"{curve[0][1]:.1f} % (step 0)" in card
+    assert f"{curve[-1][1] - curve[0][1]:+.1f} points over the randomly initialised backbone" in card
+    assert "- **training health**: **healthy**" in card

@@ -8,7 +8,8 @@
 One module per subcommand: ``shard.py``, ``pretrain.py``, ``extract.py``, ``evaluate.py``, ``reevaluate.py``,
 ``pipeline.py`` (``dino pipeline`` and ``dino demo``), ``register.py``; ``evaluation_options.py`` holds the options
 that evaluate and reevaluate share; ``prefect_session.py`` how a command runs flows (quiet about the errors it
-reports, Dask's INFO lines off the terminal, a clean stop of the in-process server); ``common.py`` the registry,
+reports, Dask's INFO lines off the terminal, the command's own Prefect server, ``command_server.py``, that dies with
+it); ``stops.py`` how a command stops on SIGTERM, SIGHUP or SIGINT; ``common.py`` the registry,
 :class:`~flows.cli.common.UsageError`, the ``--task-runner`` option, the progress bar and the embedded-MLflow
 setup. Each subcommand is one function registered with
 :func:`~flows.cli.common.command`: ``configure(parser)`` adds its arguments and the decorated ``run(args) -> int``
@@ -32,6 +33,7 @@ from typing import Sequence
 # Importing a subcommand module registers its subcommands, in this order in `dino --help`.
 from . import shard, pretrain, extract, evaluate, reevaluate, pipeline, register  # noqa: F401, I001
 from .common import COMMANDS, add_debug_option, is_user_error
+from .stops import CommandStopped, exit_status, stop_signals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command].run(args)
+        with stop_signals():  # SIGTERM, SIGHUP, SIGINT: an ordinary stop (flows/cli/stops.py)
+            return COMMANDS[args.command].run(args)
+    except CommandStopped as stopped:
+        print(f"dino {args.command}: {stopped}; what was done is kept (shards, checkpoints, features, MLflow runs): "
+              "run the same command again to resume", file=sys.stderr)
+        return exit_status(stopped)
     except Exception as e:
         if not is_user_error(e):
             raise  # a bug or an outage: the traceback is the useful part

@@ -84,12 +84,14 @@ def parse_bytes(text: str) -> int:
 
 
 class trainer_progress_bar:
-    """A tqdm bar over the trainer's steps, fed by its ``DINO_PROGRESS`` records while the flow runs."""
+    """A tqdm bar over the trainer's steps, fed by its ``DINO_PROGRESS`` records while the flow runs; the learning
+    curve's points and each change of the training-health verdict are printed above it."""
 
     def __enter__(self):
         from tasks.pretrain.progress_artifact import trainer_progress
 
         self.bar = None
+        self.checkpoint = None  # the trainer's last checkpoint, said when a stop ends the command
         trainer_progress.add(self.update)
         return self
 
@@ -97,6 +99,8 @@ class trainer_progress_bar:
         from tqdm import tqdm
 
         event = record.get("event")
+        if event in ("checkpoint", "end") and (record.get("uri") or record.get("checkpoint")):
+            self.checkpoint = record.get("uri") or record.get("checkpoint")
         if event == "start":
             if self.bar is None:
                 self.bar = tqdm(total=record.get("total_steps"), unit="step", desc="dino pretrain", dynamic_ncols=True)
@@ -109,13 +113,21 @@ class trainer_progress_bar:
             self.bar.refresh()
         elif self.bar is not None and event == "error":
             self.bar.write(f"trainer error: {record.get('message') or record}")
+        elif self.bar is not None and event == "knn":
+            points = ", ".join(f"{k.removeprefix('monitor.')} {v:.1f} %" for k, v in record.items()
+                               if k.startswith("monitor.knn"))
+            self.bar.write(f"learning curve at step {record.get('step')}: {points}")
+        elif self.bar is not None and event == "health" and record.get("changed"):
+            self.bar.write(f"training health: {record.get('text') or record.get('called')}")
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         from tasks.pretrain.progress_artifact import trainer_progress
 
         trainer_progress.remove(self.update)
         if self.bar is not None:
             self.bar.close()
+        if exc is not None and not isinstance(exc, Exception) and self.checkpoint:  # a stop: where training resumes
+            print(f"the trainer's last checkpoint: {self.checkpoint} (training resumes from it)")
 
 
 def use_embedded_mlflow(folder: str) -> None:

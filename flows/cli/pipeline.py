@@ -28,11 +28,13 @@ from .prefect_session import flow_session
 if TYPE_CHECKING:
     from tasks.validation.pipeline import PipelineRequest
 
-#: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) at a
-#: size a 2-core laptop trains in a few minutes: ViT-Tiny/16 on 64-px crops, K = 4096 prototypes.
+#: The demo's training recipe: the paper's method (multi-crop, centring + sharpening, EMA teacher, schedules) with
+#: the small-data recipe (``small-data-20k``: K = 1,024, teacher temperature 0.02, EMA momentum 0.99; docs/small-data.md)
+#: at a size a 2-core laptop trains in a few minutes: ViT-Tiny/16 on 64-px crops (2 global + 4 local), batches of
+#: 16; the health monitor judges windows of 20 steps, and the learning curve is measured every 2 epochs.
+DEMO_PRESET = "small-data-20k"
 DEMO_OVERRIDES = [
     "model.arch=vit_tiny",
-    "model.out_dim=4096",
     "crops.global_size=64",
     "crops.local_size=32",
     "crops.n_local=4",
@@ -43,7 +45,13 @@ DEMO_OVERRIDES = [
     "optim.lr=0.002",
     "logging.log_every=2",
     "checkpoint.every_n_steps=0",
+    "health.window_steps=20",
+    "monitor.crop_size=64",
+    "monitor.every_epochs=2",
 ]
+#: The demo's generated data: 6 shape classes at 64 px, 30 training and 50 validation images per class (300 to
+#: measure on, so one image is a third of a point), and two short videos with masks.
+DEMO_DATA = {"classes": 6, "size": 64, "train_per_class": 30, "val_per_class": 50}
 
 
 def _configure_pipeline(p: argparse.ArgumentParser) -> None:
@@ -91,21 +99,26 @@ def run_demo(args: argparse.Namespace) -> int:
 
     overrides = tuple(DEMO_OVERRIDES + [f"train.epochs={args.epochs}"])
     # e.g. --epochs 0, before any work
-    load_training_config(PretrainRequest("data", "checkpoints", overrides=overrides))
+    load_training_config(PretrainRequest("data", "checkpoints", DEMO_PRESET, overrides=overrides))
     work = Path(args.workdir).resolve()
     if work.exists() and not work.is_dir():
         raise UsageError(f"--workdir {args.workdir} is a file: give a folder (created if missing)")
     from dino_model.data.synthetic import make_synthetic_imagefolder
     from dino_model.data.synthetic_video import make_synthetic_davis
 
-    data = work / "data"
+    d = DEMO_DATA
+    data = work / f"data-{d['classes']}x{d['train_per_class']}+{d['val_per_class']}-{d['size']}px"
     started = time.monotonic()
     print(f"dino demo: everything goes under {work}")
     if not (data / "val").is_dir():  # generated once; a re-run reuses it (and every stage skips finished work)
-        print("1/4 generating a labelled shapes dataset (6 classes, 64 px) and 2 short videos with masks")
-        make_synthetic_imagefolder(data / "train", classes=6, per_class=30, size=64, seed=0)
+        print(f"1/4 generating a labelled shapes dataset ({d['classes']} classes, {d['size']} px: "
+              f"{d['classes'] * d['train_per_class']} training and {d['classes'] * d['val_per_class']} validation "
+              "images) and 2 short videos with masks")
+        make_synthetic_imagefolder(data / "train", classes=d["classes"], per_class=d["train_per_class"],
+                                   size=d["size"], seed=0)
         make_synthetic_davis(data / "davis", sequences=2, frames=8, seed=0)
-        make_synthetic_imagefolder(data / "val", classes=6, per_class=10, size=64, seed=1)
+        make_synthetic_imagefolder(data / "val", classes=d["classes"], per_class=d["val_per_class"], size=d["size"],
+                                   seed=1)
     evaluation = _evaluation_settings(
         **_workspace_paths(str(work / "run")),
         evaluations=["knn", "linear_fast", "attention", "davis"],
@@ -113,9 +126,11 @@ def run_demo(args: argparse.Namespace) -> int:
         davis_root=str(data / "davis"), davis_short_side=96, attention_size=96, attention_frame_step=1,
         experiment="dino-demo-evaluate",
     )
-    request = PipelineRequest(str(data / "train"), str(data / "val"), str(work / "run"), "reference", overrides, 30, 1,
-                              "dino-demo", "dino-demo", evaluation)
-    _report(_run(request, debug=args.debug))
+    request = PipelineRequest(str(data / "train"), str(data / "val"), str(work / "run"), DEMO_PRESET, overrides, 100,
+                              1, "dino-demo", "dino-demo", evaluation)
+    out = _run(request, debug=args.debug)
+    _report(out)
+    _report_learning(out["pretrain"]["run_id"])
     print(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
 
@@ -160,6 +175,28 @@ def _run(request: PipelineRequest, debug: bool = False) -> dict:
             return dino_pipeline(**request.flow_parameters())
         except (StorageError, ValueError) as e:
             raise UsageError(str(e)) from e
+
+
+def _report_learning(run_id: str) -> None:
+    """What the training learnt: the learning curve's first point (the randomly initialised backbone) beside its
+    last (the trained teacher), both on the same validation images and memory, the curve, and the health verdict."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "monitor.knn20_top1"))
+    print()
+    if len(curve) > 1 and curve[0][0] == 0:
+        (_, random_init), (_, trained) = curve[0], curve[-1]
+        gain = trained - random_init
+        print(f"learning:      k-NN 20 top-1 on the validation set: trained {trained:.2f} %, randomly initialised "
+              f"backbone {random_init:.2f} % ({gain:+.2f} points)")
+        print("               curve: " + " · ".join(f"{v:.1f} % (step {s})" for s, v in curve))
+        if gain < 10:
+            print("               (not clearly better than a random backbone: DINO needs far more steps than this CPU "
+                  "demo runs; see docs/training-health.md)")
+    print(f"health:        {tags.get('health', 'not judged (too few steps after the warm-up)')}"
+          + (f" — {tags['health.detail']}" if tags.get("health.detail") else ""))
 
 
 def _report(out: dict) -> None:

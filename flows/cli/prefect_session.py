@@ -8,17 +8,15 @@ traceback from the task run and again from the flow run, then the command prints
 ``dino <cmd>: error: ...``. Unless ``--debug``, those Prefect records are dropped for the exception types the
 command reports (and only for them): everything else Prefect logs is shown as usual.
 
-**A clean shutdown of the in-process server.** Without ``PREFECT_API_URL``, Prefect starts a temporary API server
-(a ``uvicorn`` subprocess on 127.0.0.1) on first use and stops it with SIGTERM from an ``atexit`` hook, right after
-the client has sent its last events. The server's task-run recorder (``prefect.server.services.task_run_recorder``)
-may still be writing those events to its sqlite database: uvicorn's shutdown cancels the write, and the recorder
-logs ``Error flushing N events`` with an ``asyncio.CancelledError`` traceback through sqlalchemy/aiosqlite, on the
-command's stderr, although the command succeeded (the events are re-queued and written by the recorder's final
-flush: nothing is lost). It happens when the machine is busy and the recorder lags behind (1 run in 4 of
-``dino shard`` with a 2-core machine fully loaded). The cause is the order of the shutdown, so the fix is the
-order: when the flows return, :func:`settle_ephemeral_server` delivers the client's pending events and logs, then
-waits until the server has recorded a final state for every task run of the flows this command ran, and only then
-lets the process exit (and Prefect stop the server, with nothing left in flight).
+**A server of the command's own, stopped cleanly.** Without ``PREFECT_API_URL``, the command runs its flows on a
+Prefect API server it starts itself and that dies with it, whatever kills it (:mod:`flows.cli.command_server`:
+Prefect's own temporary server would outlive a killed command). It is stopped on the way out, once it has recorded
+everything: the server's task-run recorder (``prefect.server.services.task_run_recorder``) may still be writing the
+client's last events to its sqlite database, and a shutdown in the middle cancels the write (the recorder logs
+``Error flushing N events`` with an ``asyncio.CancelledError`` traceback although nothing is lost; seen in 1 run in
+4 of ``dino shard`` on a fully loaded 2-core machine). So when the flows return (or a stop signal unwinds them),
+:func:`settle_server` delivers the client's pending events and logs, then waits until the server has recorded a
+final state for every task run of the flows this command ran, and only then is the server stopped.
 
 **Dask's INFO lines off the terminal.** A ``--task-runner dask`` run starts and stops a local cluster, and Dask
 logs each worker joining and leaving at INFO, through the progress bar: only WARNING and above unless ``--debug``
@@ -66,8 +64,11 @@ def _with_subclasses(cls: type) -> list[type]:
 @contextlib.contextmanager
 def flow_session(reported: tuple[type[BaseException], ...] = (), debug: bool = False) -> Iterator[None]:
     """Run flows inside: Prefect's logs of the ``reported`` exceptions are dropped and Dask logs only warnings
-    (unless ``debug``), and on the way out the in-process server is left with nothing in flight
-    (:func:`settle_ephemeral_server`)."""
+    (unless ``debug``); without ``PREFECT_API_URL`` the flows run on the command's own server
+    (:func:`flows.cli.command_server.command_server`), left with nothing in flight and stopped on the way out
+    (:func:`settle_server`)."""
+    from .command_server import command_server
+
     started = datetime.now(timezone.utc)
     if not debug:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -76,29 +77,22 @@ def flow_session(reported: tuple[type[BaseException], ...] = (), debug: bool = F
     for logger in loggers if quiet else ():
         logger.addFilter(quiet)
     try:
-        yield
+        with command_server() as server:
+            try:
+                yield
+            finally:
+                if server is not None:
+                    settle_server(started)
     finally:
-        try:
-            settle_ephemeral_server(started)
-        finally:
-            for logger in loggers if quiet else ():
-                logger.removeFilter(quiet)
+        for logger in loggers if quiet else ():
+            logger.removeFilter(quiet)
 
 
-def settle_ephemeral_server(since: datetime, timeout: float = 30.0) -> bool:
-    """When this process uses Prefect's in-process server: send the client's pending events and logs, then wait
-    (at most ``timeout`` seconds) until the server has recorded every task run of the flow runs that started at or
-    after ``since`` and have finished, each in a final state, with the count unchanged between two looks (a task
-    run whose first event is still queued is not in the database yet). Returns whether it settled; with a
-    server of one's own (``PREFECT_API_URL``) there is nothing to wait for."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return True
-    from prefect.server.api.server import SubprocessASGIServer
-
-    if not SubprocessASGIServer().running:
-        return True
+def settle_server(since: datetime, timeout: float = 30.0) -> bool:
+    """Before the command stops its own server: send the client's pending events and logs, then wait (at most
+    ``timeout`` seconds) until the server has recorded every task run of the flow runs that started at or after
+    ``since`` and have finished, each in a final state, with the count unchanged between two looks (a task run whose
+    first event is still queued is not in the database yet). Returns whether it settled."""
     from prefect.client.orchestration import get_client
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker

@@ -16,7 +16,10 @@ def _configure_pretrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="shard set (folder or s3:// prefix with manifest.json) or ImageFolder")
     p.add_argument("checkpoints", metavar="CHECKPOINTS", help="folder or s3:// prefix for checkpoints and the export")
     p.add_argument("--preset", default="reference",
-                   help="reference, boost, multicrop10, small, resnet50 (comma-separated to chain)")
+                   help="reference, boost, multicrop10, small, small-data (chosen by the data set's size; or a bucket "
+                        "small-data-20k/-50k/-100k/-200k), resnet50 (comma-separated to chain)")
+    p.add_argument("--val", metavar="SHARDS", help="labelled validation shard set: the teacher's k-NN on it during "
+                                                  "training (the learning curve, MLflow metric monitor.knn20_top1)")
     p.add_argument("--config", help="YAML/JSON training config applied after the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set train.epochs=10 (repeatable)")
@@ -42,7 +45,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.retries < 0:
         raise UsageError(f"--retries must be >= 0, got {args.retries}")
     request = PretrainRequest(args.data, args.checkpoints, args.preset, args.config, tuple(args.overrides),
-                              args.resume)
+                              args.resume, args.val)
     check_pretrain_request(request, LaunchSpec(args.nproc_per_node, args.nnodes, args.rdzv_endpoint))
     launch = LaunchSettings(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
                             retries=args.retries)
@@ -54,7 +57,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     with flow_session(reported=(UserInputError,), debug=args.debug), trainer_progress_bar():
         out = dino_pretrain(data=request.data, checkpoint_uri=request.checkpoint_uri, preset=request.preset,
                             config_file=request.config_file, overrides=list(request.overrides),
-                            resume=request.resume, launch=launch, tracking=tracking)
+                            resume=request.resume, val_data=request.val_data, launch=launch, tracking=tracking)
     print(f"registered {out['registered_model']} version {out['version']} (alias 'candidate'); "
           f"MLflow run {out['run_id']}; export {out['export_uri']}")
     print_mlflow_hint()

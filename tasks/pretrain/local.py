@@ -21,6 +21,7 @@ from dino_model.config import DinoConfig
 from tasks.validation import retry_unless_user_error
 from tasks.validation.pretrain_settings import PretrainSettings
 
+from .mlflow_run import record_signal_stop
 from .progress_artifact import finish_progress, progress_reporter
 from .trainer_process import LaunchSpec, run_trainer, torchrun_command, trainer_config
 
@@ -74,6 +75,8 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
         end = stopped["end"] = end or {}
         stopped["cancelled"] = _flow_run_cancelling()
         what = "cancelled" if stopped["cancelled"] else f"stopped by {signal.Signals(signum).name}"
+        if not stopped["cancelled"]:
+            record_signal_stop(run_id, signum)
         stopped["message"] = (f"training {what} at step {end.get('step', '?')} of {end.get('total_steps', '?')}; "
                               f"checkpoint: {end.get('checkpoint') or 'none'}")
         logger.warning("%s. A flow run with the same checkpoint_uri resumes from it, in the same MLflow run.",

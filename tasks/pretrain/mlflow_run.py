@@ -8,6 +8,7 @@ flow-run process killed outright runs no hook: the next :func:`open_mlflow_run` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -98,8 +99,9 @@ def _close_abandoned_runs(client, exp_id: str, flow_run_id: str, logger) -> None
                 continue
             if state is None or not state.is_final():
                 continue
-            cancelled = run.data.tags.get("stop_reason") == "cancelled"
-            client.set_tag(run.info.run_id, "stop_reason", "cancelled" if cancelled else "failed")
+            recorded = run.data.tags.get("stop_reason", "")
+            cancelled = recorded == "cancelled" or recorded.startswith(SIGNAL_STOP)
+            client.set_tag(run.info.run_id, "stop_reason", recorded if cancelled else "failed")
             client.set_terminated(run.info.run_id, status="KILLED" if cancelled else "FAILED")
             logger.warning("MLflow run %s was still RUNNING though its flow run %s ended %s: marked %s", run.info.run_id,
                            run.data.tags[FLOW_RUN_TAG], state.type.value, "KILLED" if cancelled else "FAILED")
@@ -197,9 +199,29 @@ def end_mlflow_run_on_cancellation(flow, flow_run, state) -> None:
 
 def end_mlflow_run_on_crash(flow, flow_run, state) -> None:
     """``on_crashed`` hook of ``dino-pretrain``: the flow run's MLflow run ends FAILED, ``stop_reason`` ``failed``
-    — or KILLED / ``cancelled`` when the trainer recorded that it was stopped on request and checkpointed (the
-    worker or the stack shut down, Ctrl-C)."""
+    — or KILLED with the recorded ``cancelled`` / ``signal:<NAME>`` when the trainer was stopped on request and
+    checkpointed (the worker or the stack shut down; a signal to ``dino pretrain``: Ctrl-C, a closed terminal,
+    ``kill``)."""
     _end_mlflow_run_of(flow, flow_run, "FAILED", "failed")
+
+
+#: ``stop_reason`` prefix of a training a signal to its command stopped (``signal:SIGHUP``; flows/cli/stops.py).
+SIGNAL_STOP = "signal:"
+
+
+def record_signal_stop(run_id: str, signum: int) -> None:
+    """Tag the MLflow run ``stop_reason=signal:<NAME>``: the trainer checkpointed because its command (or the flow
+    run's process) got ``signum``, which was no cancellation of the flow run; the crash hook then ends the run KILLED
+    with that reason. Never raises (a stop must go on)."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().set_tag(run_id, "stop_reason", f"{SIGNAL_STOP}{signal.Signals(signum).name}")
+    except Exception as e:  # noqa: BLE001 - the crash hook then ends the run FAILED: said, not raised
+        logging.getLogger(__name__).warning("could not record the stop by %s on MLflow run %s: %s",
+                                            signal.Signals(signum).name, run_id, e)
 
 
 def _end_mlflow_run_of(flow, flow_run, status: str, stop_reason: str) -> None:
@@ -223,8 +245,9 @@ def _end_mlflow_run_of(flow, flow_run, status: str, stop_reason: str) -> None:
         if not runs or runs[0].info.status != "RUNNING":
             return
         run = runs[0]
-        if status == "FAILED" and run.data.tags.get("stop_reason") == "cancelled":
-            status, stop_reason = "KILLED", "cancelled"
+        recorded = run.data.tags.get("stop_reason", "")
+        if status == "FAILED" and (recorded == "cancelled" or recorded.startswith(SIGNAL_STOP)):
+            status, stop_reason = "KILLED", recorded  # a stop on request: the trainer checkpointed
         client.set_tag(run.info.run_id, "stop_reason", stop_reason)
         client.set_terminated(run.info.run_id, status=status)
         log.warning("MLflow run %s ended %s (stop_reason=%s, steps done: %s of %s)", run.info.run_id, status,

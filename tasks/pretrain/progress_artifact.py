@@ -1,6 +1,7 @@
 """The trainer's progress as the flow run shows it, for every launcher: a Prefect progress artifact (step x/y,
-epoch, loss, images/s, time left: :class:`tasks.pretrain.training_progress.TrainingProgress`), the trainer's
-milestones and fast-path verdicts in the run's log, the MLflow run's ``hardware`` tag, and
+epoch, loss, images/s, time left, the training-health verdict and the learning curve:
+:class:`tasks.pretrain.training_progress.TrainingProgress`), the trainer's milestones, health verdicts and
+fast-path verdicts in the run's log, the MLflow run's ``hardware`` tag, and
 :data:`trainer_progress`, the in-process listeners (the ``dino pretrain`` progress bar)."""
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def progress_reporter(logger, run_id: str | None = None,
             if time.monotonic() - last_update[0] > 2.0:
                 last_update[0] = time.monotonic()
                 update_progress_artifact(progress_id, state.percent(), description=state.describe())
+        elif event in ("health", "knn"):
+            _log_learning(logger, record)
+            update_progress_artifact(progress_id, state.percent(), description=state.describe())
         elif event in ("start", "fast_path", "checkpoint", "epoch", "end", "error"):
             logger.info("trainer %s: %s", event,
                         {k: v for k, v in record.items() if k not in ("event", "time", "config", "fast_path")})
@@ -52,6 +56,17 @@ def progress_reporter(logger, run_id: str | None = None,
             log("fast path %s: %s (%s)", part, verdict["verdict"], verdict["path"])
 
     return progress_id, on_progress
+
+
+def _log_learning(logger, record: dict) -> None:
+    """A learning-curve point in the flow run's log; a health verdict when it changes (a WARNING when bad)."""
+    if record.get("event") == "knn":
+        points = {k: v for k, v in record.items() if k.startswith("monitor.knn")}
+        logger.info("learning curve at step %s: %s", record.get("step"),
+                    ", ".join(f"{k} {v:.2f} %" for k, v in points.items()))
+    elif record.get("changed"):
+        log = logger.info if record.get("called") == "healthy" else logger.warning
+        log("training health: %s", record.get("text") or record.get("called"))
 
 
 def _fast_path_records(record: dict) -> dict[str, dict]:

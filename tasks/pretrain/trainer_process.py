@@ -108,8 +108,32 @@ def trainer_config(config: dict, run_id: str) -> dict:
     return config
 
 
+def health_stop(end: dict | None) -> str | None:
+    """The stop reason (``collapsed:<mode>`` / ``stalled``) when the trainer's ``end`` record says its health monitor
+    stopped it (``train.health=stop``), else None. The record, not the exit code: under torchrun every worker
+    failure is torchrun's exit code 1."""
+    status = str((end or {}).get("status") or "")
+    return status if status.startswith("collapsed:") or status == "stalled" else None
+
+
 class TrainerFailed(RuntimeError):
     """The trainer exited non-zero; the message carries its own last error lines."""
+
+    #: Whether a retry may help (a killed or crashed trainer: yes; a collapse: no).
+    retriable = True
+    #: The MLflow run's ``stop_reason`` for this end.
+    stop_reason = "failed"
+
+
+class TrainerCollapsed(TrainerFailed):
+    """``train.health=stop`` ended the training after a checkpoint (:func:`health_stop`); a retry would collapse
+    again, so nothing retries or requeues it. ``stop_reason``: ``collapsed:<mode>`` or ``stalled``."""
+
+    retriable = False
+
+    def __init__(self, message: str, stop_reason: str):
+        super().__init__(message)
+        self.stop_reason = stop_reason
 
 
 class TrainerStopped(BaseException):
@@ -133,7 +157,7 @@ def run_trainer(
     """Run ``cmd``, feeding each output line to ``on_line`` and each progress record to ``on_progress``.
 
     Returns the trainer's last ``end`` progress record. Raises :class:`TrainerFailed` with the trainer's last lines
-    when it exits non-zero.
+    when it exits non-zero, :class:`TrainerCollapsed` (never retried) when its health monitor stopped it.
 
     A stop request here — the exception a signal handler raises in the main thread while it waits: Prefect's
     termination signal, KeyboardInterrupt, :class:`TrainerStopped` for a SIGTERM nothing else handles — stops the
@@ -198,9 +222,26 @@ def run_trainer(
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
     if code != 0:
-        reason = (records.get("error") or {}).get("message") or last_error(tail) or f"exit code {code}"
-        raise TrainerFailed(f"trainer failed (exit code {code}): {reason}\n--- last trainer output ---\n" + "\n".join(tail))
+        raise _failure(code, records, tail)
     return records.get("end")
+
+
+def _failure(code: int, records: dict[str, dict], tail) -> TrainerFailed:
+    """Why the trainer exited ``code`` (non-zero): a health stop, or a failure with its last error lines."""
+    if health_stop(records.get("end")):
+        return collapsed_error(records["end"], tail)
+    reason = (records.get("error") or {}).get("message") or last_error(tail) or f"exit code {code}"
+    return TrainerFailed(f"trainer failed (exit code {code}): {reason}\n--- last trainer output ---\n" + "\n".join(tail))
+
+
+def collapsed_error(end: dict, tail) -> TrainerCollapsed:
+    """The :class:`TrainerCollapsed` of a trainer whose ``end`` record says its health monitor stopped it."""
+    reason = health_stop(end) or "collapsed"
+    detail = (end.get("health") or {}).get("reason") or last_error(tail)
+    return TrainerCollapsed(f"training stopped by its health monitor at step {end.get('step', '?')}: {reason} "
+                            f"(train.health=stop){': ' + detail if detail else ''}; checkpoint: "
+                            f"{end.get('checkpoint') or 'none'}. Not retried: a retry would collapse again. Change the "
+                            "recipe (docs/training-health.md), then resume from the checkpoint.", reason)
 
 
 def _raise_trainer_stopped(signum, _frame):

@@ -59,6 +59,8 @@ class TrainingProgress:
     def __init__(self) -> None:
         self.start: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
+        self.health: str = ""  #: the training-health verdict in force (``health`` records)
+        self.knn: list[tuple[int, float]] = []  #: the learning curve: (step, k-NN top-1 %) of ``knn`` records
         self._first: tuple[float, int] | None = None  # (time, step) of the first step record seen
 
     def update(self, record: dict[str, Any]) -> None:
@@ -70,6 +72,23 @@ class TrainingProgress:
             self.last = dict(record)
             if self._first is None and record.get("time") is not None:
                 self._first = (float(record["time"]), int(record.get("step") or 0))
+        elif event == "health":
+            self.health = str(record.get("called") or "")
+        elif event == "knn":
+            value = next((v for k, v in record.items() if k.startswith("monitor.knn")), None)
+            if value is not None:
+                self.knn.append((int(record.get("step") or 0), float(value)))
+
+    def learning(self) -> str:
+        """``health healthy · k-NN 41.3 % (random 24.0 %)``: the verdict in force and the learning curve's last point
+        beside its first (the randomly initialised backbone, when the curve starts at step 0); empty before any."""
+        parts = [f"health {self.health}"] if self.health else []
+        if self.knn:
+            text = f"k-NN {self.knn[-1][1]:.1f} %"
+            if self.knn[0][0] == 0 and len(self.knn) > 1:
+                text += f" (random {self.knn[0][1]:.1f} %)"
+            parts.append(text)
+        return " · ".join(parts)
 
     @property
     def total_steps(self) -> int | None:
@@ -99,7 +118,8 @@ class TrainingProgress:
         return None
 
     def describe(self) -> str:
-        """One line: ``step 120/9000 (1.3 %) · epoch 2/100 · loss 9.8213 · 4,096 img/s · ETA 18 min 30 s``."""
+        """One line: ``step 120/9000 (1.3 %) · epoch 2/100 · loss 9.8213 · 4,096 img/s · ETA 18 min 30 s``, then
+        the health verdict and the learning curve when there are any (:meth:`learning`)."""
         if not self.last:
             return "DINO pretraining: starting" + (f" ({self.total_steps} steps)" if self.total_steps else "")
         step = int(self.last.get("step") or 0)
@@ -116,4 +136,6 @@ class TrainingProgress:
         left = self.seconds_left()
         if left is not None:
             parts.append(f"ETA {format_duration(left)}")
+        if self.learning():
+            parts.append(self.learning())
         return " · ".join(parts)

@@ -38,10 +38,11 @@ def problems_message(title: str, problems: list[str]) -> str:
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """A Prefect ``retry_condition_fn``: retry a failed task run unless it failed on bad input (no Prefect import
-    needed: Prefect calls it with the task, the task run and its failed state)."""
+    """A Prefect ``retry_condition_fn``: retry a failed task run unless it failed on bad input, or on an error that
+    says a retry cannot help (``retriable = False``: a training its health monitor stopped would collapse again).
+    No Prefect import needed: Prefect calls it with the task, the task run and its failed state."""
     try:
         state.result()
     except BaseException as e:  # noqa: BLE001 - the task's own exception, whatever it is
-        return not is_user_error(e)
+        return not is_user_error(e) and getattr(e, "retriable", True)
     return True

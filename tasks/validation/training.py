@@ -45,6 +45,8 @@ class PretrainRequest:
     config_file: str | None = None
     overrides: tuple[str, ...] = ()
     resume: str = "auto"
+    #: A labelled validation shard set for the learning curve during training (``monitor.val_source``).
+    val_data: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ def load_training_config(request: PretrainRequest) -> DinoConfig:
     an unknown field)."""
     overrides = list(request.overrides)
     overrides += [f"data.source={json.dumps(request.data)}", f"checkpoint.uri={json.dumps(request.checkpoint_uri)}"]
+    if request.val_data:
+        overrides.append(f"monitor.val_source={json.dumps(request.val_data)}")
     try:
         return load_config(_config_source(request.config_file), overrides=overrides, preset=request.preset or None,
                            dataset_size=lambda: count_images(request.data))
@@ -128,7 +132,30 @@ def pretrain_problems(cfg: DinoConfig, launch: LaunchSpec, resume: str, facts: d
         problems.append(f"checkpoint: {e}")
     else:
         problems += resume_problems(cfg.checkpoint.uri, resume)
-    return problems + data_problems(cfg, launch, facts)
+    return problems + data_problems(cfg, launch, facts) + learning_curve_problems(cfg)
+
+
+def learning_curve_problems(cfg: DinoConfig) -> list[str]:
+    """With ``monitor.val_source`` (``--val``), the learning curve needs two labelled shard sets with the same
+    classes: the validation set and the memory (``monitor.train_source``, default the training data)."""
+    if not cfg.monitor.val_source:
+        return []
+    memory = cfg.monitor.train_source or cfg.data.source
+    field = "monitor.train_source" if cfg.monitor.train_source else "data (the learning curve's memory)"
+    sets = {}
+    for name, uri in ((field, memory), ("val (monitor.val_source)", cfg.monitor.val_source)):
+        try:
+            sets[name] = load_shard_set(open_store(uri), uri)
+        except (ValueError, StorageError) as e:
+            return [f"{name}: the learning curve needs a labelled shard set: {e}"]
+        if not sets[name].manifest.classes:
+            return [f"{name}: {uri} is unlabelled; the learning curve needs class labels"]
+    train_classes, val = set(sets[field].manifest.classes), sets["val (monitor.val_source)"]
+    missing = sorted(set(val.manifest.classes) - train_classes)
+    if missing:
+        return [f"val (monitor.val_source): {len(missing)} of its classes are not in {memory} (e.g. "
+                f"{', '.join(missing[:3])}): the k-NN can only score classes its memory holds"]
+    return []
 
 
 def resume_problems(uri: str, resume: str) -> list[str]:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from dino_model.metrics import parse_progress_line
 
-from ..trainer_process import LaunchSpec, TrainerFailed, last_error, trainer_config
+from ..trainer_process import LaunchSpec, TrainerFailed, collapsed_error, health_stop, last_error, trainer_config
 from .render import MultiNodeJob, render_multinode_job, to_yaml
 
 #: The annotation (and, from Kubernetes 1.28, label) an Indexed Job puts on each pod: its completion index.
@@ -378,6 +378,8 @@ def run_kubernetes_job(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if state == "failed" and health_stop(follower.end_record):
+        raise collapsed_error(follower.end_record, follower.tail)
     if state == "failed":
         failures = [r for r in (pod_failure(p) for p in _rank0_first(pods, pod)) if r]
         reason = ((follower.error_record or {}).get("message") or last_error(follower.tail)
