@@ -1,13 +1,14 @@
 """``dino pretrain`` and ``dino reevaluate`` run to success as a user runs them: the ``dino`` console script in a
 fresh interpreter and a working folder of its own, ``MLFLOW_TRACKING_URI`` unset, so everything is tracked in the
-command's built-in store ``./mlruns-dino`` (sqlite + local artifacts); the in-process Prefect server starts and
-stops with the command. What a user reads (progress, the closing lines) is checked, then what the command recorded
-is read back from that store.
+command's built-in store ``./mlruns-dino`` (sqlite + local artifacts); the command's own Prefect server
+(flows/cli/command_server.py) starts and stops with it. What a user reads (progress, the closing lines) is
+checked, then what the command recorded is read back from that store.
 
 ``dino reevaluate`` takes every path a user can: ``--versions`` (only those), a version whose evaluation fails
 (the next one is still evaluated; the command fails at the end, naming it), ``--all`` (versions that already hold
 the score too) and the default ``--missing knn20_top1`` (nothing left to do). ``dino pipeline`` is in
-tests/test_pipeline_flow.py; the user errors of every command are in tests/test_cli_errors.py.
+tests/test_pipeline_flow.py, ``dino demo`` in tests/test_demo.py; the user errors of every command are in
+tests/test_cli_errors.py.
 
     .venv/bin/python -m pytest tests/test_cli_runs.py -p no:randomly -q
 """
