@@ -78,7 +78,12 @@ def over_deployment_group(name: str, given: BaseModel | dict[str, Any] | None) -
     """In a flow run started by a deployment, the fields ``given`` sets (a model's explicit fields, a dict's keys)
     over the deployment's own parameter ``name`` (a dict), as a dict left for the flow to validate (its defaults
     may come from other parameters); elsewhere, or when the deployment stores no such dict, ``given`` as it is."""
-    stored = (deployment_parameters() or {}).get(name)
+    return over_group((deployment_parameters() or {}).get(name), given)
+
+
+def over_group(stored: Any, given: BaseModel | dict[str, Any] | None) -> BaseModel | dict[str, Any] | None:
+    """The fields ``given`` sets (a model's explicit fields, a dict's keys) over ``stored`` when it is a dict (a
+    deployment's parameter); ``given`` as it is otherwise."""
     if not isinstance(stored, dict):
         return given
     if isinstance(given, BaseModel):
