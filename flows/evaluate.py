@@ -161,7 +161,8 @@ def _extract_feature_sets(plan: dict[str, Any], info: dict[str, Any], settings: 
         features = FeatureSettings(resize_size=settings.resize_size, crop_size=settings.crop_size,
                                    batch_size=settings.batch_size, n_last_blocks=fs["n_last_blocks"],
                                    avgpool=fs["avgpool"], precision=settings.precision,
-                                   fast_path_check=settings.fast_path_check)
+                                   fast_path_check=settings.fast_path_check,
+                                   feature_dtype=settings.feature_dtype)
         for split, data, label_map in (("train", settings.train_data, None),
                                        ("val", settings.val_data, facts["label_map"])):
             spec = ExtractionSpec(info["uri"], data, fs["uri"], split, features, settings.device, meta, label_map)

@@ -201,6 +201,7 @@ def test_a_tiny_dino_pretrain_in_the_container(trainer_image, podman, s3, shards
     (run,) = client.search_runs([client.get_experiment_by_name("image-cli").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
     assert run.data.tags["steps_done"] == run.data.tags["steps_total"] == "8"
+    assert run.data.tags["git_commit"] == trainer_image.labels["org.opencontainers.image.revision"]  # no .git inside
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 9))
     assert [step for step, _ in list_checkpoints(checkpoints)][-1] == 8
     assert run.data.tags["checkpoint"] == latest_checkpoint(checkpoints)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-path-check", default="fallback", choices=["fallback", "strict", "off"],
                    help="bf16: check it against fp32 on the first batch; fallback (default) extracts in fp32 when "
                         "the check fails, strict fails instead, off skips the check")
+    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
+                   help="how the features are stored (float32; float16 halves the bytes)")
     p.add_argument("--device", default="auto", help="auto (cuda:<LOCAL_RANK> when present), cpu, cuda, cuda:1")
     p.add_argument("--metadata", default="{}", help="JSON object stored in every file (model name, version...)")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="rows per Parquet part (100000)")
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace, rank: int = 0, world_size: int = 1, local_rank
 
     decide = (lambda check: on_rank0(check, rank == 0)) if distributed else None
     recipe = FeatureRecipe(EvalTransform(args.resize, args.crop), args.n_last_blocks, args.avgpool, args.precision,
-                           args.fast_path_check)
+                           args.fast_path_check, args.feature_dtype)
     job = RangeExtraction(shards, args.out, args.split, meta, recipe, args.batch_size, label_map, args.rows_per_file)
     return extract_range(job, lambda: _load_backbone(args.model).to(device).eval(), rank, world_size, device=device,
                          part_names=distributed, on_batches=reported, decide=decide)

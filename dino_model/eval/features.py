@@ -9,13 +9,15 @@ Layout under ``out_uri`` (a local folder, ``file://`` or ``s3://bucket/prefix``,
     <out_uri>/<split>/part-r0001-00000.parquet  ...   (rank 1; see dino_model.eval.extract)
 
 Schema: ``key`` string, ``label`` int64 (-1 = unlabelled), ``split`` string, ``features``
-``fixed_size_list<float32>[D]``. Every file carries the same key-value metadata under ``dino_model.features``
+``fixed_size_list<float32>[D]`` (``<float16>`` for a half-precision store: ``FeatureRecipe(feature_dtype="float16")``). Every file carries the same key-value metadata under ``dino_model.features``
 (JSON): the caller's ``metadata`` (model name/version/URI...), the preprocessing description, the feature kind,
 the inference precision, the dimension and the split. Re-extracting a split replaces its files (stale parts of a
 previous, longer extraction are deleted once the new ones are written). A multi-process extraction
 (``torchrun -m dino_model.eval.extract``) writes one series of parts per rank (``rank=`` of
 :func:`extract_features`), each rank over a contiguous range of the samples; :func:`read_features` reads the
-parts in (rank, part) order, so the rows come back in the same order whatever the number of processes.
+parts in (rank, part) order, so the rows come back in the same order whatever the number of processes. It reads
+the parts' footers first and copies each part into one array allocated for all of them, so its peak memory is the
+result plus one part (float32 by default, or as stored with ``dtype=None``).
 
 Features are the [CLS] token after the final norm (``backbone(x)``, the k-NN protocol) by default, or the
 linear-probe features: the [CLS] tokens of the last ``n_last_blocks`` blocks (each through the final norm)
@@ -59,6 +61,13 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: ``part-NNNNN.parquet`` (one process) or ``part-rRRRR-NNNNN.parquet`` (rank RRRR of a multi-process extraction).
 _PART_RE = re.compile(r"^part-(?:r(\d{4,})-)?(\d{5,})\.parquet$")
 PRECISIONS = ("fp32", "bf16")
+#: Types the features can be stored as (``FeatureRecipe.feature_dtype``).
+FEATURE_DTYPES = ("float32", "float16")
+#: Parquet value types of the ``features`` column and the numpy types they are read as.
+_STORED_TYPES = {pa.float32(): np.dtype(np.float32), pa.float16(): np.dtype(np.float16)}
+#: Rows decoded at a time, and bytes per ranged GET, when a part is read.
+_READ_ROWS = 16_384
+_READ_BLOCK = 16 << 20
 
 
 def feature_kind(n_last_blocks: int = 1, avgpool: bool = False) -> str:
@@ -139,15 +148,31 @@ class FeatureWriteResult:
     names: list[str] = field(default_factory=list)
 
 
+def stored_features(feats: np.ndarray, feature_dtype: str) -> np.ndarray:
+    """``feats`` (float32) as the store keeps them: unchanged for ``float32``, rounded to ``float16`` (half the
+    bytes; a :class:`ValueError` if a value is beyond float16's range, +-65504)."""
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    if feature_dtype == "float32":
+        return feats
+    with np.errstate(over="ignore"):
+        half = feats.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise ValueError(f"features out of float16's range (largest |value| {np.nanmax(np.abs(feats)):.6g}, "
+                         "float16 holds up to 65504, and no NaN): store them as float32")
+    return half
+
+
 def _table(keys: list[str], labels: np.ndarray, split: str, feats: np.ndarray, meta: bytes) -> pa.Table:
     dim = feats.shape[1]
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=pa.float32()), dim)
+    value_type = pa.float16() if feats.dtype == np.float16 else pa.float32()
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=value_type), dim)
     schema = pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("label", pa.int64(), nullable=False),
             pa.field("split", pa.string(), nullable=False),
-            pa.field("features", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("features", pa.list_(value_type, dim), nullable=False),
         ],
         metadata={METADATA_KEY: meta},
     )
@@ -245,13 +270,16 @@ class FeatureRecipe:
     """Which features an extraction computes and how: the preprocessing (``transform``; ``None`` only
     normalises), the [CLS] tokens of the last ``n_last_blocks`` blocks plus, with ``avgpool``, the averaged patch
     tokens (:func:`backbone_features`), the inference ``precision`` and what a failed bf16 check on the first batch
-    does (``fast_path_check``, :func:`check_precision`)."""
+    does (``fast_path_check``, :func:`check_precision`), and the stored type (``feature_dtype``)."""
 
     transform: EvalTransform | None = EvalTransform()
     n_last_blocks: int = 1
     avgpool: bool = False
     precision: str = "fp32"
     fast_path_check: str = "fallback"
+    feature_dtype: str = "float32"
+    """How the store keeps them: ``float32``, or ``float16`` (:func:`stored_features`: half the bytes on disk and,
+    read with ``dtype=None``, in memory; a value beyond float16's range is refused)."""
 
     @property
     def kind(self) -> str:
@@ -294,7 +322,8 @@ class _PartWriter:
             meta_bytes = json.dumps({**self.meta, "dim": self.dim}, sort_keys=True).encode()
             name = part_name(len(self.written), self.rank)
             _write_part(self.split_store, name,
-                        _table(self.keys[:take], labels[:take], self.split, feats[:take], meta_bytes))
+                        _table(self.keys[:take], labels[:take], self.split,
+                               stored_features(feats[:take], self.meta["feature_dtype"]), meta_bytes))
             self.written.append(name)
             self.keys = self.keys[take:]
             self.labels = [labels[take:]]
@@ -303,15 +332,17 @@ class _PartWriter:
 
 def _extraction_metadata(metadata: dict[str, Any] | None, split: str, recipe: FeatureRecipe) -> dict[str, Any]:
     """What every part file records: the caller's ``metadata`` (JSON-serialisable, else :class:`ValueError`), the
-    format version, the split, the feature kind, the preprocessing and the requested precision."""
+    format version, the split, the feature kind, the preprocessing, the requested precision and the stored type."""
     kind = recipe.kind  # validates n_last_blocks before any work
+    stored_features(np.zeros((0, 1), np.float32), recipe.feature_dtype)  # validates feature_dtype before any work
     user_meta = dict(metadata or {})
     try:
         json.dumps(user_meta)
     except TypeError as e:
         raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
     return {**user_meta, "format_version": FORMAT_VERSION, "split": split, "feature_kind": kind,
-            "preprocessing": recipe.describe_preprocessing(), "precision": recipe.precision}
+            "preprocessing": recipe.describe_preprocessing(), "precision": recipe.precision,
+            "feature_dtype": recipe.feature_dtype}
 
 
 @torch.inference_mode()
@@ -413,13 +444,42 @@ def list_feature_files(uri: str, split: str | None = None) -> list[tuple[str, st
     return sorted(out, key=lambda item: (item[0], _part_order(item[1].split("/")[1])))
 
 
-def read_features(
-    uri: str, split: str | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read a dataset written by :func:`extract_features`: ``(keys, labels int64 [N], features float32 [N, D],
-    metadata)``. ``split=None`` reads every split (in split-name order; ``metadata["splits"]`` lists them).
-    Raises :class:`FileNotFoundError` when nothing is there and :class:`ValueError` when files disagree on the
-    dimension or feature kind."""
+def _stored_type(schema: pa.Schema, where: str) -> tuple[int, np.dtype]:
+    """(dimension, numpy dtype) of the ``features`` column of a part's schema."""
+    vec = schema.field("features").type
+    if not pa.types.is_fixed_size_list(vec) or vec.value_type not in _STORED_TYPES:
+        raise ValueError(f"{where}: features must be fixed_size_list<float32|float16>, got {vec}")
+    return vec.list_size, _STORED_TYPES[vec.value_type]
+
+
+def _footer(store: ObjectStore, key: str) -> pq.FileMetaData:
+    """A part's Parquet footer, without reading its data: the file itself for a local store, ranged GETs of its
+    tail for S3, the whole object otherwise."""
+    if hasattr(store, "local_path"):
+        return pq.read_metadata(store.local_path(key))
+    if hasattr(store, "open_ranged"):
+        with store.open_ranged(key) as f:
+            return pq.read_metadata(f)
+    return pq.read_metadata(pa.BufferReader(store.get_bytes(key)))
+
+
+@dataclass
+class FeaturePart:
+    """One part file of a feature dataset, as its footer describes it."""
+
+    split: str
+    key: str
+    rows: int
+    dim: int
+    #: numpy type of the stored features (float32, or float16 for a half-precision store).
+    stored: np.dtype
+    meta: dict[str, Any]
+
+
+def list_feature_parts(uri: str, split: str | None = None) -> list[FeaturePart]:
+    """The parts of a dataset written by :func:`extract_features`, in reading order, from their footers only
+    (row counts, dimension, stored type, metadata). Raises :class:`FileNotFoundError` when there is none and
+    :class:`ValueError` when they disagree on the dimension or feature kind."""
     if split is not None and not _SPLIT_RE.match(split):
         raise ValueError(f"split must match {_SPLIT_RE.pattern}, got {split!r}")
     store = open_store(uri)
@@ -427,34 +487,93 @@ def read_features(
     if not files:
         where = f"{store.uri}/{split}" if split else store.uri
         raise FileNotFoundError(f"no feature files (part-*.parquet) under {where}")
-    keys: list[str] = []
-    labels: list[np.ndarray] = []
-    feats: list[np.ndarray] = []
-    meta: dict[str, Any] | None = None
-    splits: list[str] = []
+    parts: list[FeaturePart] = []
     for split_name, key in files:
-        table = pq.read_table(pa.BufferReader(store.get_bytes(key)))
-        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        footer = _footer(store, key)
+        schema = footer.schema.to_arrow_schema()
+        raw = (schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
             raise ValueError(f"{store.url(key)} has no {METADATA_KEY.decode()} metadata: not a feature file")
         m = json.loads(raw)
-        if meta is None:
-            meta = m
-        elif (m.get("dim"), m.get("feature_kind")) != (meta.get("dim"), meta.get("feature_kind")):
+        dim, stored = _stored_type(schema, store.url(key))
+        first = parts[0].meta if parts else m
+        if (m.get("dim"), m.get("feature_kind")) != (first.get("dim"), first.get("feature_kind")) or (
+                parts and dim != parts[0].dim):
             raise ValueError(
                 f"{store.url(key)} holds {m.get('feature_kind')} features of dim {m.get('dim')}, "
-                f"other files {meta.get('feature_kind')} of dim {meta.get('dim')}"
+                f"other files {first.get('feature_kind')} of dim {first.get('dim')}"
             )
-        if split_name not in splits:
-            splits.append(split_name)
-        vec = table.column("features").combine_chunks()
-        dim = vec.type.list_size
-        keys.extend(table.column("key").to_pylist())
-        labels.append(table.column("label").to_numpy())
-        feats.append(vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim))
-    assert meta is not None
-    meta = dict(meta)
+        parts.append(FeaturePart(split_name, key, footer.num_rows, dim, stored, m))
+    return parts
+
+
+@contextlib.contextmanager
+def _part_source(store: ObjectStore, key: str):
+    """A part as Parquet reads it: the file itself for a local store, ranged GETs of ``_READ_BLOCK`` bytes for S3
+    (never the whole object in memory), the whole object otherwise."""
+    if hasattr(store, "local_path"):
+        yield store.local_path(key)
+    elif hasattr(store, "open_ranged"):
+        with store.open_ranged(key, block_size=_READ_BLOCK) as f:
+            yield f
+    else:
+        yield pa.BufferReader(store.get_bytes(key))
+
+
+def _read_part_into(store: ObjectStore, part: FeaturePart, keys: list[str], labels: np.ndarray,
+                    feats: np.ndarray) -> None:
+    """Read one part and copy its rows into ``labels`` and ``feats`` (slices of the caller's arrays, cast to their
+    type); its keys are appended to ``keys``. The part is decoded ``_READ_ROWS`` rows at a time from a buffered
+    stream: besides the caller's arrays, a few MB (a whole decoded part, with its list levels, is ~4x its features)."""
+    row = 0
+    with _part_source(store, part.key) as source:
+        reader = pq.ParquetFile(source, buffer_size=1 << 20, pre_buffer=False)
+        for batch in reader.iter_batches(batch_size=_READ_ROWS, columns=["key", "label", "features"]):
+            n = batch.num_rows
+            if row + n > part.rows:
+                break
+            keys.extend(batch.column(0).to_pylist())
+            labels[row : row + n] = batch.column(1).to_numpy()
+            values = batch.column(2).flatten().to_numpy(zero_copy_only=False)  # a view when there are no nulls
+            feats[row : row + n] = values.reshape(n, part.dim)
+            row += n
+    if row != part.rows:
+        raise ValueError(f"{store.url(part.key)} changed while it was read ({part.rows} rows, then {row} or more)")
+
+
+def read_features(
+    uri: str, split: str | None = None, dtype: Any = np.float32, progress: bool = False
+) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read a dataset written by :func:`extract_features`: ``(keys, labels int64 [N], features [N, D],
+    metadata)``. ``split=None`` reads every split (in split-name order; ``metadata["splits"]`` lists them).
+
+    The features come back as ``dtype`` (float32 by default, whatever the store holds), or as stored with
+    ``dtype=None`` (float16 for a half-precision store: half the memory). The part footers are read first, so the
+    result is allocated once and each part is copied into it as it is decoded: the peak is the result plus a few
+    MB of decoding buffers (and, on S3, 16 MB ranged reads).
+    ``progress`` shows a bar over the rows. Raises :class:`FileNotFoundError` when nothing is there and
+    :class:`ValueError` when files disagree on the dimension or feature kind."""
+    parts = list_feature_parts(uri, split)
+    if dtype is None:
+        dtype = np.float16 if all(p.stored == np.float16 for p in parts) else np.float32
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating-point type or None, got {dtype}")
+    store = open_store(uri)
+    total = sum(p.rows for p in parts)
+    keys: list[str] = []
+    labels = np.empty(total, dtype=np.int64)
+    feats = np.empty((total, parts[0].dim), dtype=dtype)
+    start = 0
+    with tqdm(total=total, disable=not progress, unit="row", desc=f"read[{split or 'all'}]") as bar:
+        for part in parts:
+            end = start + part.rows
+            _read_part_into(store, part, keys, labels[start:end], feats[start:end])
+            start = end
+            bar.update(part.rows)
+    splits = list(dict.fromkeys(p.split for p in parts))
+    meta = dict(parts[0].meta)
     meta["splits"] = splits
     if split is None and len(splits) > 1:
         meta.pop("split", None)
-    return keys, np.concatenate(labels).astype(np.int64), np.concatenate(feats), meta
+    return keys, labels, feats, meta

@@ -26,6 +26,8 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
                    help="centre-crop side (224; none: the resized image whole, k-NN and linear_fast only)")
     g.add_argument("--batch-size", type=int, help="images per forward pass (64)")
     g.add_argument("--precision", choices=["fp32", "bf16"], help="inference precision (fp32)")
+    g.add_argument("--feature-dtype", choices=["float32", "float16"],
+                   help="how the cached features are stored (float32; float16 halves their bytes)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--nproc-per-node", dest="nproc_per_node", type=int,
                    help="feature-extraction processes, one per GPU (1: in-process; >1: torchrun)")

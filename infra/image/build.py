@@ -108,7 +108,8 @@ def build_image(
     with contextlib.ExitStack() as stack:
         mounts = stack.enter_context(host_pip_mounts(env=pip_env)) if host_pip_config else []
         iid_file = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dino-build-"))) / "iid"
-        cmd = podman.build_command(str(ROOT), str(DOCKERFILE), tag, {"BASE_IMAGE": base}, labels,
+        build_args = {"BASE_IMAGE": base, "GIT_COMMIT": labels.get("org.opencontainers.image.revision", "unknown")}
+        cmd = podman.build_command(str(ROOT), str(DOCKERFILE), tag, build_args, labels,
                                    extra=[*mounts, "--iidfile", str(iid_file)])
         steps, cached = _stream(cmd, log, timeout)
         image_id = iid_file.read_text().strip().removeprefix("sha256:")

@@ -66,7 +66,7 @@ class ExtractionSpec:
 
         f = self.features
         return FeatureRecipe(EvalTransform(f.resize_size, f.crop_size), f.n_last_blocks, f.avgpool, f.precision,
-                             f.fast_path_check)
+                             f.fast_path_check, f.feature_dtype)
 
     def label_array(self):
         import numpy as np
@@ -79,7 +79,8 @@ class ExtractionSpec:
         args = ["--model", self.model_uri, "--data", self.data, "--out", self.output, "--split", self.split,
                 "--resize", str(f.resize_size), "--crop", str(f.crop_size), "--batch-size", str(f.batch_size),
                 "--n-last-blocks", str(f.n_last_blocks), "--precision", f.precision, "--device", device,
-                "--metadata", json.dumps(self.metadata), "--fast-path-check", f.fast_path_check]
+                "--metadata", json.dumps(self.metadata), "--fast-path-check", f.fast_path_check,
+                "--feature-dtype", f.feature_dtype]
         if f.avgpool:
             args.append("--avgpool")
         if self.label_map is not None:

@@ -22,12 +22,19 @@ from .settings import EvaluationSettings, resolve_device
 
 
 def _read_pair(features_uri: str, expected: dict[str, int] | None):
-    """Train and val features, checking the row counts against the shard sets and the labels against the rows."""
+    """Train and val features, checking the row counts against the shard sets and the labels against the rows.
+    Each split is read into one array as stored (a float16 store stays float16: the k-NN and the probe convert one
+    block or batch at a time)."""
+    import time
+
     from dino_model.eval.features import read_features
 
     out = {}
     for split in ("train", "val"):
-        keys, labels, feats, meta = read_features(features_uri, split)
+        started = time.perf_counter()
+        keys, labels, feats, meta = read_features(features_uri, split, dtype=None)
+        run_logger().info("read %s features %s (%s, %.2f GB) in %.1f s", split, feats.shape, feats.dtype,
+                          feats.nbytes / 1e9, time.perf_counter() - started)
         if not (len(keys) == len(labels) == feats.shape[0]):
             raise ValueError(f"{features_uri}/{split}: {len(keys)} keys, {len(labels)} labels, {feats.shape[0]} "
                              "feature rows")

@@ -28,12 +28,13 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 
 
 def git_commit() -> str:
-    """The project's git commit, or ``unknown`` outside a checkout."""
+    """The project's git commit: the checkout's, else ``DINO_GIT_COMMIT`` (the trainer image records the commit it
+    was built from there: it has no ``.git``), else ``unknown``."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
     except Exception:  # noqa: BLE001
-        return "unknown"
+        return os.environ.get("DINO_GIT_COMMIT") or "unknown"
 
 
 @task(name="open-mlflow-run", cache_policy=NO_CACHE)

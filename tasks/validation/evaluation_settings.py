@@ -42,6 +42,9 @@ class EvaluationSettings(BaseModel):
         "fallback", description="With precision bf16: each extraction first compares bf16 with fp32 features on its "
                                 "first batch (cosine similarity per sample); fallback = extract in fp32 when that "
                                 "fails (recorded as tag fast_path.extract), strict = fail, off = no check.")
+    feature_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="How the cached features are stored: float32, or float16 (half the bytes on disk "
+                               "and in memory; k-NN and probe top-1 move by under 0.1 point, docs/benchmarks.md).")
     bf16_parity: bool = Field(True, description="With precision bf16 and k-NN: also run the k-NN on fp32 features "
                               "of a subset and record knn<k>_top1_bf16_minus_fp32 (see knn_bf16_parity).")
     bf16_parity_train_samples: int | None = Field(
