@@ -17,6 +17,7 @@ from flows.evaluate import dino_evaluate
 from flows.pretrain import dino_pretrain
 from flows.shard import shard_stage
 from tasks.evaluation import EvaluationSettings
+from tasks.flow_parameters import over_deployment_group
 from tasks.pipeline import check_pipeline
 from tasks.validation.pipeline import PipelineRequest
 from tasks.validation.pretrain_settings import LaunchSettings, TrackingSettings
@@ -34,7 +35,7 @@ def dino_pipeline(
     nproc_per_node: int = 1,
     experiment: str = "dino-pretrain",
     registered_model: str = "dino-backbone",
-    evaluation: EvaluationSettings | None = None,
+    evaluation: EvaluationSettings | dict[str, Any] | None = None,
     resume: Literal["auto", "never", "require"] = "auto",
     task_runner: str = "threads",
     parallelism: int = 4,
@@ -54,7 +55,11 @@ def dino_pipeline(
         nproc_per_node: training processes on this worker.
         experiment: MLflow experiment of the training run.
         registered_model: MLflow registered model receiving the new version.
-        evaluation: evaluation settings; ``train_data``/``val_data``/``features_root`` default to the workspace's.
+        evaluation: evaluation settings (:class:`tasks.evaluation.EvaluationSettings`), all or some of them: the
+            fields left out take the workspace's shard sets (``train_data``, ``val_data``) and features
+            (``features_root``), then the defaults (k-NN and the fast linear probe). In a deployment run, a partial
+            dict changes only its own fields of the deployment's ``evaluation``. Settings that cannot evaluate
+            fail the flow's first task.
         resume: checkpoint policy of the training stage.
         task_runner: where the shard tasks and the evaluation's feature extraction run: ``threads`` (of the flow's
             process), ``processes`` (of its machine), ``dask`` (a local Dask cluster of ``parallelism`` workers)
@@ -63,10 +68,10 @@ def dino_pipeline(
         parallelism: shard tasks at once, and the workers of ``processes`` / ``dask``.
     """
     request = PipelineRequest(train_source, val_source, workspace, preset, tuple(overrides or ()), shard_size,
-                              nproc_per_node, experiment, registered_model, evaluation, resume, task_runner,
-                              parallelism)
+                              nproc_per_node, experiment, registered_model,
+                              over_deployment_group("evaluation", evaluation), resume, task_runner, parallelism)
     # First task: the whole request checked (the checks `dino pipeline` runs before Prefect starts), each shard
-    # stage's source included: the stages do not check it again.
+    # stage's source and the evaluation's settings included: the stages do not check them again.
     check_pipeline(request)
     layout, stages = request.layout, request.shard_requests()
     runner = RunnerSettings(task_runner=task_runner, parallelism=parallelism)
@@ -83,19 +88,7 @@ def dino_pipeline(
         tracking=TrackingSettings(experiment=experiment, registered_model=registered_model),
     )
     evaluated = dino_evaluate(model=f"models:/{registered_model}/{trained['version']}",
-                              settings=_evaluation_settings(request))
+                              settings=request.evaluation_settings())
     return {"train_shards": layout.train_shards, "val_shards": layout.val_shards, "pretrain": trained,
             "evaluation": evaluated}
 
-
-def _evaluation_settings(request: PipelineRequest) -> EvaluationSettings:
-    """The request's evaluation settings with the workspace's shard sets and features where they leave them
-    unset, and the pipeline's task runner when theirs is the default."""
-    settings = (request.evaluation or EvaluationSettings()).model_copy()
-    settings.train_data = settings.train_data or request.layout.train_shards
-    settings.val_data = settings.val_data or request.layout.val_shards
-    if settings.features_root == EvaluationSettings.model_fields["features_root"].default:
-        settings.features_root = request.layout.features
-    if settings.task_runner == "threads" and settings.nproc_per_node == 1:
-        settings.task_runner, settings.parallelism = request.task_runner, request.parallelism
-    return settings

@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 from prefect import Flow
+from pydantic import BaseModel
 
 from tasks.validation.settings_groups import Renamed, SettingsGroup, resolve_groups
 
@@ -71,6 +72,23 @@ def deployment_parameters(deployment_id: Any = None) -> dict[str, Any] | None:
             return dict(client.read_deployment(deployment_id).parameters or {})
     except Exception:  # noqa: BLE001 - no deployment, or no server to ask: nothing to merge onto
         return None
+
+
+def over_deployment_group(name: str, given: BaseModel | dict[str, Any] | None) -> BaseModel | dict[str, Any] | None:
+    """In a flow run started by a deployment, the fields ``given`` sets (a model's explicit fields, a dict's keys)
+    over the deployment's own parameter ``name`` (a dict), as a dict left for the flow to validate (its defaults
+    may come from other parameters); elsewhere, or when the deployment stores no such dict, ``given`` as it is."""
+    return over_group((deployment_parameters() or {}).get(name), given)
+
+
+def over_group(stored: Any, given: BaseModel | dict[str, Any] | None) -> BaseModel | dict[str, Any] | None:
+    """The fields ``given`` sets (a model's explicit fields, a dict's keys) over ``stored`` when it is a dict (a
+    deployment's parameter); ``given`` as it is otherwise."""
+    if not isinstance(stored, dict):
+        return given
+    if isinstance(given, BaseModel):
+        return {**stored, **given.model_dump(include=given.model_fields_set)}
+    return {**stored, **(given or {})}
 
 
 def given_flat_names(parameters: Mapping[str, Any], renames: Mapping[str, Renamed]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 version page (the model card's score table), the registered model page, the evaluation experiment's runs table
 and the evaluation report, each rendered by headless Chromium (Debian package ``chromium``).
 
-Skipped, with the reason, when ``/usr/bin/chromium`` is not installed (``.ci/run`` installs it). Set
+Without ``/usr/bin/chromium`` it skips, saying how to install it, and fails under ``CI=true`` (``.ci/run`` installs
+it: tests/prerequisites.py). Set
 ``DINO_SCREENSHOT_DIR`` to also get PNG screenshots of the pages (model version, registered model, runs table,
 evaluation run, report) for a look::
 
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from tests.datasets import write_colour_set
+from tests.prerequisites import missing
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.slow
@@ -31,8 +33,7 @@ pytestmark = pytest.mark.slow
 
 def _browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """Headless Chromium, isolated (own profile, no background traffic, no sync), the page given time to render."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
+    require_chromium()
     profile = tmp_path / f"chromium-{secrets.token_hex(3)}"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
@@ -41,6 +42,11 @@ def _browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def require_chromium() -> None:
+    if not os.access(CHROMIUM, os.X_OK):
+        missing(f"{CHROMIUM} is not installed", "apt-get install chromium fonts-dejavu-core")
 
 
 def rendered_text(tmp_path: Path, url: str, expect: str, size: str = "1500,2000") -> str:
@@ -86,8 +92,7 @@ def _register(name: str, tmp_path: Path) -> int:
 
 
 def test_model_card_runs_and_report_in_a_browser(mlflow_server, shared_data, tmp_path, monkeypatch):
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
+    require_chromium()
     from mlflow.tracking import MlflowClient
 
     from flows.evaluate import dino_evaluate

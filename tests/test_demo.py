@@ -27,12 +27,18 @@ def test_the_demo_runs_and_shows_what_training_learnt(tmp_path):
     out = done.stdout
     assert done.returncode == 0, done.stderr[-4000:]
     assert "180 training and 300 validation images" in out
-    for metric in ("knn20_top1", "knn10_top1", "linear_approx_best_top1", "attn_jaccard_mean_heads", "davis_jf_mean"):
-        assert re.search(rf"^{metric}\s+\d+\.\d\d", out, re.M), metric
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work}/run/mlflow/mlflow.db")
+    # the score table: every evaluation the demo runs, each value as the evaluation run recorded it
+    (evaluation,) = client.search_runs([client.get_experiment_by_name("dino-demo-evaluate").experiment_id])
+    table = {m: float(v) for m, v in re.findall(r"^([a-z][a-z0-9_]+)\s+(\d+\.\d\d)(?:  \(approximate|$)", out, re.M)}
+    for metric in ("knn20_top1", "knn10_top1", "linear_approx_best_top1", "attn_jaccard_best_head",
+                   "attn_jaccard_mean_heads", "davis_jf_mean"):
+        assert metric in table, (metric, out[-3000:])
+    assert table == {m: round(evaluation.data.metrics[m], 2) for m in table}
     (run,) = client.search_runs([client.get_experiment_by_name("dino-demo").experiment_id])
     curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "monitor.knn20_top1"))
     # the first point is the randomly initialised backbone; then every 2 epochs and after the last (66 steps)

@@ -15,7 +15,7 @@ from tasks.evaluation import EvaluationInputError
 from tasks.evaluation.settings import EvaluationSettings, merge_settings
 from prefect.exceptions import SignatureMismatchError
 
-from tasks.flow_parameters import given_flat_names
+from tasks.flow_parameters import given_flat_names, over_group
 from tasks.validation import UserInputError
 from tasks.validation.extraction_settings import EXTRACT_GROUPS, EXTRACT_RENAMES
 from tasks.validation.pretrain_settings import PRETRAIN_GROUPS, PRETRAIN_RENAMES, KubernetesSettings
@@ -79,6 +79,24 @@ def _deployment(entrypoint: str, name: str = "default") -> dict:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (deployment,) = [d for d in spec["deployments"] if d["entrypoint"] == entrypoint and d["name"] == name]
     return deployment["parameters"]
+
+
+def test_a_partial_pipeline_evaluation_changes_only_its_fields_of_the_deployments_evaluation():
+    """dino-pipeline's ``evaluation``: a run's partial dict (or a model's explicit fields) over the deployment's own
+    ``evaluation`` dict; then the workspace's sets and the class's defaults fill in what neither sets."""
+    from tasks.validation.pipeline import PipelineRequest
+
+    stored = {"crop_size": 96, "knn_ks": [5], "experiment": "nightly-eval"}
+    assert over_group(stored, {"crop_size": 64}) == {"crop_size": 64, "knn_ks": [5], "experiment": "nightly-eval"}
+    assert over_group(stored, EvaluationSettings(train_data="/t", val_data="/v", knn_ks=[10])) == {
+        "crop_size": 96, "knn_ks": [10], "experiment": "nightly-eval", "train_data": "/t", "val_data": "/v"}
+    assert over_group(stored, None) == stored
+    assert over_group(None, {"crop_size": 64}) == {"crop_size": 64}  # no deployment, or one without evaluation
+    settings = PipelineRequest("train", "val", "/ws", evaluation=over_group(stored, {"crop_size": 64})
+                               ).evaluation_settings()
+    assert (settings.crop_size, settings.knn_ks, settings.experiment) == (64, [5], "nightly-eval")
+    assert (settings.train_data, settings.val_data) == ("/ws/shards/train", "/ws/shards/val")
+    assert settings.resize_size == EvaluationSettings.model_fields["resize_size"].default
 
 
 def test_a_partial_group_changes_only_its_fields_of_the_deployments_group():

@@ -66,6 +66,25 @@ def _register(name: str, tmp_path, degenerate: bool) -> int:
     return int(mlflow.register_model(info.model_uri, name, tags={"architecture": "vit_tiny/16"}).version)
 
 
+def _video_fractions(model_uri: str, settings) -> tuple[dict[str, float], dict[str, float]]:
+    """The attention-map and DAVIS scores of ``model_uri`` as the library returns them (fractions), with the
+    preprocessing of ``settings``."""
+    import dino_model.mlflow_model  # noqa: F401 - registers the models:/ scheme with load_backbone
+    from dino_model.eval.attention_maps import davis_attention_scores
+    from dino_model.eval.davis_propagation import PropagationConfig, evaluate_davis
+    from dino_model.export import load_backbone
+
+    backbone = load_backbone(model_uri).eval()
+    attention = davis_attention_scores(
+        backbone, settings.davis_root, settings.davis_sequences, frame_step=settings.attention_frame_step,
+        max_frames=settings.attention_max_frames, size=settings.attention_size,
+        threshold=settings.attention_threshold, render=False, device="cpu").as_dict()
+    davis = evaluate_davis(backbone, settings.davis_root, settings.davis_sequences, None,
+                           PropagationConfig(short_side=settings.davis_short_side, multiple=settings.davis_multiple),
+                           max_frames=settings.davis_max_frames, device="cpu", progress=False).scores.as_dict()
+    return attention, davis
+
+
 def _prefect_markdown(key: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -116,9 +135,14 @@ def test_evaluate_and_reevaluate_move_champion(toy, tracking, s3_bucket, shared_
     assert low in (0.0, pytest.approx(100 / 3))
     assert not any(m.endswith("_top5") for m in m1)  # 4 classes: top-5 says nothing, it is not reported
     assert {"linear_approx_best_top1", "attn_jaccard_best_head", "davis_jf_mean", "davis_seq_car-shadow_jf"} <= set(m1)
-    # every score in percent: the attention and DAVIS fractions x 100
-    assert 0.0 <= m1["davis_jf_mean"] <= 100.0 and 0.0 <= m1["attn_jaccard_union_heads"] <= 100.0
-    assert m1["davis_jf_mean"] > 1.0 or m1["attn_jaccard_union_heads"] > 1.0
+    # every score in percent: the library's attention and DAVIS fractions (computed here on the registered
+    # backbone with the same settings) x 100
+    attention, davis = _video_fractions(f"models:/{name}/{v1}", full)
+    for metric in ("attn_jaccard_best_head", "attn_jaccard_mean_heads", "attn_jaccard_union_heads"):
+        assert m1[metric] == pytest.approx(100 * attention[metric], rel=1e-4, abs=1e-6), metric
+    for metric in ("davis_jf_mean", "davis_j_mean", "davis_f_mean", "davis_seq_car-shadow_jf"):
+        assert m1[metric] == pytest.approx(100 * davis[metric], rel=1e-4, abs=1e-6), metric
+    assert 0.0 <= attention["attn_jaccard_union_heads"] <= 1.0 and 0.0 <= davis["davis_jf_mean"] <= 1.0
     assert r1["champion"]["moved"] and r1["champion"]["previous"] is None
     assert tracking.get_model_version_by_alias(name, "champion").version == str(v1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -115,12 +116,30 @@ def test_cancel_last_layer_gradients_sets_none(student):
     student.zero_grad(set_to_none=True)
 
 
-def test_none_gradient_leaves_adamw_parameter_untouched_unlike_zero():
-    # Why the last layer's gradient is set to None: a zero gradient still applies decoupled weight decay.
-    p_none = nn.Parameter(torch.ones(2, 2))
-    p_zero = nn.Parameter(torch.ones(2, 2))
-    opt = torch.optim.AdamW([p_none, p_zero], lr=0.1, weight_decay=0.04)
-    p_none.grad, p_zero.grad = None, torch.zeros(2, 2)
-    opt.step()
-    assert torch.equal(p_none, torch.ones(2, 2))
-    assert torch.allclose(p_zero, torch.full((2, 2), 1 - 0.1 * 0.04))
+def test_a_frozen_last_layer_is_left_untouched_by_the_optimiser_step(student):
+    """Why the last layer's gradient is set to None, not zero: AdamW still applies its decoupled weight decay (and
+    moves its moments) for a zero gradient. This project's groups (the last layer is regularised) and optimiser,
+    a real backward pass, the freezing: the frozen layer stays exactly as it was, while the rest trains (and the
+    layer itself does once its frozen epochs are over)."""
+    model = copy.deepcopy(student)
+    optimizer = build_optimizer("adamw", param_groups(model))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+        if group["apply_weight_decay"]:
+            group["weight_decay"] = 0.04
+    last_layer, hidden = model.head.last_layer.weight_v, model.head.mlp[0].weight
+
+    def step(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        before = last_layer.detach().clone(), hidden.detach().clone()
+        optimizer.zero_grad(set_to_none=True)
+        model([torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(epoch))]).sum().backward()
+        cancel_last_layer_gradients(model, epoch=epoch, freeze_last_layer=1)
+        optimizer.step()
+        return before
+
+    last_before, hidden_before = step(epoch=0)
+    assert torch.equal(last_layer, last_before)  # a zero gradient would have decayed it by lr x wd
+    assert not torch.equal(hidden, hidden_before)
+    assert optimizer.state.get(last_layer, {}) == {}  # no moments either: the step skipped it
+    last_before, _ = step(epoch=1)
+    assert not torch.equal(last_layer, last_before)

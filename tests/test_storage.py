@@ -82,21 +82,27 @@ def test_failed_write_leaves_nothing(store):
 
 
 def test_write_is_invisible_until_complete(store):
+    """A write half done (its first bytes written, the writer held until the reader has looked) is not there."""
     started, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
 
     def writer():
         with store.open_write("slow.bin") as f:
             f.write(b"x" * 100)
             started.set()
-            release.wait(10)
+            # Held by the test, not by a clock; the bound only frees the thread of a test that failed meanwhile.
+            outcome.append("released" if release.wait(300) else "never released")
             f.write(b"y" * 100)
 
     t = threading.Thread(target=writer)
     t.start()
-    started.wait(10)
-    assert not store.exists("slow.bin")
-    release.set()
-    t.join()
+    try:
+        assert started.wait(300), "the writer never wrote its first bytes"
+        assert not store.exists("slow.bin")
+    finally:
+        release.set()
+        t.join(300)
+    assert outcome == ["released"] and not t.is_alive()
     assert store.size("slow.bin") == 200
 
 

@@ -95,16 +95,23 @@ def test_a_dead_reader_costs_no_write(tmp_path):
     assert marker.read_text() == "survived"
 
 
+#: A trainer that stops as the real one does, in steps the test orders by state, not by time: on its first SIGTERM
+#: it reports ``stopping`` ("finishing the step, writing the checkpoint") and waits until the file named by its
+#: first argument exists; then it reports its end (with the number of SIGTERMs it got) and exits 143.
 STAND_IN_TRAINER = textwrap.dedent("""
     import json, os, signal, sys, time
     got = []
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
-    print("DINO_PROGRESS " + json.dumps({"event": "start", "pid": os.getpid()}), flush=True)
+    def progress(**record):
+        print("DINO_PROGRESS " + json.dumps(record), flush=True)
+    progress(event="start", pid=os.getpid())
     while not got:
         time.sleep(0.05)
-    time.sleep(0.5)                  # "finish the step and write the checkpoint"
-    print("DINO_PROGRESS " + json.dumps({"event": "end", "status": "terminated", "step": 7,
-                                         "signals": len(got)}), flush=True)
+    progress(event="stopping", signals=len(got))
+    deadline = time.monotonic() + 60        # a bound against a broken test, never reached when it works
+    while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress(event="end", status="terminated", step=7, signals=len(got))
     sys.exit(143)
 """)
 
@@ -118,30 +125,39 @@ STAND_IN_TRAINER = textwrap.dedent("""
     # Ctrl-C twice: the second abandons the checkpoint; the child is killed before its record.
     (["SIGINT", "SIGINT"], "KeyboardInterrupt [(2, None, None)]"),
 ])
-def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outcome):
+def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outcome, tmp_path):
+    """The first signal goes to the launcher's group once the child has started (from another thread, while the
+    launcher waits on the child's output, as a real signal finds it); the second one once the child reports that
+    it is stopping, i.e. while the launcher follows the stop, from the launcher's own thread: delivered to this
+    process before ``os.killpg`` returns and handled before the next line runs, so it is handled before the child
+    is let go (by the release file) and whatever the machine's speed."""
+    release = tmp_path / "release"
     script = textwrap.dedent(f"""
-        import os, signal, sys, threading, time
+        import os, pathlib, signal, sys, threading
         from tasks.pretrain.trainer_process import run_trainer, TrainerFailed, TrainerStopped
+        signals = {signals!r}
         stopped = []
-        def send():
-            for name in {signals!r}:
-                os.killpg(0, getattr(signal, name))
-                time.sleep(0.2)
+        def send(name):
+            os.killpg(0, getattr(signal, name))
         def on_progress(r):
             if r["event"] == "start":
-                threading.Timer(0.2, send).start()
+                threading.Thread(target=send, args=(signals[0],)).start()
+            elif r["event"] == "stopping":
+                for name in signals[1:]:
+                    send(name)
+                pathlib.Path({str(release)!r}).touch()
         def on_stop(signum, end):
             stopped.append((signum, (end or {{}}).get("signals"), (end or {{}}).get("step")))
         try:
-            run_trainer([sys.executable, "-c", {STAND_IN_TRAINER!r}], {{}}, on_line=print, on_progress=on_progress,
-                        on_stop=on_stop)
+            run_trainer([sys.executable, "-c", {STAND_IN_TRAINER!r}, {str(release)!r}], {{}}, on_line=print,
+                        on_progress=on_progress, on_stop=on_stop)
         except (KeyboardInterrupt, TrainerStopped) as e:
             print(type(e).__name__, stopped)
         except TrainerFailed as e:
             print("TrainerFailed", e)
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=60, start_new_session=True)
+                          text=True, timeout=120, start_new_session=True)
     assert done.stdout.strip().splitlines()[-1] == outcome, done.stdout + done.stderr
 
 

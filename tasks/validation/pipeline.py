@@ -4,11 +4,16 @@ name, and the DAVIS folder when attention maps / label propagation are asked for
 not exist yet: their manifests are checked by each stage's own first task.)
 
 The request is one object (:class:`PipelineRequest`), built once by the flow or the ``dino`` command and passed on;
-where everything goes under the workspace is :func:`workspace_layout`'s alone."""
+where everything goes under the workspace is :func:`workspace_layout`'s alone, and so are the evaluation's defaults
+(:meth:`PipelineRequest.evaluation_settings`: the workspace's shard sets and features, checked here with the
+rest, so settings that cannot evaluate fail the first task, not the last stage after the training)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pydantic import ValidationError
 
 from dino_model.data.shard_writer import ShardOptions, validate_request
 from dino_model.data.sources import SourceSpec
@@ -54,7 +59,9 @@ class PipelineRequest:
     nproc_per_node: int = 1
     experiment: str = "dino-pretrain"
     registered_model: str = "dino-backbone"
-    evaluation: EvaluationSettings | None = None
+    evaluation: EvaluationSettings | dict[str, Any] | None = None
+    """The evaluation settings the user chose: all of them (:class:`EvaluationSettings`), some of them (a dict,
+    e.g. ``{"crop_size": 64}``: the others are the workspace's and the class's defaults) or none."""
     resume: str = "auto"
     task_runner: str = "threads"
     parallelism: int = 4
@@ -82,6 +89,28 @@ class PipelineRequest:
     def pretrain_request(self) -> PretrainRequest:
         return PretrainRequest(self.layout.train_shards, self.layout.checkpoints, self.preset, None, self.overrides,
                                self.resume)
+
+    def evaluation_settings(self) -> EvaluationSettings:
+        """The evaluation stage's settings: the fields :attr:`evaluation` sets (an :class:`EvaluationSettings`'
+        explicit fields, a dict's keys) over the workspace's shard sets (``train_data``, ``val_data``) and features
+        (``features_root``), then the class's defaults (k-NN and the fast linear probe). The extraction runs on
+        the pipeline's ``task_runner`` and ``parallelism`` unless the settings choose a runner of their own (other
+        than ``threads``) or torchrun processes (``nproc_per_node`` > 1). Raises :class:`UserInputError` naming
+        the field (``evaluation.<field>: ...``) when the result cannot evaluate."""
+        given = self.evaluation
+        if isinstance(given, EvaluationSettings):
+            explicit = given.model_dump(include=given.model_fields_set)
+        else:
+            explicit = dict(given or {})
+        layout = self.layout
+        defaults = {"train_data": layout.train_shards, "val_data": layout.val_shards, "features_root": layout.features}
+        try:
+            settings = EvaluationSettings.model_validate({**defaults, **explicit})
+        except ValidationError as e:
+            raise UserInputError(_evaluation_problem(e)) from None
+        if settings.task_runner == "threads" and settings.nproc_per_node == 1:
+            settings = settings.model_copy(update={"task_runner": self.task_runner, "parallelism": self.parallelism})
+        return settings
 
 
 def check_pipeline_request(request: PipelineRequest) -> None:
@@ -112,8 +141,11 @@ def check_pipeline_request(request: PipelineRequest) -> None:
         check_model_name(request.registered_model)
     except UserInputError as e:
         problems.append(f"registered_model: {e}")
-    evaluation = request.evaluation
-    if evaluation is not None:
+    try:
+        evaluation = request.evaluation_settings()
+    except UserInputError as e:
+        problems.append(str(e))
+    else:
         video = [e for e in evaluation.selected() if e in VIDEO]
         if video:  # the classification sets are the shards this pipeline writes: checked once written
             problems += evaluation_inputs(evaluation.model_copy(update={"evaluations": video})).problems
@@ -136,3 +168,10 @@ def _source_problems(request: PipelineRequest) -> list[str]:
         except (ValueError, OSError) as e:
             problems.append(f"{split}_source: {e}")
     return problems
+
+
+def _evaluation_problem(error: ValidationError) -> str:
+    """A pydantic error of the evaluation settings as ``evaluation.<field>: message`` (``evaluation: message`` for
+    one about the settings as a whole), ``; ``-separated."""
+    return "; ".join(f"evaluation{''.join(f'.{part}' for part in err['loc'])}: "
+                     f"{err['msg'].removeprefix('Value error, ')}" for err in error.errors())
