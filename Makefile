@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean stack-up stack-down stack-status gpu-kit image
+.PHONY: setup demo test test-fast test-clusters bench clean stack-up stack-down stack-status gpu-kit image
 
 setup: $(STAMP)
 
@@ -20,11 +20,16 @@ demo: $(STAMP)
 	$(BIN)/dino demo
 
 # Two pytest workers, one test file each at a time: the end-to-end tests mostly wait on servers and subprocesses.
+# The tests of a real Slurm cluster and of the trainer image (marked `cluster`, 10-15 minutes more) run in
+# `make test-clusters`; CI (.ci/run) runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not cluster" --durations=15
+
+test-clusters: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m cluster --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow and not cluster"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/shard_throughput.py

@@ -42,7 +42,7 @@ from dino_model.data.sources import SourceSpec, scan_source
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture
 from tests.test_pretrain_flow import TINY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 ROOT = Path(__file__).resolve().parents[1]
 #: 16 images, 2 ranks x batch 4: 2 steps per epoch, 10 steps; a checkpoint every 2, only the latest kept (disk).
 OVERRIDES = TINY + ["train.epochs=5", "checkpoint.keep_last=1"]

@@ -50,7 +50,7 @@ from tests.datasets import write_colour_set
 from tests.prerequisites import require_binaries, require_root
 from tests.test_pretrain_flow import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # the first test includes a cold build
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(3600)]  # the first test includes a cold build
 
 #: A stand-in credential planted in the build's pip configuration: it must reach the build and never the image.
 CANARY = "dino-canary-credential-5f0c2a9e71"
