@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from dino_model.config import DinoConfig
 from tasks.validation import retry_unless_user_error
 from tasks.validation.pretrain_settings import PretrainSettings
 
-from .mlflow_run import record_signal_stop
-from .progress_artifact import finish_progress, progress_reporter
+from .progress_artifact import progress_reporter
+from .stopping import TrainerStop
 from .trainer_process import LaunchSpec, run_trainer, torchrun_command, trainer_config
 
 
@@ -69,33 +68,15 @@ def train(config: dict[str, Any], run_id: str, launch: LaunchSpec) -> dict[str, 
     config = trainer_config(config, run_id)
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_RUN_ID": run_id, **launch.extra_env}
     progress_id, on_progress = progress_reporter(logger, run_id, local_accelerator(config))
-    stopped: dict[str, Any] = {}
-
-    def on_stop(signum: int, end: dict | None) -> None:
-        end = stopped["end"] = end or {}
-        stopped["cancelled"] = _flow_run_cancelling()
-        what = "cancelled" if stopped["cancelled"] else f"stopped by {signal.Signals(signum).name}"
-        if not stopped["cancelled"]:
-            record_signal_stop(run_id, signum)
-        stopped["message"] = (f"training {what} at step {end.get('step', '?')} of {end.get('total_steps', '?')}; "
-                              f"checkpoint: {end.get('checkpoint') or 'none'}")
-        logger.warning("%s. A flow run with the same checkpoint_uri resumes from it, in the same MLflow run.",
-                       stopped["message"])
+    stop = TrainerStop(logger, run_id)
 
     with tempfile.TemporaryDirectory() as tmp:
         config_path = os.path.join(tmp, "config.json")
         Path(config_path).write_text(json.dumps(config))
         cmd = torchrun_command(launch, config_path)
         logger.info("launching: %s", " ".join(cmd))
-        try:
-            end = run_trainer(cmd, env, on_line=logger.info, on_progress=on_progress, on_stop=on_stop)
-        except BaseException:
-            if stopped.get("cancelled"):
-                # Not a crash of this task: the flow ends the run as Prefect cancels one (see flows/pretrain.py).
-                return {**stopped["end"], "status": "cancelled"}
-            raise
-    finish_progress(progress_id)
-    return end or {}
+        return stop.follow(lambda: run_trainer(cmd, env, on_line=logger.info, on_progress=on_progress, on_stop=stop),
+                           progress_id)
 
 
 def _check_devices(cfg: DinoConfig, launch: LaunchSpec) -> list[str]:
@@ -106,16 +87,3 @@ def _check_devices(cfg: DinoConfig, launch: LaunchSpec) -> list[str]:
     if torch.cuda.is_available() and cfg.train.device != "cpu" and launch.nproc_per_node > torch.cuda.device_count():
         return [f"device: nproc_per_node={launch.nproc_per_node} but this worker has {torch.cuda.device_count()} GPUs"]
     return []
-
-
-def _flow_run_cancelling() -> bool:
-    """Whether this flow run is being cancelled (its state on the Prefect server is Cancelling or Cancelled)."""
-    try:
-        from prefect.client.orchestration import get_client
-        from prefect.runtime import flow_run
-
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run.get_id()).state
-        return bool(state and (state.is_cancelling() or state.is_cancelled()))
-    except Exception:  # noqa: BLE001 - no server (a local run): not a cancellation
-        return False

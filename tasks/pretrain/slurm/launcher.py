@@ -26,9 +26,8 @@ from dino_model.config import DinoConfig
 from tasks.validation.pretrain_settings import PretrainSettings
 from tasks.validation.slurm_settings import SlurmSettings
 
-from ..local import _flow_run_cancelling
-from ..mlflow_run import record_signal_stop
-from ..progress_artifact import finish_progress, progress_reporter
+from ..progress_artifact import progress_reporter
+from ..stopping import TrainerStop
 from ..trainer_process import trainer_config
 from .batch_script import SlurmJob, render_batch_script, slurm_launch_spec
 from .checks import launch_problems
@@ -89,35 +88,17 @@ def train_on_slurm(config: dict[str, Any], run_id: str, job: SlurmJob, flow_run_
     job.env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_RUN_ID": run_id}
     script = render_batch_script(job, flow_run_id, run_id)
     progress_id, on_progress = progress_reporter(logger, run_id)
-    stopped: dict[str, Any] = {}
+    stop = TrainerStop(logger, run_id)
 
     def on_requeue(reason: str, step: int | None, job_id: str) -> None:
         record_stop(run_id, reason, step, job_id)
         logger.warning("training stopped (%s) at step %s in Slurm job %s: it goes on from its checkpoint, in the "
                        "same MLflow run", reason, step if step is not None else "?", job_id)
 
-    def on_stop(signum: int, end: dict | None) -> None:
-        end = stopped["end"] = end or {}
-        stopped["cancelled"] = _flow_run_cancelling()
-        if not stopped["cancelled"]:
-            record_signal_stop(run_id, signum)  # the flow's crash hook ends the MLflow run KILLED with it
-        logger.warning("training %s at step %s of %s; checkpoint: %s. A flow run with the same checkpoint_uri "
-                       "resumes from it, in the same MLflow run.",
-                       "cancelled" if stopped["cancelled"] else f"stopped by signal {signum}",
-                       end.get("step", "?"), end.get("total_steps", "?"), end.get("checkpoint") or "none")
-
     logger.info("launching on Slurm: %d node(s) x %d process(es), job folder %s", job.nnodes, job.nproc_per_node,
                 job.job_dir)
-    try:
-        end = run_slurm_job(job, config, script, on_line=logger.info, on_progress=on_progress,
-                            on_requeue=on_requeue, on_stop=on_stop)
-    except BaseException:
-        if stopped.get("cancelled"):
-            # Not a crash of this task: the flow ends the run as Prefect cancels one (see flows/pretrain.py).
-            return {**stopped["end"], "status": "cancelled"}
-        raise
-    finish_progress(progress_id)
-    return end or {}
+    return stop.follow(lambda: run_slurm_job(job, config, script, on_line=logger.info, on_progress=on_progress,
+                                             on_requeue=on_requeue, on_stop=stop), progress_id)
 
 
 def record_stop(run_id: str, reason: str, step: int | None, job_id: str) -> None:
