@@ -10,15 +10,12 @@ import signal
 import threading
 import time
 
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from dino_model.checkpoint import list_checkpoints
-from dino_model.data.shard_writer import ShardOptions, write_dataset
-from dino_model.data.sources import SourceSpec, scan_source
 from infra.services import start_mlflow
+from tests.datasets import write_colour_set
 
 TINY = [
     "model.arch=vit_tiny",
@@ -39,18 +36,9 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    """32 random 40-px images in 4 classes, written as 4 shards."""
-    root = tmp_path_factory.mktemp("tiny-images")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (root / f"class{c}").mkdir()
-        for i in range(8):
-            base = np.zeros((40, 40, 3), np.uint8) + np.array([60 * c, 255 - 60 * c, 128], np.uint8)
-            img = np.clip(base + rng.integers(0, 60, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
-    dest = tmp_path_factory.mktemp("tiny-shards")
-    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name="tiny", shard_size=8))
-    return str(dest)
+    """32 noisy 40-px images in 4 classes, written as 4 shards."""
+    return write_colour_set(tmp_path_factory.mktemp("tiny-images"), tmp_path_factory.mktemp("tiny-shards"),
+                            range(4), 8, seed=0, name="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from dino_model.checkpoint import list_checkpoints
-from dino_model.data.shard_writer import ShardOptions, write_dataset
-from dino_model.data.sources import SourceSpec, scan_source
+from tests.datasets import write_colour_set
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture
 from tests.test_pretrain_flow import TINY
 
@@ -58,17 +55,9 @@ def slurm_env(slurm_cluster, monkeypatch):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """16 random 40-px images in 2 classes, 2 shards."""
-    root = tmp_path_factory.mktemp("slurm-images")
-    rng = np.random.default_rng(1)
-    for c in range(2):
-        (root / f"class{c}").mkdir()
-        for i in range(8):
-            img = np.clip(np.full((40, 40, 3), 40 * c, np.uint8) + rng.integers(0, 90, (40, 40, 3)), 0, 255)
-            Image.fromarray(img.astype(np.uint8)).save(root / f"class{c}" / f"img{i}.jpg", quality=90)
-    dest = tmp_path_factory.mktemp("slurm-shards")
-    write_dataset(scan_source(SourceSpec(str(root))), str(dest), ShardOptions(name="tiny", shard_size=8))
-    return str(dest)
+    """16 noisy 40-px images in 2 classes, 2 shards."""
+    return write_colour_set(tmp_path_factory.mktemp("slurm-images"), tmp_path_factory.mktemp("slurm-shards"),
+                            range(2), 8, seed=1, name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -396,36 +385,24 @@ def test_extraction_on_slurm_writes_the_features_of_one_process(slurm_env, tmp_p
     """``dino-extract`` with ``task_runner=slurm``: one task per sample range on 2 Dask workers that are Slurm jobs;
     the same rows and features as one process."""
     import dask
-    import torch
 
-    from dino_model.eval.features import list_feature_files, read_features
-    from dino_model.export import export_backbone
-    from dino_model.models import build_backbone
+    from dino_model.eval.features import list_feature_files
     from flows.extract import dino_extract
     from tasks.evaluation import ExtractionSpec, extract_split_features
     from tasks.validation.extraction_settings import FeatureSettings
-    from tests.datasets import write_colour_set
+    from tests.ranged_extraction import assert_same_features, ranged_extraction_inputs
 
-    data = write_colour_set(tmp_path / "img", tmp_path / "train", range(3), 7, 3, "train")  # shards of 8, 8, 5
-    torch.manual_seed(0)
-    export = tmp_path / "export"
-    export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
-    features = {"resize_size": None, "crop_size": 32, "batch_size": 3}
+    data, export, features = ranged_extraction_inputs(tmp_path)
     single, ranged = str(tmp_path / "single"), str(tmp_path / "ranged")
-    one = extract_split_features.fn(ExtractionSpec(str(export), data, single, "train", FeatureSettings(**features),
+    one = extract_split_features.fn(ExtractionSpec(export, data, single, "train", FeatureSettings(**features),
                                                    "cpu", {"classes_from": data}))
     with dask.config.set({"jobqueue.slurm.log-directory": str(tmp_path / "dask-logs"),
                           "jobqueue.slurm.memory": "3GiB"}):
-        two = dino_extract(str(export), data, ranged, "train", features=features,
+        two = dino_extract(export, data, ranged, "train", features=features,
                            runner={"device": "cpu", "task_runner": "slurm", "parallelism": 2})
     assert two["num_rows"] == one["num_rows"] == 21
     names = [key.split("/")[1] for _, key in list_feature_files(ranged, "train")]
     assert names == ["part-r0000-00000.parquet", "part-r0001-00000.parquet"]  # one range per worker job
-    k1, l1, f1, m1 = read_features(single, "train")
-    k2, l2, f2, m2 = read_features(ranged, "train")
-    assert k2 == k1 and len(set(k2)) == 21
-    np.testing.assert_array_equal(l2, l1)
-    np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
-    assert m2 == m1
+    assert_same_features(single, ranged, 21)
     assert list((tmp_path / "dask-logs").glob("*.err")) or list((tmp_path / "dask-logs").glob("*.out"))
     _wait(lambda: not slurm_env.jobs(), 120, "the Dask worker jobs to end")

@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -183,27 +182,22 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
     """``dino-extract`` with ``task_runner=tcp://...``: one task per sample range on the two workers, each writing
     ``part-r<range>-*.parquet``; the dataset reads back as the single-process one (keys, labels, metadata equal,
     features within 1e-5), and it replaces the parts of an earlier single-process extraction."""
-    from dino_model.eval.features import list_feature_files, read_features
-    from dino_model.export import export_backbone
-    from dino_model.models import build_backbone
+    from dino_model.eval.features import list_feature_files
     from flows.extract import dino_extract
     from tasks.evaluation import ExtractionSpec, extract_split_features
+    from tests.ranged_extraction import assert_same_features, ranged_extraction_inputs
 
-    data = write_colour_set(tmp_path / "img", tmp_path / "train", range(3), 7, 3, "train")  # shards of 8, 8, 5
-    torch.manual_seed(0)
-    export = tmp_path / "export"
-    export_backbone(build_backbone("vit_tiny", patch_size=16), str(export), arch="vit_tiny", patch_size=16)
-    features = {"resize_size": None, "crop_size": 32, "batch_size": 3}
+    data, export, features = ranged_extraction_inputs(tmp_path)
     single, ranged = str(tmp_path / "single"), str(tmp_path / "ranged")
 
     def spec(output: str) -> ExtractionSpec:
-        return ExtractionSpec(str(export), data, output, "train", FeatureSettings(**features), "cpu",
+        return ExtractionSpec(export, data, output, "train", FeatureSettings(**features), "cpu",
                               {"classes_from": data})
 
     one = extract_split_features.fn(spec(single))
     # an earlier single-process extraction (part-00000), which the ranged one replaces
     extract_split_features.fn(spec(ranged))
-    two = dino_extract(str(export), data, ranged, "train", features=features,
+    two = dino_extract(export, data, ranged, "train", features=features,
                        runner={"device": "cpu", "task_runner": dask_cluster.address})
     assert two["num_rows"] == one["num_rows"] == 21
     assert (two["dim"], two["feature_kind"]) == (one["dim"], one["feature_kind"]) == (192, "cls")
@@ -216,13 +210,7 @@ def test_extraction_on_a_dask_cluster_equals_one_process(dask_cluster, tmp_path)
         progress = prefect.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
     assert f"features train (cls) of {data} on {dask_cluster.address}: 2/2 ranges, 21 rows" in [
         a.description for a in progress]
-
-    k1, l1, f1, m1 = read_features(single, "train")
-    k2, l2, f2, m2 = read_features(ranged, "train")
-    assert k2 == k1 and len(set(k2)) == 21
-    np.testing.assert_array_equal(l2, l1)
-    np.testing.assert_allclose(f2, f1, rtol=1e-5, atol=1e-5)
-    assert m2 == m1
+    assert_same_features(single, ranged, 21)
 
 
 def test_a_worker_process_loads_the_backbone_once_per_extraction(tmp_path):
