@@ -95,9 +95,11 @@ def test_a_dead_reader_costs_no_write(tmp_path):
     assert marker.read_text() == "survived"
 
 
-#: A trainer that stops as the real one does, in steps the test orders by state, not by time: on its first SIGTERM
-#: it reports ``stopping`` ("finishing the step, writing the checkpoint") and waits until the file named by its
-#: first argument exists; then it reports its end (with the number of SIGTERMs it got) and exits 143.
+#: A trainer that stops as the real one does, in steps the test orders by state, not by time: once started it sends
+#: the signal named by its second argument to its launcher's process group (it is in a session of its own, so
+#: not to itself), as a user's Ctrl-C or a service manager's stop finds the launcher; on its first SIGTERM it
+#: reports ``stopping`` ("finishing the step, writing the checkpoint") and waits until the file named by its first
+#: argument exists; then it reports its end (with the number of SIGTERMs it got) and exits 143.
 STAND_IN_TRAINER = textwrap.dedent("""
     import json, os, signal, sys, time
     got = []
@@ -105,6 +107,7 @@ STAND_IN_TRAINER = textwrap.dedent("""
     def progress(**record):
         print("DINO_PROGRESS " + json.dumps(record), flush=True)
     progress(event="start", pid=os.getpid())
+    os.killpg(os.getpgid(os.getppid()), getattr(signal, sys.argv[2]))
     while not got:
         time.sleep(0.05)
     progress(event="stopping", signals=len(got))
@@ -126,30 +129,30 @@ STAND_IN_TRAINER = textwrap.dedent("""
     (["SIGINT", "SIGINT"], "KeyboardInterrupt [(2, None, None)]"),
 ])
 def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outcome, tmp_path):
-    """The first signal goes to the launcher's group once the child has started (from another thread, while the
-    launcher waits on the child's output, as a real signal finds it); the second one once the child reports that
-    it is stopping, i.e. while the launcher follows the stop, from the launcher's own thread: delivered to this
-    process before ``os.killpg`` returns and handled before the next line runs, so it is handled before the child
-    is let go (by the release file) and whatever the machine's speed."""
+    """The first signal goes to the launcher's group once the child has started (sent by the child, while the
+    launcher follows its output, as a real signal finds it; no thread of the launcher's sends it: a signal that
+    lands while the launcher starts a thread can hang its exit); the second one once the child reports that it is
+    stopping, i.e. while the launcher follows the stop, from the launcher's own thread: delivered to this process
+    before ``os.killpg`` returns and handled before the next line runs, so it is handled before the child is let
+    go (by the release file) and whatever the machine's speed."""
     release = tmp_path / "release"
     script = textwrap.dedent(f"""
-        import os, pathlib, signal, sys, threading
+        import os, pathlib, signal, sys
         from tasks.pretrain.trainer_process import run_trainer, TrainerFailed, TrainerStopped
+        # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite runs in the background (`make test
+        # &` and nohup ignore SIGINT, and every child inherits that).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signals = {signals!r}
         stopped = []
-        def send(name):
-            os.killpg(0, getattr(signal, name))
         def on_progress(r):
-            if r["event"] == "start":
-                threading.Thread(target=send, args=(signals[0],)).start()
-            elif r["event"] == "stopping":
+            if r["event"] == "stopping":
                 for name in signals[1:]:
-                    send(name)
+                    os.killpg(0, getattr(signal, name))
                 pathlib.Path({str(release)!r}).touch()
         def on_stop(signum, end):
             stopped.append((signum, (end or {{}}).get("signals"), (end or {{}}).get("step")))
         try:
-            run_trainer([sys.executable, "-c", {STAND_IN_TRAINER!r}, {str(release)!r}], {{}}, on_line=print,
+            run_trainer([sys.executable, "-c", {STAND_IN_TRAINER!r}, {str(release)!r}, signals[0]], {{}}, on_line=print,
                         on_progress=on_progress, on_stop=on_stop)
         except (KeyboardInterrupt, TrainerStopped) as e:
             print(type(e).__name__, stopped)
