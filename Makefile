@@ -52,12 +52,15 @@ stack-status:
 image: $(STAMP)
 	$(BIN)/python -m infra.image.build --base debian
 
-# What a lent GPU machine needs for benchmarks/gpu_session.sh (issue 7): the wheels its image lacks and the sample
-# JPEGs, in git-ignored folders that the device tool carries (carry: [".whl", ".gpu-data"]).
+# What a lent GPU machine needs for benchmarks/gpu_session.sh (issue 7): the wheels its image lacks and, when
+# SAMPLE_JPEGS names a folder of real photographs, a copy of it, in git-ignored folders that the device tool carries
+# (carry: [".whl", ".gpu-data"]). Without one, benchmarks/speed.py generates its JPEGs.
+#   make gpu-kit SAMPLE_JPEGS=/data/imagenet-sample
+SAMPLE_JPEGS ?=
 gpu-kit:
 	rm -rf .whl && mkdir -p .whl .gpu-data
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
 		webdataset==1.0.2 braceexpand==0.1.7 timm==1.0.31
-	@if [ -d ../shared/data/imagenet-sample ]; then rm -rf .gpu-data/imagenet-sample; \
-		cp -r ../shared/data/imagenet-sample .gpu-data/; fi
+	@if [ -n "$(SAMPLE_JPEGS)" ]; then test -d "$(SAMPLE_JPEGS)" || { echo "SAMPLE_JPEGS=$(SAMPLE_JPEGS) is not a folder" >&2; exit 2; }; \
+		rm -rf .gpu-data/imagenet-sample; cp -r "$(SAMPLE_JPEGS)" .gpu-data/imagenet-sample; fi
 	@du -sh .whl .gpu-data

@@ -3,7 +3,8 @@
 # all inside one command that ends within ~9.5 minutes (a lent GPU machine gives a session 15 minutes in all).
 #
 # Here (the dev machine, with network access to the package index), once:
-#     make gpu-kit        # wheels the GPU image lacks -> .whl/, the sample JPEGs -> .gpu-data/ (both git-ignored)
+#     make gpu-kit SAMPLE_JPEGS=../shared/data/imagenet-sample   # wheels the GPU image lacks -> .whl/, the sample
+#                                                                 # JPEGs -> .gpu-data/ (both git-ignored)
 # On the GPU machine (the device tool runs this in the repository root; carry .whl and .gpu-data):
 #     bash benchmarks/gpu_session.sh            # writes everything under $OUT (or ./gpu-session-out)
 #
