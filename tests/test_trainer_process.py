@@ -130,8 +130,8 @@ STAND_IN_TRAINER = textwrap.dedent("""
 ])
 def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outcome, tmp_path):
     """The first signal goes to the launcher's group once the child has started (sent by the child, while the
-    launcher follows its output, as a real signal finds it; no thread of the launcher's sends it: a signal that
-    lands while the launcher starts a thread can hang its exit); the second one once the child reports that it is
+    launcher follows its output, as a real signal finds it; no thread of the launcher's sends it, so no signal
+    lands while the launcher is starting a thread); the second one once the child reports that it is
     stopping, i.e. while the launcher follows the stop, from the launcher's own thread: delivered to this process
     before ``os.killpg`` returns and handled before the next line runs, so it is handled before the child is let
     go (by the release file) and whatever the machine's speed."""
@@ -139,8 +139,8 @@ def test_a_stop_request_stops_the_child_once_then_takes_its_course(signals, outc
     script = textwrap.dedent(f"""
         import os, pathlib, signal, sys
         from tasks.pretrain.trainer_process import run_trainer, TrainerFailed, TrainerStopped
-        # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite runs in the background (`make test
-        # &` and nohup ignore SIGINT, and every child inherits that).
+        # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite runs in the background (a
+        # non-interactive shell's `make test &` ignores SIGINT, and every child inherits that).
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signals = {signals!r}
         stopped = []
